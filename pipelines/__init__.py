@@ -1,0 +1,1 @@
+"""Data pipeline of the GTR toolkit: sources, filtering, download, render orchestration and shards."""

@@ -1,0 +1,383 @@
+"""Typed run configuration: dataclasses with a comment per field, YAML presets and `key=value` overrides.
+
+The defaults are the small CPU demo (`configs/demo.yaml` restates them); `configs/paper.yaml` holds the
+paper's values and `configs/official.yaml` the structure of the authors' released model. A preset may name
+another as `_base_: other.yaml` and then overrides only what differs. Overrides are `section.key=value`
+with the value parsed as YAML and checked against the field's type. An unknown key is an error that names
+it. Nothing is ever `exec`'d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections. Each stage owns one; add fields to your own section only, each with a comment.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    max_assets: int = 8  # deterministic sample of kept assets (0 = keep all)
+    objaverse_cache: str = ""  # root that holds objaverse's `hf-objaverse-v1/` cache ("" = the package default, ~/.objaverse)
+    licenses: list[str] = field(
+        default_factory=lambda: ["by", "by-sa", "cc0", "by-nc", "by-nc-sa", "by-nd", "by-nc-nd"]
+    )  # license allow-list (objaverse short names: by, by-sa, by-nd, by-nc, by-nc-sa, by-nc-nd, cc0)
+    min_faces: int = 100  # face-count floor
+    max_faces: int = 500_000  # face-count ceiling
+    allow_animation: bool = False  # keep animated assets
+    min_textures: int = 1  # keep only assets whose archive holds at least this many textures
+    max_archive_bytes: int = 100 * 2**20  # drop assets whose archive (glb) is larger
+    allow_age_restricted: bool = False  # keep assets flagged age-restricted
+    deny_categories: list[str] = field(default_factory=list)  # Sketchfab category names to drop
+    deny_tags: list[str] = field(default_factory=lambda: ["scan", "photogrammetry-scene", "terrain"])  # tags to drop
+    deny_names: list[str] = field(default_factory=list)  # substrings of the name to drop (case-insensitive)
+    lvis_categories: list[str] = field(default_factory=list)  # keep only uids in these LVIS categories ([] = no LVIS filter)
+    uid_allowlist: str = ""  # path to a file with one uid per line; only these pass ("" = no allow-list)
+    uid_denylist: str = ""  # path to a file with one uid per line to drop
+    download_batch: int = 16  # uids per Ray download task
+    download_retries: int = 3  # attempts per file
+    download_timeout_s: float = 120.0  # per-file timeout
+    download_processes: int = 1  # processes objaverse.load_objects may use inside one task
+    procedural_count: int = 8  # number of procedural demo assets
+    procedural_texture_size: int = 512  # texture side of procedural assets
+
+
+@dataclass
+class RenderConfig:
+    resolution: int = 128  # square image side in pixels (paper: 512)
+    views: int = 32  # random training views per asset
+    fov_deg: float = 40.0  # vertical = horizontal field of view
+    distance_min: float = 2.4  # camera distance range (normalised units)
+    distance_max: float = 2.8
+    elevation_min_deg: float = -30.0  # elevation range, drawn area-uniformly
+    elevation_max_deg: float = 70.0
+    samples: int = 16  # Cycles samples per pixel
+    adaptive_threshold: float = 0.01  # Cycles adaptive sampling noise threshold (0 = off)
+    denoise: bool = False  # OpenImageDenoise on the combined pass
+    max_bounces: int = 4  # Cycles total bounces
+    device: str = "auto"  # auto | cpu | gpu (CUDA/OptiX when present)
+    threads: int = 0  # Blender threads per actor (0 = all)
+    actors: int = 2  # Ray actors (each holds one bpy)
+    timeout_s: float = 600.0  # per-asset limit; the actor is replaced after a timeout or crash
+    depth_scale: float = 10000.0  # depth PNG value = z * depth_scale (16-bit)
+    light_strength: float = 1.0  # scale of the deterministic per-asset lighting
+    world_strength: float = 0.5  # uniform white environment strength
+    max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
+    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
+    eval_distance: float = 2.6  # evaluation orbit/input distance
+    eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
+    min_foreground: float = 0.005  # quality: flag views whose mean foreground fraction is below this
+    max_border_fraction: float = 0.02  # quality: flag if this fraction of border pixels is foreground
+    dark_threshold: float = 0.02  # quality: flag if mean foreground luminance is below this
+    bright_threshold: float = 0.98  # quality: flag if mean foreground luminance is above this
+    sheet_assets: int = 16  # assets on the contact sheet
+
+
+@dataclass
+class ShardConfig:
+    max_count: int = 1000  # samples per shard at most
+    max_bytes: int = 1 << 30  # bytes per shard at most (paper ~1 GB)
+    val_fraction: float = 0.05  # share of uids in val, by a hash of the uid
+    val_uids: str = ""  # path to a file of uids forced into val (the evaluation set)
+    mtime: float = 1_700_000_000.0  # fixed tar member mtime for byte-identical shards
+    writers: int = 1  # parallel shard writers (Ray tasks); each writes its own shard sequence
+
+
+@dataclass
+class LoaderConfig:
+    input_views: int = 4  # views fed to the model
+    input_size: int = 128  # input image side after resizing (paper 512)
+    background: str = "white"  # white | black | random: compositing colour for RGBA
+    shuffle_buffer: int = 64  # WebDataset sample shuffle buffer
+    workers: int = 0  # DataLoader workers
+    resampled: bool = True  # resampled shards (infinite stream) for training
+    epoch_samples: int = 0  # with_epoch length per worker (0 = number of samples)
+    seed: int = 0  # shard order / view choice seed
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gtr"  # gtr (paper) | official (authors' released structure)
+    in_channels: int = 10  # RGB + mask + Plücker (6)
+    input_order: str = "rgb_mask_plucker"  # rgb_mask_plucker | rgb_dir_moment_mask (official; moment = d x o)
+    patch_size: int = 16  # encoder stride: image side / patch_size = image tokens per side
+    encoder_bias: bool = True  # bias on the stride-16 convolution (official: False)
+    img_token_norm: bool = False  # LayerNorm on image tokens (official: True)
+    width: int = 128  # transformer width (paper 1024)
+    depth: int = 2  # transformer blocks (paper 24)
+    heads: int = 4  # attention heads (paper 16)
+    head_dim: int = 32  # per-head width (paper 64)
+    ffn: str = "gelu"  # gelu | geglu feed-forward (official: geglu)
+    ffn_mult: int = 4  # feed-forward hidden = ffn_mult * width
+    attn_bias: bool = False  # bias on q/k/v projections
+    plane_res: int = 16  # triplane tokens per side (paper 32)
+    plane_channels: int = 16  # channels per plane after upsampling (official 40)
+    upsample: int = 4  # PixelShuffle factor (paper: 256 / 32 = 8)
+    mlp_hidden: int = 32  # f_d / f_c hidden width (paper 512, official 32)
+    density_layers: int = 3  # f_d linear layers
+    color_layers: int = 4  # f_c linear layers
+    density_bias: float = 0.0  # added to the density pre-activation (softplus)
+    scene_box: float = 0.55  # half side of the cube the triplane covers (normalised frame)
+    samples_per_ray: int = 64  # uniform samples per ray (paper 256)
+    near_min: float = 0.2  # lowest near distance along a ray
+    background: float = 1.0  # volume-rendering background (white)
+
+
+@dataclass
+class NerfConfig:
+    steps: int = 300  # optimisation steps (paper 150k)
+    batch_size: int = 2  # assets per step (paper 512 over the cluster)
+    sup_views: int = 4  # supervision views per asset
+    render_size: int = 64  # supervision image side (paper 512)
+    patch_size: int = 32  # random patch side rendered per supervision view (paper 128)
+    lr: float = 1e-3  # AdamW peak learning rate (paper 1e-4)
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 20  # linear warm-up, then cosine to 0
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    lpips_weight: float = 0.5  # λ_p
+    lpips_net: str = "vgg"  # vgg | alex
+    mask_weight: float = 0.0  # optional mask (opacity) MSE
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # checkpoint transformer blocks
+    ckpt_every: int = 100  # checkpoint period in steps
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # scalar logging period
+    image_every: int = 100  # TensorBoard image period
+    shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
+
+
+@dataclass
+class MeshConfig:
+    steps: int = 100  # optimisation steps
+    batch_size: int = 1  # assets per step (paper 192)
+    sup_views: int = 8  # supervision views per asset
+    render_size: int = 64  # rasterization / supervision side (paper 512)
+    grid: int = 64  # marching-cubes grid G (paper 256)
+    sdf_level: float = 10.0  # sdf = -(density - sdf_level)
+    lr: float = 5e-5  # AdamW learning rate
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    rgb_weight: float = 1.0
+    lpips_weight: float = 0.5
+    depth_weight: float = 0.5
+    mask_weight: float = 1.0
+    reg_weight: float = 0.5  # ray-opacity regulariser
+    lpips_net: str = "vgg"
+    mc_backend: str = "auto"  # auto | torch | diso
+    raster_backend: str = "auto"  # auto | torch | nvdiffrast
+    precision: str = "auto"
+    ckpt_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    image_every: int = 50
+    init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)
+    shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
+
+
+@dataclass
+class RefineConfig:
+    steps: int = 20  # refinement steps (official: 50)
+    lr_triplane: float = 0.15  # triplane learning rate
+    lr_color: float = 1e-4  # f_c learning rate
+    loss: str = "l2"  # l2 (paper) | l1 (official)
+    schedule: str = "cosine"  # cosine | constant (official)
+    tune: str = "both"  # both | color | triplane (Table 3 ablation)
+    render_size: int = 128  # rasterization side during refinement (official 512)
+    texture_size: int = 512  # baked UV texture side (e.g. 1024)
+    vertex_colors: bool = False  # also/instead export vertex colours
+
+
+@dataclass
+class EvalConfig:
+    max_assets: int = 4  # evaluation assets (0 = all)
+    methods: list[str] = field(default_factory=lambda: ["feedforward", "refined", "nerf_mc"])  # rows of the report
+    ablation: bool = False  # add Table 3's rows (color only, triplane only, both)
+    render_size: int = 128  # orbit re-render side
+    points: int = 16000  # surface samples for Chamfer / F-score
+    fscore_threshold: float = 0.02  # F-score distance threshold in the [-1, 1] frame
+    iou_resolution: int = 64  # voxels per side for IoU by winding numbers
+    icp_iterations: int = 50  # rigid ICP iterations
+    sheet_views: int = 4  # orbit views per contact sheet
+    checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
+
+
+@dataclass
+class Config:
+    out: str = "work"  # root of everything a run writes
+    source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir>
+    seed: int = 0  # global seed
+    data: DataConfig = field(default_factory=DataConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nerf: NerfConfig = field(default_factory=NerfConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overriding, saving.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' expects {tp}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' expects null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Set fields of dataclass `obj` from nested dict `data`, checking keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give a mapping, got {value!r}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], full))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config preset cycle through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / base, seen + (path,))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`render.resolution=128` -> (["render", "resolution"], 128). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset at `path` (with its `_base_` chain), then each `key=value` override."""
+    cfg = Config()
+    if path:
+        _apply(cfg, _read_yaml(Path(path)))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return the path."""
+    from pipelines.io import atomic_write_text
+
+    path = Path(path)
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a section (e.g. the render settings), to tell stale outputs from fresh ones."""
+    import hashlib
+
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
