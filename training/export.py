@@ -1,0 +1,265 @@
+"""Textured mesh export: xatlas UV unwrap, a texture baked from a colour function at the surface, GLB out.
+
+The mesh comes out of marching cubes in the canonical normalised frame (DESIGN: Z up, the asset inside
+[-0.5, 0.5]^3). glTF is Y up, so the GLB stores every position as
+
+    p_gltf = (x, z, -y)          for p = (x, y, z) in our frame (a proper rotation, det +1)
+
+which is exactly the inverse of what Blender's glTF importer does on import ((X, Y, Z)_gltf -> (X, -Z, Y)),
+so importing `mesh.glb` into Blender puts the asset back where it was rendered from, and any glTF viewer
+shows it upright. `load_glb` undoes the rotation for readers in Python (trimesh itself keeps glTF's axes).
+
+Texture: the colour function (f_c at the surface points) gives colours in the 8-bit sRGB-encoded space of
+the training images; the baked PNG stores those values directly, which is what glTF's sRGB baseColorTexture
+expects. Texels are baked at their centres: for every texel whose centre falls inside a UV triangle, the 3D
+point is the barycentric interpolation of that triangle's corners; empty texels are filled with the nearest
+baked texel so that bilinear lookups across chart borders (seams) do not bleed in background colour.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.io import atomic_write_bytes
+
+# Rows of the rotation our frame -> glTF's frame (Y up): (x, y, z) -> (x, z, -y).
+CANONICAL_TO_GLTF = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+# A colour function: points [N,3] float32 (canonical frame) -> colours [N,3] in [0,1] (anything array-like).
+ColorFn = Callable[[np.ndarray], np.ndarray]
+
+
+class ExportError(ValueError):
+    """A mesh that cannot be exported (empty, bad indices, non-finite positions)."""
+
+
+def to_gltf_frame(points: np.ndarray) -> np.ndarray:
+    """Canonical (Z-up) points [...,3] -> glTF (Y-up) points [...,3]."""
+    return np.asarray(points, dtype=np.float64) @ CANONICAL_TO_GLTF.T
+
+
+def from_gltf_frame(points: np.ndarray) -> np.ndarray:
+    """glTF (Y-up) points [...,3] -> canonical (Z-up) points [...,3]."""
+    return np.asarray(points, dtype=np.float64) @ CANONICAL_TO_GLTF
+
+
+def check_mesh(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and cast a triangle mesh: verts [N,3] float32, faces [F,3] int32."""
+    verts = np.asarray(verts, dtype=np.float32)
+    faces = np.asarray(faces)
+    if verts.ndim != 2 or verts.shape[1] != 3 or len(verts) == 0:
+        raise ExportError(f"vertices must be a non-empty [N,3] array, got shape {verts.shape}")
+    if faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
+        raise ExportError(f"faces must be a non-empty [F,3] array, got shape {faces.shape} (empty mesh?)")
+    if not np.isfinite(verts).all():
+        raise ExportError("vertices contain NaN or inf")
+    if faces.min() < 0 or faces.max() >= len(verts):
+        raise ExportError(f"face indices out of range [0, {len(verts)})")
+    return verts, faces.astype(np.int32)
+
+
+@dataclass
+class UVMesh:
+    """A mesh cut along its UV seams: vertex i of the cut mesh is `verts[vmap[i]]` of the input."""
+
+    verts: np.ndarray  # [M,3] float32, canonical frame
+    faces: np.ndarray  # [F,3] int32 into the cut vertices
+    uv: np.ndarray  # [M,2] float32 in [0,1], v up (OpenGL / trimesh convention; glTF export flips it)
+    vmap: np.ndarray  # [M] int64 index of each cut vertex in the input vertices
+
+
+def uv_unwrap(verts: np.ndarray, faces: np.ndarray, texture_size: int = 1024, padding: int = 2) -> UVMesh:
+    """xatlas charts packed into a `texture_size`² atlas with `padding` texels between charts."""
+    import xatlas
+
+    verts, faces = check_mesh(verts, faces)
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(verts, faces)
+    pack = xatlas.PackOptions()
+    pack.resolution = int(texture_size)
+    pack.padding = int(padding)
+    pack.bilinear = True  # keep a texel of gap so bilinear lookups stay inside a chart
+    atlas.generate(xatlas.ChartOptions(), pack)
+    vmap, new_faces, uv = atlas[0]
+    return UVMesh(verts=verts[vmap], faces=new_faces.astype(np.int32), uv=uv.astype(np.float32),
+                  vmap=vmap.astype(np.int64))
+
+
+def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int,
+                 max_candidates: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Which UV triangle covers each texel centre, and where.
+
+    uv [M,2] in [0,1] (v up), faces [F,3]. Texel (row r, column c) has its centre at
+    u = (c + 0.5) / size, v = 1 - (r + 0.5) / size (row 0 is the top of the image, v = 1).
+    Returns face_id [size,size] int64 (-1 = no triangle) and bary [size,size,3] float32.
+    Vectorised over each triangle's texel bounding box, in chunks of at most `max_candidates` texels.
+    """
+    S = int(size)
+    px = np.empty((len(uv), 2), dtype=np.float64)
+    px[:, 0] = uv[:, 0] * S - 0.5  # texel-centre coordinates: centre of column c sits at c
+    px[:, 1] = (1.0 - uv[:, 1]) * S - 0.5
+    tri = px[faces]  # [F,3,2]
+    lo = np.clip(np.ceil(tri.min(axis=1)), 0, S - 1).astype(np.int64)  # [F,2]
+    hi = np.clip(np.floor(tri.max(axis=1)), 0, S - 1).astype(np.int64)
+    w = np.maximum(hi[:, 0] - lo[:, 0] + 1, 0)
+    h = np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
+    inside_box = (tri.max(axis=1) >= 0).all(1) & (tri.min(axis=1) <= S - 1).all(1)
+    count = np.where(inside_box, w * h, 0)
+
+    face_id = np.full((S, S), -1, dtype=np.int64)
+    bary = np.zeros((S, S, 3), dtype=np.float32)
+    cum = np.cumsum(count)
+    start = 0
+    while start < len(faces):
+        base = cum[start - 1] if start > 0 else 0
+        stop = int(np.searchsorted(cum, base + max_candidates, side="right"))
+        stop = max(stop, start + 1)
+        f = np.arange(start, stop)
+        n = count[f]
+        fi = np.repeat(f, n)
+        if len(fi):
+            k = np.arange(len(fi)) - np.repeat(np.cumsum(n) - n, n)
+            cx = lo[fi, 0] + k % w[fi]
+            cy = lo[fi, 1] + k // w[fi]
+            a, b, c = tri[fi, 0], tri[fi, 1], tri[fi, 2]
+            # Barycentrics by signed areas; a triangle of zero area covers nothing.
+            area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+            ok = np.abs(area) > 1e-12
+            safe = np.where(ok, area, 1.0)
+            l1 = ((c[:, 0] - b[:, 0]) * (cy - b[:, 1]) - (c[:, 1] - b[:, 1]) * (cx - b[:, 0])) / safe
+            l2 = ((a[:, 0] - c[:, 0]) * (cy - c[:, 1]) - (a[:, 1] - c[:, 1]) * (cx - c[:, 0])) / safe
+            l3 = 1.0 - l1 - l2
+            eps = -1e-6  # texel centres exactly on a shared edge belong to either triangle
+            hit = ok & (l1 >= eps) & (l2 >= eps) & (l3 >= eps)
+            face_id[cy[hit], cx[hit]] = fi[hit]
+            bary[cy[hit], cx[hit]] = np.stack([l1[hit], l2[hit], l3[hit]], axis=1)
+        start = stop
+    return face_id, bary
+
+
+def fill_empty(image: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """Copy the nearest filled texel into every empty one (seam padding). image [S,S,C], filled [S,S] bool."""
+    from scipy.ndimage import distance_transform_edt
+
+    if filled.all() or not filled.any():
+        return image
+    _, (iy, ix) = distance_transform_edt(~filled, return_indices=True)
+    return image[iy, ix]
+
+
+def query_colors(color_fn: ColorFn, points: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+    """color_fn over points [N,3] in chunks -> float32 [N,3] clipped to [0,1]."""
+    out = np.empty((len(points), 3), dtype=np.float32)
+    for s in range(0, len(points), chunk):
+        c = color_fn(points[s:s + chunk].astype(np.float32))
+        c = c.detach().cpu().numpy() if hasattr(c, "detach") else np.asarray(c)
+        if c.shape != (min(chunk, len(points) - s), 3):
+            raise ExportError(f"colour function returned shape {c.shape} for {min(chunk, len(points) - s)} points")
+        out[s:s + chunk] = c
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+
+
+def bake_texture(uvmesh: UVMesh, color_fn: ColorFn, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texture [size,size,3] uint8 (row 0 = v 1) with colour_fn at each covered texel's 3D point.
+
+    Returns the padded texture and the coverage mask [size,size] bool (before padding).
+    """
+    face_id, bary = rasterize_uv(uvmesh.uv, uvmesh.faces, size)
+    filled = face_id >= 0
+    tex = np.zeros((size, size, 3), dtype=np.float32)
+    if filled.any():
+        corners = uvmesh.verts[uvmesh.faces[face_id[filled]]].astype(np.float64)  # [T,3,3]
+        points = np.einsum("tk,tkd->td", bary[filled].astype(np.float64), corners)
+        tex[filled] = query_colors(color_fn, points)
+    tex = fill_empty(tex, filled)
+    return np.round(tex * 255.0).astype(np.uint8), filled
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def glb_bytes(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray | None = None,
+              texture: np.ndarray | None = None, vertex_colors: np.ndarray | None = None) -> bytes:
+    """A GLB of one mesh (canonical-frame verts [N,3], faces [F,3]) in glTF's Y-up frame.
+
+    Either `uv` [N,2] (v up) + `texture` [S,S,3] uint8 (PBR baseColorTexture, metallic 0, roughness 1),
+    or `vertex_colors` [N,3] in [0,1] (COLOR_0, with a plain white material), or neither.
+    """
+    import trimesh
+    from PIL import Image
+
+    verts, faces = check_mesh(verts, faces)
+    pos = to_gltf_frame(verts).astype(np.float32)
+    if uv is not None and texture is not None:
+        material = trimesh.visual.material.PBRMaterial(
+            name="baked", baseColorTexture=Image.fromarray(np.ascontiguousarray(texture)),
+            metallicFactor=0.0, roughnessFactor=1.0, doubleSided=True)
+        visual = trimesh.visual.TextureVisuals(uv=np.asarray(uv, dtype=np.float64), material=material)
+        mesh = trimesh.Trimesh(pos, faces, visual=visual, process=False)
+    elif vertex_colors is not None:
+        vc = np.round(np.clip(np.asarray(vertex_colors, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+        rgba = np.concatenate([vc, np.full((len(vc), 1), 255, np.uint8)], axis=1)
+        mesh = trimesh.Trimesh(pos, faces, vertex_colors=rgba, process=False)
+    else:
+        mesh = trimesh.Trimesh(pos, faces, process=False)
+    return mesh.export(file_type="glb")
+
+
+@dataclass
+class ExportInfo:
+    """What `export_glb` wrote: paths and sizes, for the run's timings/summary JSON."""
+
+    path: str
+    vertices: int  # after the UV cut (seam vertices duplicated)
+    faces: int
+    texture_size: int
+    coverage: float  # fraction of texels inside a UV triangle
+    vertex_color_path: str = ""
+
+
+def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn: ColorFn,
+               texture_size: int = 1024, vertex_colors: bool = False, texture_png: bool = True) -> ExportInfo:
+    """Unwrap, bake and write `path` (GLB with a UV texture) atomically; optionally `<stem>_vc.glb` too.
+
+    The vertex-colour variant is a separate file because glTF multiplies COLOR_0 into the base colour, so
+    one file with both would darken the texture. With `texture_png` the texture is also written beside the
+    GLB as `<stem>_texture.png` (for looking at it).
+    """
+    path = Path(path)
+    verts, faces = check_mesh(verts, faces)
+    uvmesh = uv_unwrap(verts, faces, texture_size)
+    texture, filled = bake_texture(uvmesh, color_fn, texture_size)
+    atomic_write_bytes(path, glb_bytes(uvmesh.verts, uvmesh.faces, uv=uvmesh.uv, texture=texture))
+    if texture_png:
+        atomic_write_bytes(path.with_name(f"{path.stem}_texture.png"), _png(texture))
+    info = ExportInfo(path=str(path), vertices=len(uvmesh.verts), faces=len(uvmesh.faces),
+                      texture_size=int(texture_size), coverage=float(filled.mean()))
+    if vertex_colors:
+        vc_path = path.with_name(f"{path.stem}_vc.glb")
+        colors = query_colors(color_fn, verts)
+        atomic_write_bytes(vc_path, glb_bytes(verts, faces, vertex_colors=colors))
+        info.vertex_color_path = str(vc_path)
+    return info
+
+
+def load_glb(path: str | Path):
+    """Read a GLB written here back as one `trimesh.Trimesh` in the canonical (Z-up) frame."""
+    import trimesh
+
+    scene = trimesh.load(str(path), file_type="glb", force="scene", process=False)
+    meshes = list(scene.dump(concatenate=False)) if hasattr(scene, "dump") else [scene]
+    if len(meshes) != 1:
+        raise ExportError(f"{path}: expected one mesh, found {len(meshes)}")
+    mesh = meshes[0]
+    mesh.vertices = from_gltf_frame(mesh.vertices)
+    return mesh
