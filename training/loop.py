@@ -1,0 +1,259 @@
+"""The generic training loop both stages share: load checkpoint → step → log → save → validate.
+
+A stage hands in an *objective*: an `nn.Module` whose `.model` is what gets checkpointed and whose
+`forward(batch) -> (loss, {name: scalar})` computes the loss (DDP wraps the objective, so gradient
+synchronisation sees the whole forward). It may also define `validate(batch) -> {name: float}` (e.g. PSNR
+on the fixed validation batch), `images(batch) -> {name: [N,3,H,W]}` for TensorBoard, and
+`param_groups(weight_decay) -> list[dict]` to override the AdamW groups. Data comes from
+`data(position) -> iterator of batches` starting at the given number of batches already consumed, which is
+how a resumed run continues the same stream.
+
+Everything the model code does not do lives here: AdamW, warm-up + cosine to 0, gradient clipping, bf16
+autocast on CUDA, activation checkpointing and torch.compile (applied to the model's repeated blocks), DDP,
+skipping non-finite steps, logging, checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+
+from training import distributed as D
+from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from training.logging import Logger
+
+
+@dataclass
+class LoopSettings:
+    """The loop's knobs; `from_section(cfg.nerf)` / `from_section(cfg.mesh)` reads them from a config."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    ckpt_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    image_every: int = 100  # also the validation period
+    wandb_project: str = ""
+    find_unused: bool = False  # DDP find_unused_parameters
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_section(cls, section: Any, seed: int = 0, **overrides: Any) -> LoopSettings:
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: getattr(section, k) for k in names if hasattr(section, k)}
+        return cls(**{**values, "seed": seed, **overrides})
+
+
+@dataclass
+class LoopResult:
+    step: int
+    skipped: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss of that step (this process)
+    val: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> validation scalars
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak LR before optimisation step `step` (0-based): linear warm-up, cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(objective: torch.nn.Module, s: LoopSettings) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices/kernels only (biases, norms and 1-d parameters are not shrunk)."""
+    if hasattr(objective, "param_groups"):
+        groups = objective.param_groups(s.weight_decay)
+    else:
+        params = [p for p in objective.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.95))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, s: LoopSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s.warmup_steps, s.steps))
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Children of every ModuleList made of ≥ 2 modules of one class: the transformer blocks."""
+    found = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
+            found.extend(m)
+    return found
+
+
+def apply_speedups(model: torch.nn.Module, s: LoopSettings) -> int:
+    """Activation checkpointing and torch.compile on the repeated blocks, in place; return how many.
+
+    Both patch the instance (`forward` / `compile()`), so parameter names and state dicts do not change.
+    """
+    blocks = repeated_blocks(model)
+    for blk in blocks:
+        if s.activation_checkpointing:
+            inner = blk.forward
+            blk.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(
+                f, *a, use_reentrant=False, **k))(inner)
+        if s.compile:
+            blk.compile()
+    if s.compile and not blocks:
+        model.compile()
+    return len(blocks)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA with `auto`; None = full fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if precision in ("auto", "fp32"):
+        return None
+    raise ValueError(f"precision must be auto | fp32 | bf16, got {precision!r}")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, s: LoopSettings,
+               device: torch.device, dtype: torch.dtype | None) -> tuple[float, dict[str, float], bool]:
+    """One optimisation step. Returns (loss, scalars, applied); a non-finite loss or gradient on any rank
+    skips the update on every rank, leaving parameters and optimizer state untouched."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, scalars = module(batch)
+    value = float(loss.detach())
+    out = {k: float(v) for k, v in scalars.items()}
+    if not D.all_true(math.isfinite(value), device):
+        return value, out, False
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
+    out["grad_norm"] = float(norm)
+    if not math.isfinite(out["grad_norm"]):
+        opt.zero_grad(set_to_none=True)
+        return value, out, False
+    opt.step()
+    return value, out, True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run_dir: str | Path,
+          s: LoopSettings, val_batch: dict | None = None, config: dict | None = None,
+          stop_at: int | None = None) -> LoopResult:
+    """Train `objective` to `s.steps`, resuming from the newest valid checkpoint under `run_dir`.
+
+    `stop_at` ends this process early (after that step, checkpointing it) without changing the schedule —
+    what an interruption looks like, for tests and time-boxed jobs.
+    """
+    run_dir = Path(run_dir)
+    device = D.init()
+    objective.to(device)
+    apply_speedups(objective.model, s)
+    opt, dtype = make_optimizer(objective, s), autocast_dtype(s.precision, device)
+    sched = make_scheduler(opt, s)
+    seed_all(s.seed + D.rank())
+    result = LoopResult(step=0, skipped=0)
+    state = TrainState()
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(ckpt, objective.model, opt, sched, D.rank(), D.world_size())
+        result.resumed_from = ckpt
+    module = D.wrap_ddp(objective, device, s.find_unused)
+    log = Logger(run_dir, D.is_main(), s.steps, state.step, s.wandb_project, config, s.progress)
+    if ckpt is not None:
+        log.message(f"resumed from {ckpt} (step {state.step}, {state.skipped} skipped so far)")
+    end = min(s.steps, stop_at if stop_at is not None else s.steps)
+    batches = iter(data(state.position))
+    t0, samples = time.perf_counter(), 0
+    while state.step < end:
+        batch = to_device(next(batches), device)
+        state.position += 1
+        module.train()
+        loss, scalars, applied = train_step(module, opt, batch, s, device, dtype)
+        sched.step()
+        state.step += 1
+        result.losses[state.step] = loss
+        samples += len(batch.get("uid", [0])) * D.world_size()
+        rate = samples / max(time.perf_counter() - t0, 1e-9)
+        if not applied:
+            state.skipped += 1
+            log.message(f"step {state.step}: non-finite loss/gradient ({loss}); skipped ({state.skipped} so far)")
+        if state.step % s.log_every == 0 or not applied:
+            log.scalars(state.step, {"loss": D.mean_scalar(loss, device) if applied else loss, **scalars,
+                                     "lr": sched.get_last_lr()[0], "samples_per_s": rate,
+                                     "skipped_steps": state.skipped})
+        log.progress(state.step, loss, rate)
+        if val_batch is not None and (state.step % s.image_every == 0 or state.step == s.steps):
+            result.val[state.step] = validate(objective, val_batch, device, dtype, log, state.step)
+        if state.step % s.ckpt_every == 0 or state.step in (end, s.steps):
+            result.checkpoint = checkpoint(run_dir, state, objective, opt, sched, s, config)
+    log.close()
+    result.step, result.skipped = state.step, state.skipped
+    return result
+
+
+@torch.no_grad()
+def validate(objective: torch.nn.Module, batch: dict, device: torch.device, dtype: torch.dtype | None,
+             log: Logger, step: int) -> dict[str, float]:
+    """Scalars (and images) of the objective on the fixed validation batch, in eval mode."""
+    objective.eval()
+    batch = to_device(batch, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        values = objective.validate(batch) if hasattr(objective, "validate") else {}
+        images = objective.images(batch) if hasattr(objective, "images") else {}
+    log.scalars(step, values, prefix="val/")
+    log.images(step, {k: v.float() for k, v in images.items()})
+    log.flush()
+    objective.train()
+    return values
+
+
+def checkpoint(run_dir: Path, state: TrainState, objective: torch.nn.Module, opt: torch.optim.Optimizer,
+               sched: Any, s: LoopSettings, config: dict | None) -> Path | None:
+    """Gather every rank's RNG state; rank 0 writes the folder; everyone waits for it."""
+    states = D.gather_objects(rng_state())
+    path = None
+    if D.is_main():
+        path = save_checkpoint(run_dir, state, objective.model, opt, sched, states, s.keep_last,
+                               extra_meta={"total_steps": s.steps})
+    D.barrier()
+    return path
