@@ -91,6 +91,8 @@ class ShardConfig:
     val_uids: str = ""  # path to a file of uids forced into val (the evaluation set)
     mtime: float = 1_700_000_000.0  # fixed tar member mtime for byte-identical shards
     writers: int = 1  # parallel shard writers (Ray tasks); each writes its own shard sequence
+    executor: str = "auto"  # auto (Ray when writers > 1) | local | ray
+    geometry: bool = False  # also pack geometry.npz (training never reads it; eval uses the render folders)
 
 
 @dataclass

@@ -1,0 +1,441 @@
+"""`make shards`: pack rendered assets (OUT/renders/<uid>/) into WebDataset shards with an index.
+
+One sample per asset, `__key__` = uid, fields = the render folder's files (`meta.json`, `cameras.npz`, per
+view `NN.rgba.png`, `NN.depth.png`, `NN.normal.png`; `geometry.npz` only with `shards.geometry=true`, since
+training never reads it and eval takes it from the render folders). Shards are `{split}-NNNNNN.tar`.
+
+How it stays reproducible and resumable:
+- The split is a pure function of the uid (sha256 -> [0, 1) < `val_fraction`) plus a forced-val uid list.
+- The whole layout (which uid goes into which shard) is *planned* up front from file sizes, because a tar's
+  size is a closed form of its members' sizes. Writers then only fill planned shards, so 1 writer and N Ray
+  writers produce the same, byte-identical files (sorted uids, sorted members, fixed mtime/uid/gid/mode).
+- A shard is written as `.tmp-*` and renamed when closed; `index.parquet` is rewritten after each close.
+  A rerun first adopts closed shards missing from the index (a crash between rename and index write),
+  drops index rows whose file vanished, then plans only uids not yet in a closed shard, numbering on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import manifest
+from pipelines.config import Config
+from pipelines.io import atomic_path, clean_temporaries
+
+UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots (WebDataset splits keys at the first dot), fits ustar names
+SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
+VIEW_KINDS = ("rgba", "depth", "normal")
+MAX_META_BYTES = 1 << 20  # meta.json is small; a larger one is not ours
+TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
+
+INDEX_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("split", pa.string()), ("uids", pa.list_(pa.string())), ("count", pa.int64()),
+    ("bytes", pa.int64()), ("sha256", pa.string()), ("licenses", pa.list_(pa.string())),
+    ("attributions", pa.list_(pa.string())),
+])
+MANIFEST_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("split", pa.string()),
+    ("shard", pa.string()), ("bytes", pa.int64()), ("views", pa.int64()), ("license", pa.string()),
+])
+
+
+class RenderFolderError(ValueError):
+    """A render folder that cannot be packed (missing or malformed files); the reason is the message."""
+
+
+@dataclass
+class Asset:
+    """A packable render folder: which files travel (sample field -> path) and what the index needs."""
+
+    uid: str
+    split: str
+    files: dict[str, Path]  # field name (e.g. "03.rgba.png") -> file
+    views: int
+    license: str
+    attribution: str
+
+    @property
+    def tar_bytes(self) -> int:
+        return sum(member_bytes(p.stat().st_size) for p in self.files.values())
+
+
+@dataclass
+class ShardPlan:
+    name: str  # e.g. "train-000003.tar"
+    split: str
+    assets: list[Asset]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces: split, sizes, planning.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def uid_fraction(uid: str) -> float:
+    """A uniform number in [0, 1) from the uid alone (sha256), so the split never depends on order or run."""
+    return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_of(uid: str, val_fraction: float, forced_val: set[str] | frozenset[str] = frozenset()) -> str:
+    return "val" if uid in forced_val or uid_fraction(uid) < val_fraction else "train"
+
+
+def read_uid_list(path: str | Path) -> set[str]:
+    """One uid per line; blank lines and `#` comments ignored."""
+    if not path:
+        return set()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"shards.val_uids: {p} does not exist")
+    return {ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines()} - {""}
+
+
+def member_bytes(size: int) -> int:
+    """Bytes a file of `size` takes in a ustar archive: one header block plus data padded to blocks."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_bytes(members_bytes: int) -> int:
+    """Archive size from the summed member bytes: two zero end blocks, then padding to a whole record."""
+    return -(-(members_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def plan_shards(assets: list[Asset], max_count: int, max_bytes: int,
+                start: dict[str, int] | None = None) -> list[ShardPlan]:
+    """Group assets (per split, sorted by uid) into shards of at most `max_count` samples / `max_bytes` bytes.
+
+    A sample larger than `max_bytes` gets a shard of its own. `start` gives the next shard number per split.
+    """
+    if max_count < 1 or max_bytes < 1:
+        raise ValueError(f"shards.max_count and shards.max_bytes must be positive ({max_count}, {max_bytes})")
+    start = dict(start or {})
+    plans: list[ShardPlan] = []
+    for split in ("train", "val"):
+        n = start.get(split, 0)
+        cur: list[Asset] = []
+        cur_bytes = 0
+        for a in sorted((a for a in assets if a.split == split), key=lambda a: a.uid):
+            b = a.tar_bytes
+            if cur and (len(cur) >= max_count or tar_bytes(cur_bytes + b) > max_bytes):
+                plans.append(ShardPlan(f"{split}-{n:06d}.tar", split, cur))
+                n, cur, cur_bytes = n + 1, [], 0
+            if not cur and tar_bytes(b) > max_bytes:
+                warnings.warn(f"{a.uid}: one sample ({tar_bytes(b)} B) exceeds shards.max_bytes; it gets its own shard",
+                              stacklevel=2)
+            cur.append(a)
+            cur_bytes += b
+        if cur:
+            plans.append(ShardPlan(f"{split}-{n:06d}.tar", split, cur))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Render folders -> assets.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def view_name(index: int, views: int, kind: str) -> str:
+    """`NN.kind.png` with NN zero-padded to two digits, or more when there are 100+ views."""
+    return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
+
+
+def inspect_render_folder(folder: Path, uid: str, geometry: bool = False) -> tuple[dict[str, Path], dict]:
+    """Check a render folder has every file a sample needs; return (field -> path, meta).
+
+    Raises RenderFolderError with the reason when something is missing or malformed.
+    """
+    if not folder.is_dir():
+        raise RenderFolderError(f"render folder {folder} missing")
+    meta_p, cams_p = folder / "meta.json", folder / "cameras.npz"
+    for p in (meta_p, cams_p):
+        if not p.is_file():
+            raise RenderFolderError(f"{p.name} missing")
+    if meta_p.stat().st_size > MAX_META_BYTES:
+        raise RenderFolderError(f"meta.json larger than {MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(meta_p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RenderFolderError(f"meta.json unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("uid") != uid:
+        raise RenderFolderError(f"meta.json uid {meta.get('uid') if isinstance(meta, dict) else None!r} != {uid!r}")
+    try:
+        with np.load(cams_p, allow_pickle=False) as z:
+            c2w, K = z["c2w"], z["K"]
+    except Exception as e:  # a truncated zip raises many kinds of error; all mean "unreadable"
+        raise RenderFolderError(f"cameras.npz unreadable: {type(e).__name__}: {e}") from None
+    if c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or K.shape != (len(c2w), 3, 3) or len(c2w) == 0:
+        raise RenderFolderError(f"cameras.npz shapes c2w {c2w.shape}, K {K.shape} (want [V,4,4], [V,3,3])")
+    views = len(c2w)
+    files = {"meta.json": meta_p, "cameras.npz": cams_p}
+    for i in range(views):
+        for kind in VIEW_KINDS:
+            name = view_name(i, views, kind)
+            if not (folder / name).is_file():
+                raise RenderFolderError(f"{name} missing")
+            files[name] = folder / name
+    if geometry:
+        if not (folder / "geometry.npz").is_file():
+            raise RenderFolderError("geometry.npz missing (shards.geometry=true)")
+        files["geometry.npz"] = folder / "geometry.npz"
+    return files, meta
+
+
+def collect_assets(cfg: Config) -> tuple[list[Asset], list[dict[str, Any]]]:
+    """Read the render manifest and folders; return packable assets and manifest rows for the rest."""
+    out = cfg.out_path
+    render_rows = manifest.read_rows(manifest.manifest_path(out, "render"))
+    if not render_rows:
+        raise FileNotFoundError(f"{manifest.manifest_path(out, 'render')} missing or empty: run `make render` first")
+    forced_val = read_uid_list(cfg.shards.val_uids)
+    assets: list[Asset] = []
+    rows: list[dict[str, Any]] = []
+
+    def row(uid: str, status: str, reason: str, split: str = "", **kw: Any) -> dict[str, Any]:
+        return {"uid": uid, "status": status, "reason": reason, "split": split, "shard": "", "bytes": 0,
+                "views": 0, "license": "", **kw}
+
+    for r in sorted(render_rows, key=lambda r: r["uid"]):
+        uid = r["uid"]
+        if not UID_RE.match(uid):
+            rows.append(row(uid, manifest.FAILED, "uid is not [A-Za-z0-9_-]{1,64} (WebDataset keys have no dots)"))
+            continue
+        if r["status"] != manifest.OK:
+            rows.append(row(uid, manifest.SKIPPED, f"render {r['status']}: {r.get('reason', '')}"))
+            continue
+        try:
+            files, meta = inspect_render_folder(out / "renders" / uid, uid, cfg.shards.geometry)
+        except RenderFolderError as e:
+            rows.append(row(uid, manifest.FAILED, str(e)))
+            continue
+        quality = meta.get("quality", {})
+        if not isinstance(quality, dict) or quality.get("ok") is not True:
+            flags = quality.get("flags", []) if isinstance(quality, dict) else []
+            rows.append(row(uid, manifest.SKIPPED, f"quality not ok: {', '.join(map(str, flags)) or 'no quality record'}"))
+            continue
+        split = split_of(uid, cfg.shards.val_fraction, forced_val)
+        views = (len(files) - 2 - int("geometry.npz" in files)) // len(VIEW_KINDS)
+        assets.append(Asset(uid, split, files, views, str(meta.get("license", "")), str(meta.get("attribution", ""))))
+    return assets, rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing one shard (a plain function: the local loop and the Ray tasks both call it).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[str, Any]:
+    """Write `plan` to `shard_dir/plan.name` (temporary name, renamed when closed); return its index row."""
+    import webdataset as wds
+
+    path = Path(shard_dir) / plan.name
+    h = hashlib.sha256()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            # Fixed owner/group/mode/mtime and ustar format: the archive depends on the bytes only.
+            with wds.TarWriter(f, user="gtr", group="gtr", mode=0o444, encoder=False, mtime=mtime) as w:
+                for a in plan.assets:
+                    sample = {"__key__": a.uid}
+                    for name, p in a.files.items():
+                        sample[name] = p.read_bytes()
+                    w.write(sample)
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        size = tmp.stat().st_size
+    return {"shard": plan.name, "split": plan.split, "uids": [a.uid for a in plan.assets],
+            "count": len(plan.assets), "bytes": size, "sha256": h.hexdigest(),
+            "licenses": [a.license for a in plan.assets], "attributions": [a.attribution for a in plan.assets]}
+
+
+def scan_shard(path: Path) -> dict[str, Any]:
+    """Index row of a closed shard found on disk but not in the index (uids from its member names)."""
+    uids: list[str] = []
+    meta: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as t:
+        for m in t:
+            key, _, field = m.name.partition(".")
+            if not uids or uids[-1] != key:
+                uids.append(key)
+            if field == "meta.json" and m.size <= MAX_META_BYTES:
+                f = t.extractfile(m)
+                meta[key] = json.loads(f.read()) if f else {}
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    split = SHARD_RE.match(path.name).group(1)  # type: ignore[union-attr]
+    return {"shard": path.name, "split": split, "uids": uids, "count": len(uids), "bytes": path.stat().st_size,
+            "sha256": h, "licenses": [str(meta.get(u, {}).get("license", "")) for u in uids],
+            "attributions": [str(meta.get(u, {}).get("attribution", "")) for u in uids]}
+
+
+def index_path(out: str | Path) -> Path:
+    return Path(out) / "shards" / "index.parquet"
+
+
+def read_index(out: str | Path) -> list[dict[str, Any]]:
+    p = index_path(out)
+    return pq.read_table(p).to_pylist() if p.exists() else []
+
+
+def write_index(out: str | Path, rows: list[dict[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda r: (r["split"], r["shard"]))
+    with atomic_path(index_path(out)) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
+
+
+def reconcile_index(shard_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop index rows whose shard file is gone; adopt closed shards that the index does not list yet."""
+    kept = []
+    for r in rows:
+        if (shard_dir / r["shard"]).is_file():
+            kept.append(r)
+        else:
+            warnings.warn(f"index lists {r['shard']} but the file is gone; its uids will be packed again", stacklevel=2)
+    known = {r["shard"] for r in kept}
+    for p in sorted(shard_dir.glob("*.tar")):
+        if SHARD_RE.match(p.name) and p.name not in known:
+            try:
+                kept.append(scan_shard(p))
+            except (tarfile.TarError, OSError, ValueError) as e:
+                raise RuntimeError(f"{p} is not a readable shard ({e}); remove it and rerun") from e
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Executors.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_local(plans: list[ShardPlan], shard_dir: Path, mtime: float,
+               on_done: Callable[[dict[str, Any]], None]) -> None:
+    from tqdm import tqdm
+
+    for plan in tqdm(plans, desc="shards", unit="shard", disable=not plans):
+        on_done(write_shard(plan, shard_dir, mtime))
+
+
+def _run_ray(plans: list[ShardPlan], shard_dir: Path, mtime: float, writers: int,
+             on_done: Callable[[dict[str, Any]], None]) -> None:
+    """One Ray task per planned shard, at most `writers` in flight; the driver records each as it closes."""
+    import ray  # only the executor imports Ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(num_cpus=1)(write_shard)
+    pending = list(plans)
+    in_flight: list[Any] = []
+    with tqdm(total=len(plans), desc="shards (ray)", unit="shard", disable=not plans) as bar:
+        while pending or in_flight:
+            while pending and len(in_flight) < writers:
+                in_flight.append(task.remote(pending.pop(0), str(shard_dir), mtime))
+            done, in_flight = ray.wait(in_flight, num_returns=1)
+            on_done(ray.get(done[0]))  # a task-level error (disk full, ...) raises here
+            bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
+    """Pack every ok render into shards; resumable. Returns a summary (counts, shard names written)."""
+    sc = cfg.shards
+    out = cfg.out_path
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(shard_dir)
+    assets, rows = collect_assets(cfg)
+
+    index = reconcile_index(shard_dir, read_index(out))
+    done = {u: r for r in index for u in r["uids"]}
+    forced_val = read_uid_list(sc.val_uids)
+    leaked = sorted(u for u in forced_val if u in done and done[u]["split"] == "train")
+    if leaked:
+        raise RuntimeError(f"forced-val uids already packed in train shards: {leaked[:5]}... ; remove "
+                           f"{shard_dir} (or those shards) and rerun, or the eval set leaks into training")
+    start = {s: 1 + max((int(SHARD_RE.match(r["shard"]).group(2)) for r in index if r["split"] == s), default=-1)
+             for s in ("train", "val")}
+    todo = [a for a in assets if a.uid not in done]
+    plans = plan_shards(todo, sc.max_count, sc.max_bytes, start)
+    write_index(out, index)
+
+    def on_done(r: dict[str, Any]) -> None:
+        index.append(r)
+        write_index(out, index)
+
+    kind = executor or sc.executor
+    if kind == "auto":
+        kind = "ray" if sc.writers > 1 and len(plans) > 1 else "local"
+    if kind == "ray":
+        _run_ray(plans, shard_dir, sc.mtime, max(1, sc.writers), on_done)
+    elif kind == "local":
+        _run_local(plans, shard_dir, sc.mtime, on_done)
+    else:
+        raise ValueError(f"shards.executor must be auto | local | ray, got {kind!r}")
+
+    where = {u: r for r in index for u in r["uids"]}
+    for a in assets:
+        r = where.get(a.uid)
+        if r is None:  # cannot happen unless a writer silently dropped it; record rather than hide
+            rows.append({"uid": a.uid, "status": manifest.FAILED, "reason": "not in any shard after packing",
+                         "split": a.split, "shard": "", "bytes": 0, "views": a.views, "license": a.license})
+        else:
+            rows.append({"uid": a.uid, "status": manifest.OK, "reason": "", "split": r["split"], "shard": r["shard"],
+                         "bytes": a.tar_bytes, "views": a.views, "license": a.license})
+    # uids packed by an earlier run whose render row is gone stay ok in the manifest: their shard is still there
+    mpath = manifest.manifest_path(out, "shards")
+    merged = manifest.merge(manifest.read_rows(mpath), rows)
+    manifest.write_rows(mpath, [{f: r.get(f, d) for f, d in _MANIFEST_DEFAULTS.items()} for r in merged],
+                        schema=MANIFEST_SCHEMA)
+    return {"written": [p.name for p in plans], "shards": len(index), "ok": len(assets),
+            "skipped": sum(r["status"] == manifest.SKIPPED for r in rows),
+            "failed": sum(r["status"] == manifest.FAILED for r in rows),
+            "train": sum(r["count"] for r in index if r["split"] == "train"),
+            "val": sum(r["count"] for r in index if r["split"] == "val")}
+
+
+_MANIFEST_DEFAULTS = {"uid": "", "status": manifest.FAILED, "reason": "", "split": "", "shard": "", "bytes": 0,
+                      "views": 0, "license": ""}
+
+
+def shard_urls(out: str | Path, split: str = "train") -> list[str]:
+    """Local paths of the closed shards of `split`, from the index (sorted)."""
+    return [str(Path(out) / "shards" / r["shard"]) for r in read_index(out) if r["split"] == split]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from pipelines.cli import config_from_args, save_resolved, stage_parser
+
+    p = stage_parser(__doc__.split("\n\n")[0] + "\n\n" + "Reads OUT/manifest/render.parquet and OUT/renders/; "
+                     "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet.")
+    p.add_argument("--executor", choices=["auto", "local", "ray"], default=None,
+                   help="override shards.executor (auto: Ray when shards.writers > 1)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    cfg = config_from_args(args)
+    save_resolved(cfg, "shards")
+    try:
+        s = pack(cfg, args.executor)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"shards: wrote {len(s['written'])} new shard(s); {s['shards']} in the index "
+          f"({s['train']} train / {s['val']} val samples); assets {s['ok']} ok, {s['skipped']} skipped, "
+          f"{s['failed']} failed -> {cfg.out_path / 'shards'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

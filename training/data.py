@@ -1,0 +1,471 @@
+"""Streaming training loader: WebDataset shards -> batches of picked views, decoding only the picked PNGs.
+
+Per sample (one asset, DESIGN "Shards") it draws `Vi` input and `Vs` supervision views (disjoint, seeded),
+decodes just those PNGs from the raw tar bytes, composites RGBA on a background, resizes inputs to
+`loader.input_size` (K scaled), brings supervision views to the stage's `render_size` with an optional random
+patch (K shifted), and collates the batch documented in docs/ARCHITECTURE.md.
+
+Streams: `resampled=True` is the training mode (each node draws from its own share of the shards, each
+DataLoader worker with its own seeded RNG, `with_epoch` cuts the infinite stream into epochs);
+`resampled=False` visits every sample of the shards exactly once per epoch across nodes x workers (shards
+are split, after one seeded shuffle that all ranks agree on). A corrupt shard or sample is skipped with a
+warning and counted, never raised. Everything random comes from one numpy RNG per (seed, epoch, rank, worker),
+so the same seed gives the same batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import random
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.config import Config
+
+VIEW_KINDS = ("rgba", "depth", "normal")
+MAX_FIELD_BYTES = 64 << 20  # a single PNG / npz larger than this is not a render of ours
+MAX_META_BYTES = 1 << 20
+BACKGROUNDS = ("white", "black", "random")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What one sample becomes. Sizes are square sides in pixels; `patch` 0 = the whole supervision view."""
+
+    input_views: int = 4
+    sup_views: int = 4
+    input_size: int = 128
+    sup_size: int = 64
+    patch: int = 0
+    background: str = "white"
+    masks: bool = True  # sup_mask
+    depths: bool = False  # sup_depth
+
+
+def view_spec(cfg: Config, stage: str = "nerf", **overrides: Any) -> ViewSpec:
+    """The stage's ViewSpec from the config: NeRF = patches of the render, mesh = full views with depth."""
+    if stage == "nerf":
+        s = ViewSpec(cfg.loader.input_views, cfg.nerf.sup_views, cfg.loader.input_size, cfg.nerf.render_size,
+                     cfg.nerf.patch_size, cfg.loader.background, masks=True, depths=False)
+    elif stage == "mesh":
+        s = ViewSpec(cfg.loader.input_views, cfg.mesh.sup_views, cfg.loader.input_size, cfg.mesh.render_size,
+                     0, cfg.loader.background, masks=True, depths=True)
+    else:
+        raise ValueError(f"stage must be 'nerf' or 'mesh', got {stage!r}")
+    s = replace(s, **overrides)
+    if s.background not in BACKGROUNDS:
+        raise ValueError(f"loader.background must be one of {BACKGROUNDS}, got {s.background!r}")
+    if s.patch and s.patch > s.sup_size:
+        raise ValueError(f"patch {s.patch} larger than the supervision size {s.sup_size}")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding one sample (raw field bytes -> tensors).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def view_name(index: int, views: int, kind: str) -> str:
+    """`NN.kind.png`, NN zero-padded to two digits (more for 100+ views), as the render folders name them."""
+    return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
+
+
+def _field(raw: Mapping[str, bytes], name: str, limit: int = MAX_FIELD_BYTES) -> bytes:
+    if name not in raw:
+        raise KeyError(f"sample {raw.get('__key__', '?')}: field {name} missing")
+    data = raw[name]
+    if not isinstance(data, (bytes, bytearray)) or len(data) > limit:
+        raise ValueError(f"sample {raw.get('__key__', '?')}: field {name} is not bytes under {limit} B")
+    return bytes(data)
+
+
+def _png(data: bytes, size: tuple[int, int], name: str) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    if im.format != "PNG" or im.size != size:  # checked before decoding: no decompression bombs
+        raise ValueError(f"{name}: {im.format} {im.size}, expected PNG {size}")
+    im.load()
+    return im
+
+
+def _rgba(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
+    """-> [H,W,4] uint8, straight alpha (an RGB file counts as fully opaque)."""
+    return np.asarray(_png(data, size, name).convert("RGBA"))
+
+
+def _depth(data: bytes, size: tuple[int, int], name: str, depth_scale: float) -> np.ndarray:
+    """16-bit PNG -> [H,W] float32 planar z in world units (0 = background)."""
+    im = _png(data, size, name)
+    if im.mode not in ("I;16", "I;16B", "I", "L"):
+        raise ValueError(f"{name}: depth PNG mode {im.mode}, expected 16-bit grayscale")
+    return np.asarray(im).astype(np.float32) / np.float32(depth_scale)
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[C,H,W] -> [C,size,size]; antialiased bilinear for colour/alpha, nearest for depth (no mixed surfaces)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x[None], size=(size, size), mode="nearest-exact")[0]
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _scale_K(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """K of the same camera after resizing the image by (sx, sy) (pixel-edge convention, centre at W/2)."""
+    K = K.astype(np.float32).copy()
+    K[0, :] *= sx
+    K[1, :] *= sy
+    return K
+
+
+def _background(spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
+    if spec.background == "white":
+        return np.ones(3, np.float32)
+    if spec.background == "black":
+        return np.zeros(3, np.float32)
+    return rng.random(3, dtype=np.float32)
+
+
+def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
+                  input_idx: Sequence[int] | None = None, sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
+    """One sample of raw field bytes -> unbatched tensors (the batch dict without the B axis).
+
+    Views are drawn from `rng` unless given. Only the picked views' PNGs are decoded. Shapes:
+    input_rgb [Vi,3,S,S], input_mask [Vi,1,S,S], input_c2w [Vi,4,4], input_K [Vi,3,3] (S = input_size);
+    sup_rgb [Vs,3,s,s], sup_mask [Vs,1,s,s], sup_depth [Vs,1,s,s], sup_c2w, sup_K (s = patch or sup_size);
+    background [3].
+    """
+    uid = raw.get("__key__", "?")
+    meta = json.loads(_field(raw, "meta.json", MAX_META_BYTES))
+    depth_scale = float(meta.get("depth_scale", 10000.0))
+    with np.load(io.BytesIO(_field(raw, "cameras.npz")), allow_pickle=False) as z:
+        c2w_all, K_all = z["c2w"].astype(np.float32), z["K"].astype(np.float32)
+        W, H = int(z["width"]), int(z["height"])
+    V = len(c2w_all)
+    if c2w_all.shape != (V, 4, 4) or K_all.shape != (V, 3, 3):
+        raise ValueError(f"{uid}: cameras.npz shapes {c2w_all.shape} {K_all.shape}")
+    if input_idx is None or sup_idx is None:
+        need = spec.input_views + spec.sup_views
+        if V < need:
+            raise ValueError(f"{uid}: {V} views, need {need} ({spec.input_views} input + {spec.sup_views} supervision)")
+        pick = rng.choice(V, size=need, replace=False)
+        input_idx, sup_idx = pick[: spec.input_views].tolist(), pick[spec.input_views:].tolist()
+    if set(input_idx) & set(sup_idx) or max([*input_idx, *sup_idx]) >= V or min([*input_idx, *sup_idx]) < 0:
+        raise ValueError(f"{uid}: bad view choice {list(input_idx)} / {list(sup_idx)} of {V}")
+    bg = _background(spec, rng)
+    bg_t = torch.from_numpy(bg)[:, None, None]
+
+    def rgba(i: int) -> torch.Tensor:  # [4,H,W] float: composited rgb + alpha
+        a = torch.from_numpy(_rgba(_field(raw, view_name(i, V, "rgba")), (W, H), view_name(i, V, "rgba")).copy())
+        a = a.permute(2, 0, 1).float() / 255.0
+        return torch.cat([a[:3] * a[3:] + bg_t * (1.0 - a[3:]), a[3:]])
+
+    out: dict[str, Any] = {"uid": uid, "background": torch.from_numpy(bg)}
+    ins = [_resize(rgba(i), spec.input_size, "bilinear") for i in input_idx]
+    out["input_rgb"] = torch.stack([x[:3] for x in ins]) if ins else torch.zeros(0, 3, spec.input_size, spec.input_size)
+    out["input_mask"] = torch.stack([x[3:] for x in ins]) if ins else torch.zeros(0, 1, spec.input_size, spec.input_size)
+    out["input_c2w"] = torch.from_numpy(c2w_all[list(input_idx)])
+    out["input_K"] = torch.from_numpy(np.stack([_scale_K(K_all[i], spec.input_size / W, spec.input_size / H)
+                                                 for i in input_idx])) if len(input_idx) else torch.zeros(0, 3, 3)
+
+    s = spec.sup_size
+    rgbs, masks, depths, Ks = [], [], [], []
+    for i in sup_idx:
+        x = _resize(rgba(i), s, "bilinear")  # [4,s,s]
+        K = _scale_K(K_all[i], s / W, s / H)
+        d = None
+        if spec.depths:
+            name = view_name(i, V, "depth")
+            d = _resize(torch.from_numpy(_depth(_field(raw, name), (W, H), name, depth_scale))[None], s, "nearest")
+        if spec.patch:
+            y0, x0 = (int(v) for v in rng.integers(0, s - spec.patch + 1, size=2))
+            x = x[:, y0:y0 + spec.patch, x0:x0 + spec.patch]
+            d = None if d is None else d[:, y0:y0 + spec.patch, x0:x0 + spec.patch]
+            K[0, 2] -= x0  # the patch's pixel (0, 0) is the view's (x0, y0)
+            K[1, 2] -= y0
+        rgbs.append(x[:3])
+        masks.append(x[3:])
+        Ks.append(K)
+        if d is not None:
+            depths.append(d)
+    side = spec.patch or s
+    out["sup_rgb"] = torch.stack(rgbs) if rgbs else torch.zeros(0, 3, side, side)
+    if spec.masks:
+        out["sup_mask"] = torch.stack(masks) if masks else torch.zeros(0, 1, side, side)
+    if spec.depths:
+        out["sup_depth"] = torch.stack(depths) if depths else torch.zeros(0, 1, side, side)
+    out["sup_c2w"] = torch.from_numpy(c2w_all[list(sup_idx)])
+    out["sup_K"] = torch.from_numpy(np.stack(Ks)) if Ks else torch.zeros(0, 3, 3)
+    out["input_views"], out["sup_views"] = list(map(int, input_idx)), list(map(int, sup_idx))
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-sample dicts into the batch dict (tensors get a leading B axis; lists stay lists)."""
+    batch: dict[str, Any] = {}
+    for k in samples[0]:
+        if k.startswith("__"):  # WebDataset's bookkeeping (__key__, __url__); uid carries the key
+            continue
+        vals = [s[k] for s in samples]
+        batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A render folder as a sample (eval / reconstruct read the same way as training).
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RenderFolder(Mapping):
+    """A render folder (`renders/<uid>/` or `renders_eval/<uid>/orbit/`) as a lazy raw sample: field -> bytes."""
+
+    def __init__(self, folder: str | Path, uid: str | None = None):
+        self.folder = Path(folder)
+        if not (self.folder / "cameras.npz").is_file():
+            raise FileNotFoundError(f"{self.folder}: no cameras.npz (not a render folder)")
+        self.uid = uid or self.folder.name
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "__key__":
+            return self.uid
+        p = self.folder / name
+        if "/" in name or not p.is_file():
+            raise KeyError(name)
+        return p.read_bytes()
+
+    def __contains__(self, name: object) -> bool:
+        return name == "__key__" or (isinstance(name, str) and "/" not in name and (self.folder / name).is_file())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["__key__", *sorted(p.name for p in self.folder.iterdir() if p.is_file())])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def load_render_folder(folder: str | Path, input_views: Sequence[int], sup_views: Sequence[int] = (),
+                       spec: ViewSpec | None = None, uid: str | None = None) -> dict[str, Any]:
+    """Read chosen views of one render folder into the per-sample dict `decode_sample` gives.
+
+    `spec` sets sizes and background (default: the stored size, white, masks and depths, no patch).
+    """
+    raw = RenderFolder(folder, uid)
+    if spec is None:
+        with np.load(io.BytesIO(raw["cameras.npz"]), allow_pickle=False) as z:
+            side = int(z["width"])
+        spec = ViewSpec(len(input_views), len(sup_views), side, side, 0, "white", True, True)
+    return decode_sample(raw, spec, np.random.default_rng(0), list(input_views), list(sup_views))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streams: shard URLs -> tar samples -> decoded samples -> batches.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """A WebDataset handler: warn about a corrupt shard or sample, count it, keep going."""
+
+    def __init__(self, max_warnings: int = 20):
+        self.count = 0
+        self.max_warnings = max_warnings
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if self.count <= self.max_warnings:
+            warnings.warn(f"skipping corrupt shard/sample ({type(exn).__name__}: {str(exn)[:300]})", stacklevel=2)
+        return True
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """A list, a `::`-separated string, brace notation (`train-{000000..000009}.tar`) or a local glob."""
+    from webdataset.shardlists import expand_urls as wds_expand
+
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for u in items:
+        for e in wds_expand(u):
+            if urlparse(e).scheme in ("", "file") and any(c in e for c in "*?["):
+                out.extend(sorted(glob.glob(e.removeprefix("file:"))))
+            else:
+                out.append(e)
+    return out
+
+
+def open_url(url: str) -> Any:
+    """Local path / `file:` / `pipe:cmd` / http(s) etc. through WebDataset's gopen; other schemes via fsspec."""
+    from webdataset import gopen
+
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen.gopen_schemes:
+        return gopen.gopen(url, "rb")
+    import fsspec  # object storage (s3://, gcs://, ...) where the matching fsspec backend is installed
+
+    return fsspec.open(url, "rb").open()
+
+
+def _open_stage(src: Iterator[dict], handler: SkipCounter) -> Iterator[dict]:
+    for s in src:
+        try:
+            yield {**s, "stream": open_url(s["url"])}
+        except Exception as e:
+            handler(e)
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values, else torch.distributed, else RANK/WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """The per-process pipeline; built inside each DataLoader worker so it knows its own worker id."""
+
+    def __init__(self, urls: list[str], spec: ViewSpec, batch_size: int, *, resampled: bool, seed: int,
+                 rank: int, world_size: int, shuffle_buffer: int, batches_per_epoch: int = 0):
+        super().__init__()
+        if not urls:
+            raise ValueError("no shard URLs")
+        self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
+        self.resampled, self.seed, self.rank, self.world_size = resampled, seed, rank, world_size
+        self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
+        self.epoch = 0
+
+    def node_shards(self) -> list[str]:
+        """This node's shards: one seeded shuffle every rank agrees on, then every world_size-th shard."""
+        order = list(self.urls)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        if self.resampled and len(order) < self.world_size:
+            return order  # too few shards to split; ranks still differ through their RNG seeds
+        return order[self.rank::self.world_size]
+
+    def _shards(self, worker: int, workers: int, rng: random.Random) -> Iterator[dict]:
+        shards = self.node_shards()
+        if self.resampled:
+            if not shards:
+                return
+            while True:  # with_epoch cuts this
+                yield {"url": rng.choice(shards)}
+        else:
+            for u in shards[worker::workers]:
+                yield {"url": u}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # One seed per (seed, epoch, rank, worker): numpy's SeedSequence, not hash(), so it is the same everywhere.
+        ss = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+        rng = np.random.default_rng(ss)
+        py_rng = random.Random(int(ss.generate_state(1)[0]))
+        handler = SkipCounter()
+
+        def decode(raw: dict) -> dict:
+            return decode_sample(raw, self.spec, rng)
+
+        def batch(samples: list[dict]) -> dict:
+            b = collate(samples)
+            b["_worker"], b["_skipped"] = worker, handler.count
+            return b
+
+        stages: list[Any] = [
+            lambda: self._shards(worker, workers, py_rng),
+            partial(_open_stage, handler=handler),
+            partial(tar_file_expander, handler=handler),
+            partial(group_by_keys, handler=handler),
+        ]
+        if self.shuffle_buffer > 1:
+            stages.append(wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 16), rng=py_rng))
+        stages += [wds.filters.map(decode, handler=handler),
+                   wds.filters.batched(self.batch_size, collation_fn=batch, partial=not self.resampled)]
+        pipe = wds.DataPipeline(*stages)
+        if self.resampled:
+            pipe = pipe.with_epoch(nbatches=self.batches_per_epoch)
+        yield from pipe
+
+
+class ShardLoader:
+    """Iterable of batches (dicts, see docs/ARCHITECTURE.md). `set_epoch(e)` reseeds; `skipped` counts skips."""
+
+    def __init__(self, stream: SampleStream, workers: int):
+        self.stream, self.workers = stream, workers
+        self._skipped: dict[int, int] = {}
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt shards/samples skipped so far in this epoch (summed over workers)."""
+        return sum(self._skipped.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._skipped = {}
+        if self.workers > 0:
+            it: Any = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+                                                  persistent_workers=False)
+        else:
+            it = self.stream
+        for b in it:
+            self._skipped[b.pop("_worker")] = b.pop("_skipped")
+            yield b
+
+
+def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, batch_size: int | None = None,
+                resampled: bool | None = None, epoch_samples: int | None = None, workers: int | None = None,
+                seed: int | None = None, rank: int | None = None, world_size: int | None = None,
+                **spec_overrides: Any) -> ShardLoader:
+    """Batches for `stage` ("nerf" | "mesh") from shard `urls`.
+
+    Arguments left None come from the config (`loader.*`, the stage's `batch_size`); rank/world size from
+    torch.distributed or RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
+    number of samples the index lists for these shards, spread over ranks x workers). `spec_overrides` are
+    ViewSpec fields (e.g. `depths=True`, `patch=0`, `background="random"`).
+    """
+    spec = view_spec(cfg, stage, **spec_overrides)
+    lc = cfg.loader
+    batch_size = batch_size or (cfg.nerf.batch_size if stage == "nerf" else cfg.mesh.batch_size)
+    resampled = lc.resampled if resampled is None else resampled
+    workers = lc.workers if workers is None else workers
+    seed = lc.seed if seed is None else seed
+    rank, world_size = dist_info(rank, world_size)
+    shard_list = expand_urls(urls)
+    if not shard_list:
+        raise FileNotFoundError(f"no shards match {urls!r}")
+    per_epoch = 0
+    if resampled:
+        n = lc.epoch_samples if epoch_samples is None else epoch_samples
+        if n <= 0:
+            n = -(-_indexed_samples(shard_list) // (world_size * max(1, workers)))
+        per_epoch = max(1, n // batch_size)
+    stream = SampleStream(shard_list, spec, batch_size, resampled=resampled, seed=seed, rank=rank,
+                          world_size=world_size, shuffle_buffer=lc.shuffle_buffer, batches_per_epoch=per_epoch)
+    return ShardLoader(stream, workers)
+
+
+def _indexed_samples(urls: list[str]) -> int:
+    """Samples in these shards according to the index.parquet beside them (local shards only)."""
+    import pyarrow.parquet as pq
+
+    first = Path(urls[0].removeprefix("file:"))
+    index = first.parent / "index.parquet"
+    if urlparse(urls[0]).scheme not in ("", "file") or not index.is_file():
+        raise ValueError("loader.epoch_samples=0 needs index.parquet beside local shards; set loader.epoch_samples")
+    names = {Path(u.removeprefix("file:")).name for u in urls}
+    return sum(r["count"] for r in pq.read_table(index).to_pylist() if r["shard"] in names)
