@@ -140,6 +140,10 @@ class NerfConfig:
     steps: int = 300  # optimisation steps (paper 150k)
     batch_size: int = 2  # assets per step (paper 512 over the cluster)
     sup_views: int = 4  # supervision views per asset
+    color_stretch: float = 0.001  # f_c output = sigmoid * (1 + 2e) - e (released model: 0.001)
+    render_chunk: int = 8192  # rays volume-rendered at once per batch element (bounds memory)
+    official_frame: bool = False  # cameras/points go through the fixed Z-up -> Y-up similarity (released weights)
+    official_frame_scale: float = 2.0  # scale of that similarity: our [-0.5, 0.5]^3 data -> their [-1, 1]^3
     render_size: int = 64  # supervision image side (paper 512)
     patch_size: int = 32  # random patch side rendered per supervision view (paper 128)
     lr: float = 1e-3  # AdamW peak learning rate (paper 1e-4)
