@@ -49,6 +49,12 @@ class DataConfig:
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
     procedural_count: int = 8  # number of procedural demo assets
     procedural_texture_size: int = 512  # texture side of procedural assets
+    executor: str = "ray"  # ray (local Ray, or RAY_ADDRESS) | process | thread | inline (sequential, no timeout)
+    workers: int = 2  # tasks in flight at once (Ray tasks / worker processes / threads)
+    objaverse_mirror: str = ""  # base URL standing in for huggingface.co/.../objaverse/resolve/main ("" = Hugging Face)
+    local_license: str = "unknown"  # license recorded for local:<dir> assets (the folder carries none)
+    local_attribution: str = ""  # attribution for local:<dir> assets ("" = the file's relative path)
+    max_file_bytes: int = 512 * 2**20  # local/gso files larger than this fail (bounded work)
 
 
 @dataclass
@@ -73,6 +79,7 @@ class RenderConfig:
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
     max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    max_file_bytes: int = 1 << 30  # asset files larger than this fail without being opened (bounded work)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
