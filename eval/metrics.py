@@ -1,0 +1,142 @@
+"""Image metrics of the paper's protocol, batched in torch: PSNR, SSIM, LPIPS (VGG and AlexNet).
+
+Conventions (DESIGN "Evaluation"): images are [B,3,H,W] float in [0, 1], RGBA renders composited on white
+first; PSNR and SSIM with data range 1; SSIM with an 11-tap Gaussian window of σ 1.5, K1 0.01, K2 0.03 and
+population (not sample) covariances, averaged over the valid interior and the channels — equal to
+`skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+data_range=1, channel_axis=...)`; LPIPS v0.1 with ImageNet trunks (`training.lpips_weights`), fed [-1, 1].
+Every metric returns one value per image ([B]); averaging over views and assets is the report's job.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # skimage: int(truncate 3.5 * σ 1.5 + 0.5) -> an 11-tap window
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    if pred.shape != gt.shape or pred.ndim != 4:
+        raise ValueError(f"expected two [B,C,H,W] tensors of one shape, got {tuple(pred.shape)} / {tuple(gt.shape)}")
+
+
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 or float images [..., H, W, C] (numpy, HWC) -> float32 [B, C, H, W] in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    a = np.asarray(images)
+    scale = 255.0 if a.dtype == np.uint8 else 1.0
+    t = torch.from_numpy(a.astype(np.float32) / scale)
+    if t.ndim == 3:
+        t = t[None]
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def composite_on_white(rgba: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Straight-alpha RGBA -> RGB over white. rgba: [B,4,H,W] float in [0,1], or uint8/float HWC numpy."""
+    t = to_tensor(rgba) if not isinstance(rgba, torch.Tensor) else rgba.float()
+    if t.shape[1] == 3:
+        return t
+    if t.shape[1] != 4:
+        raise ValueError(f"expected RGB or RGBA channels, got {t.shape[1]}")
+    rgb, a = t[:, :3], t[:, 3:4]
+    return rgb * a + (1.0 - a)
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per image 10·log10(range² / MSE) over all pixels and channels; identical images give +inf. -> [B]."""
+    _check_pair(pred, gt)
+    mse = ((pred.double() - gt.double()) ** 2).flatten(1).mean(1)
+    return (10.0 * torch.log10(data_range ** 2 / mse)).float()
+
+
+@functools.lru_cache(maxsize=4)
+def _gauss_1d(sigma: float, radius: int) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian over [N,C,H,W] without padding: only the interior skimage averages over."""
+    c = x.shape[1]
+    k = g.to(x.dtype)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+
+def ssim(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per image mean SSIM (Gaussian 11/σ 1.5, population covariance) -> [B]. Needs H, W ≥ 11.
+
+    skimage filters the whole image with reflection and then drops `radius` pixels at each border before
+    averaging; the kept pixels only see real pixels, so a convolution without padding gives exactly those.
+    """
+    _check_pair(pred, gt)
+    if min(pred.shape[-2:]) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1} pixels, got {tuple(pred.shape[-2:])}")
+    x, y = pred.double(), gt.double()
+    g = _gauss_1d(SSIM_SIGMA, SSIM_RADIUS)
+    mx, my = _filter_valid(x, g), _filter_valid(y, g)
+    vx = _filter_valid(x * x, g) - mx * mx
+    vy = _filter_valid(y * y, g) - my * my
+    cxy = _filter_valid(x * y, g) - mx * my
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(2, 3)).mean(1).float()  # mean over pixels per channel, then over channels
+
+
+class Lpips:
+    """LPIPS v0.1 with a real ImageNet trunk; images [B,3,H,W] in [0, 1] (mapped to [-1, 1] inside) -> [B].
+
+    Trunks load lazily and once per instance (`training.lpips_weights.load_lpips`; raises if they are
+    missing — never a random trunk). `chunk` bounds the images per forward pass (memory).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", chunk: int = 8):
+        self.device = torch.device(device)
+        self.chunk = chunk
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model(self, net: str) -> torch.nn.Module:
+        if net not in self._models:
+            from training.lpips_weights import load_lpips
+
+            self._models[net] = load_lpips(net, self.device)
+        return self._models[net]
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor, net: str = "vgg") -> torch.Tensor:
+        _check_pair(pred, gt)
+        m = self.model(net)
+        out = []
+        for i in range(0, pred.shape[0], self.chunk):
+            a = pred[i:i + self.chunk].to(self.device).float() * 2 - 1
+            b = gt[i:i + self.chunk].to(self.device).float() * 2 - 1
+            out.append(m(a, b).flatten().cpu())
+        return torch.cat(out)
+
+
+def image_metrics(pred: torch.Tensor, gt: torch.Tensor, lpips: Lpips | None = None) -> dict[str, np.ndarray]:
+    """All image metrics per view. pred, gt: [V,3,H,W] in [0, 1] (already on white). -> {name: [V]}.
+
+    Keys: psnr, ssim, lpips_vgg, lpips_alex (the last two only with an `Lpips`).
+    """
+    out = {"psnr": psnr(pred, gt).numpy(), "ssim": ssim(pred, gt).numpy()}
+    if lpips is not None:
+        out["lpips_vgg"] = lpips(pred, gt, "vgg").numpy()
+        out["lpips_alex"] = lpips(pred, gt, "alex").numpy()
+    return out
+
+
+def mean_finite(values: np.ndarray) -> float:
+    """Mean that ignores +inf PSNRs of pixel-identical views (they would make every average infinite)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
