@@ -17,6 +17,7 @@ How it stays reproducible and resumable:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sys
@@ -238,19 +239,19 @@ def collect_assets(cfg: Config) -> tuple[list[Asset], list[dict[str, Any]]]:
 
 def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[str, Any]:
     """Write `plan` to `shard_dir/plan.name` (temporary name, renamed when closed); return its index row."""
-    import webdataset as wds
-
     path = Path(shard_dir) / plan.name
     h = hashlib.sha256()
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            # Fixed owner/group/mode/mtime and ustar format: the archive depends on the bytes only.
-            with wds.TarWriter(f, user="gtr", group="gtr", mode=0o444, encoder=False, mtime=mtime) as w:
-                for a in plan.assets:
-                    sample = {"__key__": a.uid}
-                    for name, p in a.files.items():
-                        sample[name] = p.read_bytes()
-                    w.write(sample)
+        # ustar (no pax headers) with fixed owner/group/mode/integer mtime: the archive depends on the bytes
+        # only. Members of a sample are contiguous and sorted, as WebDataset's TarWriter writes them.
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            for a in plan.assets:
+                for name in sorted(a.files):
+                    data = a.files[name].read_bytes()
+                    ti = tarfile.TarInfo(f"{a.uid}.{name}")
+                    ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
+                    ti.uname = ti.gname = "gtr"
+                    t.addfile(ti, io.BytesIO(data))
         with open(tmp, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
