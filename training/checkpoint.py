@@ -210,7 +210,7 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     try:
         missing, unexpected = load_model(target, str(folder / "model.safetensors"), strict=False)
     except Exception as e:
-        raise CheckpointError(f"cannot load weights from {folder}: {e}") from e
+        raise CheckpointError(f"{folder} does not fit this model (wrong config?): {e}") from e
     if missing or unexpected:
         raise CheckpointError(f"{folder} does not fit this model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]} (wrong config?)")

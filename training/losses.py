@@ -6,12 +6,13 @@ convention); `LPIPSLoss` converts, so callers always pass [0, 1].
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from training.model.renderer import ray_box
 
 
 def mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -78,16 +79,6 @@ class LPIPSLoss(torch.nn.Module):
         return self.net(pred * 2 - 1, target * 2 - 1).mean()
 
 
-def ray_box_interval(rays_o: Tensor, rays_d: Tensor, half: float) -> tuple[Tensor, Tensor]:
-    """Slab test against the cube [-half, half]^3: entry and exit distances [...,1] (exit < entry = miss)."""
-    inv = 1.0 / torch.where(rays_d.abs() < 1e-9, torch.full_like(rays_d, 1e-9), rays_d)
-    t0 = (-half - rays_o) * inv
-    t1 = (half - rays_o) * inv
-    near = torch.minimum(t0, t1).amax(-1, keepdim=True)
-    far = torch.maximum(t0, t1).amin(-1, keepdim=True)
-    return near, far
-
-
 def planar_to_ray_depth(depth: Tensor, rays_d: Tensor, forward: Tensor) -> Tensor:
     """Planar depth (camera z, as stored) -> distance along the ray: t = z / (d · forward).
 
@@ -98,23 +89,23 @@ def planar_to_ray_depth(depth: Tensor, rays_d: Tensor, forward: Tensor) -> Tenso
 
 
 def ray_opacity_regulariser(density_fn: Callable[[Tensor], Tensor], rays_o: Tensor, rays_d: Tensor,
-                            depth_t: Tensor, box: float, delta: float, near_min: float = 0.0,
+                            depth_t: Tensor, box: float, delta: float | Tensor, near_min: float = 0.0,
                             u: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Opacity of one random point per ray in the known-empty space in front of the surface, L1 to 0.
 
     For each ray the point is drawn uniformly between the box entry and the ground-truth surface
     (`depth_t`, distance along the ray; 0 = background, then the box exit is used, as the whole chord is
-    empty). Its opacity over one sample interval is 1 − exp(−σ·Δt) with Δt = `delta` (the renderer's sample
-    spacing), and the loss is its mean (L1 towards 0, opacity being non-negative).
+    empty). Its opacity over one sample interval is 1 − exp(−σ·Δt) with Δt = `delta` (a float, or [B,N,1]
+    per ray, e.g. `bin_length`: the renderer's spacing), and the loss is its mean (L1 towards 0, opacity
+    being non-negative).
 
     rays_o, rays_d [B,N,3] (unit d), depth_t [B,N,1]; density_fn: points [B,N,3] -> σ [B,N,1] (≥ 0).
     `u` [B,N,1] in [0,1) fixes the draw (tests); otherwise it comes from `generator`.
     Rays that miss the box, or whose surface lies before the entry, contribute 0.
     """
-    near, far = ray_box_interval(rays_o, rays_d, box)
-    near = near.clamp_min(near_min)
+    near, far, hit = ray_box(rays_o, rays_d, box, near_min)
     end = torch.where(depth_t > 0, depth_t, far)
-    valid = (far > near) & (end > near)
+    valid = hit & (end > near)
     if u is None:
         u = torch.rand(depth_t.shape, generator=generator, device=depth_t.device, dtype=depth_t.dtype)
     t = near + u * (end - near).clamp_min(0.0)
@@ -124,6 +115,7 @@ def ray_opacity_regulariser(density_fn: Callable[[Tensor], Tensor], rays_o: Tens
     return (opacity * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def default_delta(box: float, samples_per_ray: int) -> float:
-    """Δt for the regulariser: the renderer's spacing over the longest chord of the box (its diagonal)."""
-    return 2.0 * box * math.sqrt(3.0) / samples_per_ray
+def bin_length(rays_o: Tensor, rays_d: Tensor, box: float, samples: int, near_min: float = 0.0) -> Tensor:
+    """The renderer's bin length per ray, (far − near) / samples, [B,N,1] (0 for rays missing the box)."""
+    near, far, _ = ray_box(rays_o, rays_d, box, near_min)
+    return (far - near) / samples
