@@ -168,6 +168,9 @@ class NerfConfig:
     log_every: int = 10  # scalar logging period
     image_every: int = 100  # TensorBoard image period
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
+    val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
+    val_assets: int = 2  # assets in the fixed validation batch (PSNR, TensorBoard images)
+    wandb_project: str = ""  # also log to this W&B project when wandb is installed ("" = TensorBoard only)
 
 
 @dataclass
