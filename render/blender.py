@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ def check_textures(max_pixels: int) -> list[str]:
     bpy = _bpy()
     missing = []
     for img in bpy.data.images:
-        if img.source not in ("FILE", "TILED") or img.type != "IMAGE":
+        if img.source not in ("FILE", "TILED") or img.type not in ("IMAGE", "UV_TEST"):  # UV_TEST: failed load
             continue
         if img.packed_file is None:
             fp = bpy.path.abspath(img.filepath, library=img.library)
@@ -330,7 +331,9 @@ def apply_lighting(light: dict[str, Any]) -> None:
 
     scene = bpy.context.scene
     world = bpy.data.worlds.new("World")
-    world.use_nodes = True
+    with warnings.catch_warnings():  # deprecated for 6.0 but still needed in 5.0 for a node world
+        warnings.simplefilter("ignore", DeprecationWarning)
+        world.use_nodes = True
     bg = world.node_tree.nodes["Background"]
     bg.inputs["Color"].default_value = (*light["world"]["color"], 1.0)
     bg.inputs["Strength"].default_value = light["world"]["strength"]
