@@ -305,11 +305,11 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
 def open_url(url: str) -> Any:
     """Local path / `file:` / `pipe:cmd` / http(s) etc. through WebDataset's gopen; other schemes via fsspec."""
-    from webdataset import gopen
+    from webdataset.gopen import gopen, gopen_schemes
 
     scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in gopen.gopen_schemes:
-        return gopen.gopen(url, "rb")
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
     import fsspec  # object storage (s3://, gcs://, ...) where the matching fsspec backend is installed
 
     return fsspec.open(url, "rb").open()

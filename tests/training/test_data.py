@@ -1,0 +1,243 @@
+"""training/data.py: the streaming loader against the arrays the (fake) render stage wrote.
+
+Inputs are render folders written by tests/fake_renders.py and packed by pipelines.shards; expected values
+are computed here with numpy from those arrays (compositing, depth scale, K shifts), or by closed form.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.config import Config
+from pipelines.shards import pack, shard_urls
+from render.cameras import project
+from tests.fake_renders import write_renders
+from training.data import load_render_folder, make_loader
+
+UIDS = [f"asset{i:02d}" for i in range(9)]
+SIZE, VIEWS = 32, 6
+
+
+def _cfg(out: Path) -> Config:
+    cfg = Config(out=str(out))
+    cfg.shards.val_fraction = 0.0
+    cfg.shards.max_count = 2  # 9 assets -> 5 shards, enough for 2 nodes x 2 workers
+    cfg.loader.input_views, cfg.loader.input_size = 2, SIZE
+    cfg.loader.shuffle_buffer = 4
+    cfg.nerf.sup_views, cfg.nerf.render_size, cfg.nerf.patch_size = 2, SIZE, 0
+    cfg.mesh.sup_views, cfg.mesh.render_size = 3, SIZE
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    written = write_renders(out, UIDS, views=VIEWS, size=SIZE)
+    cfg = _cfg(out)
+    pack(cfg)
+    return cfg, written
+
+
+def _composite(rgba: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[H,W,4] u8 -> rgb [3,H,W], alpha [1,H,W] in float64 (the reference for straight-alpha compositing)."""
+    a = rgba[..., 3:].astype(np.float64) / 255.0
+    rgb = rgba[..., :3].astype(np.float64) / 255.0 * a + bg.astype(np.float64) * (1.0 - a)
+    return rgb.transpose(2, 0, 1), a.transpose(2, 0, 1)
+
+
+def _epoch(cfg, stage="mesh", **kw):
+    loader = make_loader(cfg, shard_urls(cfg.out), stage, resampled=False, **kw)
+    return loader, list(loader)
+
+
+def test_round_trip_pixels_depths_cameras(packed):
+    cfg, written = packed
+    loader, batches = _epoch(cfg, "mesh", batch_size=2, background="black")
+    seen = set()
+    for b in batches:
+        assert b["input_rgb"].shape[1:] == (2, 3, SIZE, SIZE) and b["sup_depth"].shape[1:] == (3, 1, SIZE, SIZE)
+        for j, uid in enumerate(b["uid"]):
+            seen.add(uid)
+            w = written[uid]
+            bg = b["background"][j].numpy()
+            assert np.array_equal(bg, np.zeros(3))
+            for key, views in (("input", b["input_views"][j]), ("sup", b["sup_views"][j])):
+                for k, v in enumerate(views):
+                    rgb, a = _composite(w["rgba"][v], bg)
+                    np.testing.assert_allclose(b[f"{key}_rgb"][j, k].numpy(), rgb, atol=1e-6)
+                    mask = b[f"{key}_mask"][j, k].numpy()
+                    np.testing.assert_allclose(mask, a, atol=1e-6)
+                    np.testing.assert_array_equal(b[f"{key}_c2w"][j, k].numpy(), w["c2w"][v])
+                    np.testing.assert_array_equal(b[f"{key}_K"][j, k].numpy(), w["K"][v])
+                    if key == "sup":
+                        np.testing.assert_allclose(b["sup_depth"][j, k, 0].numpy(),
+                                                   w["depth"][v].astype(np.float64) / 10000.0, rtol=1e-6)
+            assert not set(b["input_views"][j]) & set(b["sup_views"][j])
+    assert seen == set(UIDS) and loader.skipped == 0
+
+
+def test_white_background_is_the_default(packed):
+    cfg, written = packed
+    _, batches = _epoch(cfg, "nerf", batch_size=3)
+    b = batches[0]
+    uid, v = b["uid"][0], b["input_views"][0][0]
+    rgb, _ = _composite(written[uid]["rgba"][v], np.ones(3))
+    np.testing.assert_allclose(b["input_rgb"][0, 0].numpy(), rgb, atol=1e-6)
+    assert "sup_depth" not in b and torch.all(b["background"] == 1)
+
+
+def test_patch_crop_shifts_K_and_keeps_the_pixels(packed):
+    cfg, written = packed
+    P = 8
+    _, batches = _epoch(cfg, "nerf", batch_size=3, patch=P, depths=True)
+    offsets = set()
+    for b in batches:
+        assert b["sup_rgb"].shape[-2:] == (P, P)
+        for j, uid in enumerate(b["uid"]):
+            for k, v in enumerate(b["sup_views"][j]):
+                K_full, K = written[uid]["K"][v], b["sup_K"][j, k].numpy()
+                x0, y0 = K_full[0, 2] - K[0, 2], K_full[1, 2] - K[1, 2]
+                assert x0 == int(x0) and y0 == int(y0) and 0 <= x0 <= SIZE - P and 0 <= y0 <= SIZE - P
+                x0, y0 = int(x0), int(y0)
+                offsets.add((x0, y0))
+                rgb, _ = _composite(written[uid]["rgba"][v][y0:y0 + P, x0:x0 + P], np.ones(3))
+                np.testing.assert_allclose(b["sup_rgb"][j, k].numpy(), rgb, atol=1e-6)
+                np.testing.assert_allclose(b["sup_depth"][j, k, 0].numpy(),
+                                           written[uid]["depth"][v][y0:y0 + P, x0:x0 + P] / 10000.0, rtol=1e-6)
+                # a world point projects into the patch exactly (x0, y0) left/up of where it lands in the view
+                pt = np.array([[0.1, -0.2, 0.05]])
+                uv_full, _ = project(pt, written[uid]["c2w"][v], K_full)
+                uv_patch, _ = project(pt, b["sup_c2w"][j, k].numpy(), K)
+                np.testing.assert_allclose(uv_patch[0], uv_full[0] - [x0, y0], atol=1e-4)
+    assert len(offsets) > 3  # the crops move
+
+
+def test_resized_inputs_and_scaled_K(tmp_path):
+    written = write_renders(tmp_path, ["small"], views=VIEWS, size=SIZE)
+    cfg = _cfg(tmp_path)
+    pack(cfg)
+    half = SIZE // 2
+    cfg.loader.input_size = half
+    _, (b,) = _epoch(cfg, "mesh", batch_size=1, sup_size=half)
+    w = written["small"]
+    for k, v in enumerate(b["input_views"][0]):
+        # reference: PIL's own bilinear (triangle filter widened by the scale, i.e. antialiased) per channel
+        rgb, a = _composite(w["rgba"][v], np.ones(3))
+        ref = np.stack([np.asarray(Image.fromarray(c.astype(np.float32), "F").resize((half, half), Image.BILINEAR))
+                        for c in np.concatenate([rgb, a])])
+        got = torch.cat([b["input_rgb"][0, k], b["input_mask"][0, k]]).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)  # float32 accumulation order differs
+        # the K of the resized image projects a point to half the full-resolution pixel coordinates
+        pt = np.array([[0.2, 0.1, -0.1]])
+        uv_full, _ = project(pt, w["c2w"][v], w["K"][v])
+        uv_half, _ = project(pt, b["input_c2w"][0, k].numpy(), b["input_K"][0, k].numpy())
+        np.testing.assert_allclose(uv_half[0], uv_full[0] / 2, atol=1e-4)
+    # depth is resized by nearest: every value is one that exists in the full image (no blended surfaces)
+    for k, v in enumerate(b["sup_views"][0]):
+        d = b["sup_depth"][0, k, 0].numpy()
+        np.testing.assert_allclose(d, w["depth"][v][1::2, 1::2] / 10000.0, rtol=1e-6)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(packed):
+    cfg, _ = packed
+
+    def run(seed):
+        loader = make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=2, resampled=True, epoch_samples=6,
+                             seed=seed, patch=8, background="random")
+        return list(loader)
+
+    a, b, c = run(1), run(1), run(2)
+    assert len(a) == 3  # with_epoch: 6 samples per worker in batches of 2
+    for x, y in zip(a, b):
+        assert x["uid"] == y["uid"] and x["sup_views"] == y["sup_views"]
+        assert torch.equal(x["sup_rgb"], y["sup_rgb"]) and torch.equal(x["sup_K"], y["sup_K"])
+        assert torch.equal(x["background"], y["background"])
+    assert [x["uid"] for x in a] != [x["uid"] for x in c] or not all(
+        torch.equal(x["sup_K"], y["sup_K"]) for x, y in zip(a, c))
+
+
+def test_each_sample_exactly_once_per_epoch_over_2_nodes_x_2_workers(packed):
+    cfg, _ = packed
+    torch.set_num_threads(1)
+    seen: list[str] = []
+    for rank in range(2):
+        loader = make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=2, resampled=False, workers=2,
+                             rank=rank, world_size=2, seed=5)
+        loader.set_epoch(3)
+        for b in loader:
+            seen += b["uid"]
+    assert sorted(seen) == sorted(UIDS)
+
+
+def test_resampled_ranks_draw_from_their_own_shards(packed):
+    cfg, _ = packed
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=2, resampled=True, epoch_samples=12,
+                             rank=rank, world_size=2)
+        per_rank.append({u for b in loader for u in b["uid"]})
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+
+
+def test_corrupt_shards_and_samples_are_skipped_and_counted(packed, tmp_path):
+    cfg, written = packed
+    urls = shard_urls(cfg.out)
+    garbage = tmp_path / "train-000090.tar"
+    garbage.write_bytes(b"not a tar" * 100)
+    truncated = tmp_path / "train-000091.tar"
+    truncated.write_bytes(Path(urls[0]).read_bytes()[:5000])  # cut inside the first sample
+    # a shard whose one sample has every PNG replaced by garbage of the same length
+    import io
+    import tarfile
+    bad = tmp_path / "train-000092.tar"
+    with tarfile.open(urls[1]) as src, tarfile.open(bad, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name.endswith(".png"):
+                data = b"\x89PNG broken" + bytes(len(data) - 11)
+            dst.addfile(m, io.BytesIO(data))
+    missing = str(tmp_path / "train-000093.tar")
+    loader = make_loader(cfg, [str(garbage), str(truncated), str(bad), missing, *urls], "nerf", batch_size=1,
+                         resampled=False)
+    with pytest.warns(UserWarning, match="skipping corrupt"):
+        got = [u for b in loader for u in b["uid"]]
+    assert sorted(got) == sorted(UIDS)  # every good sample once; nothing from the broken files
+    assert loader.skipped >= 4
+
+
+def test_pipe_urls_and_brace_patterns(packed):
+    cfg, _ = packed
+    urls = shard_urls(cfg.out)
+    loader = make_loader(cfg, [f"pipe:cat {u}" for u in urls], "nerf", batch_size=3, resampled=False)
+    assert sorted(u for b in loader for u in b["uid"]) == sorted(UIDS)
+    brace = str(Path(cfg.out) / "shards" / "train-{000000..000004}.tar")
+    loader = make_loader(cfg, brace, "nerf", batch_size=3, resampled=False)
+    assert sorted(u for b in loader for u in b["uid"]) == sorted(UIDS)
+
+
+def test_render_folder_reads_like_the_shards(packed):
+    cfg, written = packed
+    _, batches = _epoch(cfg, "mesh", batch_size=1)
+    b = batches[0]
+    uid = b["uid"][0]
+    s = load_render_folder(Path(cfg.out) / "renders" / uid, b["input_views"][0], b["sup_views"][0])
+    for k in ("input_rgb", "input_mask", "input_c2w", "input_K", "sup_rgb", "sup_mask", "sup_depth", "sup_K"):
+        assert torch.equal(s[k], b[k][0]), k
+
+
+def test_too_few_views_is_skipped_not_raised(tmp_path):
+    write_renders(tmp_path, ["few"], views=3, size=SIZE)
+    write_renders(tmp_path, ["enough"], views=VIEWS, size=SIZE)
+    cfg = _cfg(tmp_path)
+    pack(cfg)
+    loader = make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=1, resampled=False)  # needs 2 + 3 views
+    with pytest.warns(UserWarning, match="need 5"):
+        assert [u for b in loader for u in b["uid"]] == ["enough"]
+    assert loader.skipped == 1
+    shutil.rmtree(tmp_path / "renders")
