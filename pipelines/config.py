@@ -55,6 +55,7 @@ class DataConfig:
     local_license: str = "unknown"  # license recorded for local:<dir> assets (the folder carries none)
     local_attribution: str = ""  # attribution for local:<dir> assets ("" = the file's relative path)
     max_file_bytes: int = 512 * 2**20  # local/gso files larger than this fail (bounded work)
+    check_size: bool = True  # objaverse: a glb whose size differs from the annotation's archive size fails
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""`make data`: list the source's candidates, filter them, download (or generate / link) the kept assets.
+
+Writes OUT/manifest/filter.parquet (every candidate: ok / skipped / failed, with the first failed
+criterion as the reason), OUT/manifest/download.parquet (every kept asset: status, reason, `path` of
+the main file, source, license, attribution, name, format, bytes, sha256) and the files under
+OUT/assets/. Steps run through `pipelines.executor` (`data.executor`: Ray by default, RAY_ADDRESS for a
+cluster). A rerun redoes only what is not ok. Exit status: 0 all ok, 3 finished with failures, 2 bad
+arguments or configuration.
+
+  python -m pipelines.data --source procedural --out /tmp/x
+  python -m pipelines.data --source local:/data/meshes data.max_assets=0
+  python -m pipelines.data --source gso:/data/gso data.executor=process
+  python -m pipelines.data --source objaverse data.objaverse_cache=/data/objaverse data.max_assets=1000
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pyarrow as pa
+
+from pipelines import manifest
+from pipelines.cli import config_from_args, save_resolved, stage_parser
+from pipelines.config import Config
+from pipelines.executor import BACKENDS
+from pipelines.filter import CANDIDATE_SCHEMA, filter_table, read_uid_list
+
+PARTIAL = 3  # finished, some items failed
+FILTER_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
+
+
+def run_filter(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Candidates -> filter.parquet. Returns (kept rows, failed rows)."""
+    from pipelines.sources import candidates
+
+    table, failed = candidates(cfg)
+    d = cfg.data
+    allow = read_uid_list(d.uid_allowlist) if d.uid_allowlist else None
+    deny = read_uid_list(d.uid_denylist) if d.uid_denylist else None
+    failed_uids = {r["uid"] for r in failed}
+    if failed_uids:  # a uid that failed to be listed is not a candidate too
+        table = table.filter(pa.compute.invert(pa.compute.is_in(table["uid"], value_set=pa.array(sorted(failed_uids)))))
+    filtered = filter_table(table, d, seed=cfg.seed, allow=allow, deny=deny)
+    rows = filtered.to_pylist()
+    fail_rows = [{f: r.get(f) for f in FILTER_SCHEMA.names} for r in failed]
+    for r in fail_rows:
+        r["reason"] = r["reason"] or ""
+    manifest.write_rows(manifest.manifest_path(cfg.out, "filter"), rows + fail_rows, schema=FILTER_SCHEMA)
+    return [r for r in rows if r["status"] == manifest.OK], fail_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg.data.executor not in BACKENDS:
+        print(f"error: data.executor must be one of {', '.join(BACKENDS)}, got '{cfg.data.executor}'", file=sys.stderr)
+        return 2
+    from pipelines.sources import SourceError, parse_source
+
+    try:
+        parse_source(cfg.source)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_resolved(cfg, "data")
+    t0 = time.perf_counter()
+    try:
+        kept, listing_failed = run_filter(cfg)
+    except FileNotFoundError as e:  # a uid list named in the config that is not there
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "
+          f"-> {manifest.manifest_path(cfg.out, 'filter')}", flush=True)
+    from pipelines.download import download
+
+    rows = download(cfg, kept)
+    n_failed = len(listing_failed) + sum(r["status"] == manifest.FAILED for r in rows)
+    print(f"data ({cfg.source}): {manifest.summary(rows)} downloads; {len(listing_failed)} failed before "
+          f"download; {n_failed} failed in all; {time.perf_counter() - t0:.1f} s "
+          f"-> {manifest.manifest_path(cfg.out, 'download')}")
+    for r in [*listing_failed, *rows]:
+        if r["status"] == manifest.FAILED:
+            print(f"  failed {r['uid']} ({r.get('name') or ''}): {r['reason']}", file=sys.stderr)
+    return PARTIAL if n_failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Asset sources (`SOURCE=`): what candidates exist, and the step that puts one into OUT/assets.
+
+`candidates(cfg)` returns (table, failed): the candidates for the filter (one row per uid,
+`pipelines.filter.CANDIDATE_SCHEMA`) and `failed` manifest rows for what could not even be listed
+(an unreadable folder, a corrupt annotation shard, no network). `fetch_step(cfg)` returns
+`(step, kwargs)`: a plain picklable function `step(item, **kwargs) -> row` run by the executor.
+
+| source | candidates | fetch |
+| --- | --- | --- |
+| `procedural` | `procedural_count` generated objects | `sources.procedural.fetch` (writes a .glb) |
+| `objaverse` | the package's uids + annotations (+ LVIS) | `sources.objaverse.fetch` (load_objects + verify) |
+| `local:<dir>` | every mesh file under `<dir>` | `sources.local.fetch` (verify, link or copy) |
+| `gso:<dir>` | `<dir>/<name>/meshes/model.obj` | `sources.gso.fetch` (OBJ + MTL + texture folder) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.config import Config
+
+KINDS = ("procedural", "objaverse", "local", "gso")
+
+
+class SourceError(ValueError):
+    """A `SOURCE=` value that names no usable source; the message says why."""
+
+
+def parse_source(text: str) -> tuple[str, str]:
+    """`local:/data/meshes` -> ("local", "/data/meshes"); `procedural` -> ("procedural", "")."""
+    kind, _, arg = text.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise SourceError(f"unknown source '{text}' (known: procedural, objaverse, local:<dir>, gso:<dir>)")
+    if kind in ("local", "gso"):
+        if not arg:
+            raise SourceError(f"source '{kind}' needs a folder: {kind}:<dir>")
+        if not Path(arg).expanduser().is_dir():
+            raise SourceError(f"source folder not found or not a folder: {arg}")
+    elif arg:
+        raise SourceError(f"source '{kind}' takes no argument, got '{text}'")
+    return kind, str(Path(arg).expanduser().resolve()) if arg else ""
+
+
+def candidates(cfg: Config) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Candidate table (`pipelines.filter.CANDIDATE_SCHEMA`) and failed rows of the configured source."""
+    from pipelines.filter import candidate_table
+
+    kind, arg = parse_source(cfg.source)
+    if kind == "procedural":
+        from pipelines.sources import procedural
+
+        return candidate_table(procedural.candidates(cfg.data.procedural_count)), []
+    if kind == "local":
+        from pipelines.sources import local
+
+        rows, failed = local.candidates(arg, cfg.data)
+        return candidate_table(rows), failed
+    if kind == "gso":
+        from pipelines.sources import gso
+
+        rows, failed = gso.candidates(arg)
+        return candidate_table(rows), failed
+    from pipelines.sources import objaverse
+
+    return objaverse.candidates(cfg.data)
+
+
+def fetch_step(cfg: Config) -> tuple[Callable[..., dict], dict[str, Any]]:
+    """The download step of the configured source and its keyword arguments (plain, picklable values)."""
+    kind, arg = parse_source(cfg.source)
+    d = cfg.data
+    out = str(assets_dir(cfg))
+    if kind == "procedural":
+        from pipelines.sources import procedural
+
+        return procedural.fetch, {"assets_dir": out, "texture_size": d.procedural_texture_size}
+    if kind == "local":
+        from pipelines.sources import local
+
+        return local.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes}
+    if kind == "gso":
+        from pipelines.sources import gso
+
+        return gso.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes}
+    from pipelines.sources import objaverse
+
+    return objaverse.fetch, {"assets_dir": out, "cache": d.objaverse_cache, "mirror": d.objaverse_mirror,
+                             "retries": d.download_retries, "timeout_s": d.download_timeout_s,
+                             "check_size": d.check_size, "max_bytes": d.max_archive_bytes}
+
+
+def assets_dir(cfg: Config) -> Path:
+    return cfg.out_path / "assets"
