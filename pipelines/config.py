@@ -89,6 +89,8 @@ class RenderConfig:
     dark_threshold: float = 0.02  # quality: flag if mean foreground luminance is below this
     bright_threshold: float = 0.98  # quality: flag if mean foreground luminance is above this
     sheet_assets: int = 16  # assets on the contact sheet
+    executor: str = "ray"  # ray (actors each holding one bpy, per-asset timeout) | local (in-process, no timeout)
+    sheet_views: int = 6  # views per asset on the contact sheet
 
 
 @dataclass

@@ -23,13 +23,29 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import RenderConfig, config_hash
+from pipelines.config import RenderConfig
 from pipelines.io import atomic_dir
 from render.cameras import intrinsics, opencv_to_blender, uid_seed
 from render.quality import assess
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
 FORMATS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".fbx", ".blend")
+
+
+# Settings that change what is written; a folder rendered with other values is stale (scheduling knobs such
+# as actors, threads or timeouts are not among them).
+OUTPUT_FIELDS = ("resolution", "views", "fov_deg", "distance_min", "distance_max", "elevation_min_deg",
+                 "elevation_max_deg", "samples", "adaptive_threshold", "denoise", "max_bounces", "depth_scale",
+                 "light_strength", "world_strength", "eval_orbit_views", "eval_distance",
+                 "eval_input_elevation_deg")
+
+
+def output_hash(cfg: RenderConfig) -> str:
+    """Short stable hash of the settings that determine the rendered files (stored in meta.json)."""
+    import hashlib
+
+    blob = json.dumps({k: getattr(cfg, k) for k in OUTPUT_FIELDS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class RenderError(Exception):
@@ -509,7 +525,7 @@ def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scen
         "uid": job["uid"], "source": job.get("source", ""), "license": job.get("license", ""),
         "attribution": job.get("attribution", ""), "name": job.get("name", ""),
         "normalization": {"center": [float(x) for x in scene_info["center"]], "scale": float(scene_info["scale"])},
-        "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w), "config_hash": config_hash(cfg)},
+        "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w), "output_hash": output_hash(cfg)},
         "lighting": light, "missing_textures": scene_info["missing_textures"],
         "quality": {"ok": quality["ok"], "flags": quality["flags"], "stats": quality["stats"]},
         "geometry": {"vertices": int(len(scene_info["vertices"])), "faces": int(len(scene_info["faces"]))},
