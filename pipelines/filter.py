@@ -184,10 +184,9 @@ def filter_table(table: pa.Table, cfg: DataConfig, seed: int = 0, allow: set[str
             # deterministic: order the passing uids, then a seeded permutation picks max_assets of them
             order = passing[pc.sort_indices(uid.take(pa.array(passing))).to_numpy()]
             chosen = np.random.default_rng(seed).permutation(len(order))[:cfg.max_assets]
-            out = np.ones(n, dtype=bool)
-            out[passing] = False
+            out = np.zeros(n, dtype=bool)  # passing rows that were not drawn
+            out[passing] = True
             out[order[chosen]] = False
-            out &= ~dropped
             reason = pc.if_else(pa.array(out), f"not sampled (max_assets={cfg.max_assets})", reason)
     status = pc.if_else(pc.is_null(reason), "ok", "skipped")
     return t.append_column("status", status).append_column("reason", pc.fill_null(reason, ""))
