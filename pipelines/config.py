@@ -143,6 +143,10 @@ class ModelConfig:
     samples_per_ray: int = 64  # uniform samples per ray (paper 256)
     near_min: float = 0.2  # lowest near distance along a ray
     background: float = 1.0  # volume-rendering background (white)
+    color_stretch: float = 0.001  # f_c output = sigmoid * (1 + 2e) - e (released model: 0.001)
+    render_chunk: int = 8192  # rays volume-rendered at once per batch element (bounds memory)
+    official_frame: bool = False  # cameras/points go through the fixed Z-up -> Y-up similarity (released weights)
+    official_frame_scale: float = 2.0  # scale of that similarity: our [-0.5, 0.5]^3 data -> their [-1, 1]^3
 
 
 @dataclass
@@ -150,10 +154,6 @@ class NerfConfig:
     steps: int = 300  # optimisation steps (paper 150k)
     batch_size: int = 2  # assets per step (paper 512 over the cluster)
     sup_views: int = 4  # supervision views per asset
-    color_stretch: float = 0.001  # f_c output = sigmoid * (1 + 2e) - e (released model: 0.001)
-    render_chunk: int = 8192  # rays volume-rendered at once per batch element (bounds memory)
-    official_frame: bool = False  # cameras/points go through the fixed Z-up -> Y-up similarity (released weights)
-    official_frame_scale: float = 2.0  # scale of that similarity: our [-0.5, 0.5]^3 data -> their [-1, 1]^3
     render_size: int = 64  # supervision image side (paper 512)
     patch_size: int = 32  # random patch side rendered per supervision view (paper 128)
     lr: float = 1e-3  # AdamW peak learning rate (paper 1e-4)
@@ -203,6 +203,11 @@ class MeshConfig:
     image_every: int = 50
     init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
+    val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
+    val_assets: int = 1  # assets in the fixed validation batch (TensorBoard renders, normals, masks, depth)
+    reg_rays: int = 4096  # rays per asset for the ray-opacity regulariser (one random point each)
+    query_chunk: int = 262144  # points per f_d / f_c call when extracting and colouring the mesh
+    antialias: bool = True  # antialias the rasterized colour and mask (gives the mask gradients to vertices)
 
 
 @dataclass
