@@ -24,7 +24,8 @@ def ray_box(rays_o: Tensor, rays_d: Tensor, box: float, near_min: float = 0.0) -
     near is raised to `near_min`; a ray hits when far > near. For missed rays near = far (an empty segment).
     """
     # Axis-parallel directions: a tiny same-signed component keeps 0·inf out of the slab products.
-    tiny = torch.finfo(rays_d.dtype).tiny ** 0.5
+    # (A tensor, not a Python float: torch.where would round a scalar through float32, to 0 for float64.)
+    tiny = torch.full_like(rays_d, torch.finfo(rays_d.dtype).tiny ** 0.5)
     d = torch.where(rays_d.abs() < tiny, torch.where(rays_d < 0, -tiny, tiny), rays_d)
     t0, t1 = (-box - rays_o) / d, (box - rays_o) / d
     near = torch.minimum(t0, t1).amax(dim=-1, keepdim=True).clamp(min=near_min)
