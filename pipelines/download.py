@@ -42,6 +42,8 @@ _MAGICS = [(b"glTF", "glb"), (b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"
 class VerifyError(ValueError):
     """A file that is not a usable asset; the message is the manifest reason."""
 
+    reason_only = True  # the executor writes the message without the class name
+
 
 def sniff(head: bytes) -> str:
     """Best guess of what `head` (the first bytes of a file) is, for error messages."""

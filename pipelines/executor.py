@@ -41,7 +41,10 @@ def failed_row(item: dict, reason: str, key: str = "uid") -> Row:
 
 
 def _reason(exc: BaseException) -> str:
+    """First line of the error; prefixed by its type unless the exception says its text is the reason."""
     text = str(exc).strip().splitlines()
+    if getattr(exc, "reason_only", False) and text:
+        return text[0]
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 

@@ -82,7 +82,8 @@ def fetch_step(cfg: Config) -> tuple[Callable[..., dict], dict[str, Any]]:
     if kind == "local":
         from pipelines.sources import local
 
-        return local.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes}
+        return local.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes,
+                             "license": d.local_license}
     if kind == "gso":
         from pipelines.sources import gso
 

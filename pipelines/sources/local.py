@@ -52,7 +52,9 @@ def scan(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
 def candidates(root: str, cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Candidate rows for every mesh file under `root`; failed rows for folders that cannot be read."""
     files, errors = scan(root)
-    rows = [{"uid": uid_for(rel), "source": "local", "name": Path(rel).stem, "license": cfg.local_license,
+    # license None: the allow-list judges licenses a source knows; a local folder's is declared by the
+    # user (data.local_license) and written into download.parquet by `fetch`
+    rows = [{"uid": uid_for(rel), "source": "local", "name": Path(rel).stem, "license": None,
              "attribution": cfg.local_attribution or rel, "format": EXTENSIONS[Path(rel).suffix.lower()],
              "locator": rel} for rel in files]
     failed = [{"uid": uid_for(rel + "/"), "status": "failed", "reason": reason, "source": "local", "name": rel,
@@ -135,9 +137,11 @@ def place_with_dependencies(root: Path, main: Path, deps: list[Path], dst: Path)
     return dst / main.resolve().relative_to(base)
 
 
-def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None) -> dict[str, Any]:
+def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None,
+          license: str = "unknown") -> dict[str, Any]:
     """Download step for local files: verify, then link/copy into `assets_dir`."""
     t0 = time.perf_counter()
+    item = {**item, "license": license}
     root_p = Path(root)
     src = root_p / item["locator"]
     if not _inside(root_p, src):
@@ -149,6 +153,6 @@ def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None) 
         deps = obj_dependencies(src) if fmt == "obj" else gltf_dependencies(src)
         if deps:
             path = place_with_dependencies(root_p, src, deps, assets / item["uid"])
-            return ok_row(item, path, t0)
+            return {**ok_row(item, path, t0), "license": license}
     path = place_file(src, assets / f"{item['uid']}.{fmt}")
-    return ok_row(item, path, t0)
+    return {**ok_row(item, path, t0), "license": license}

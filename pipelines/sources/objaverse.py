@@ -43,6 +43,8 @@ LVIS = "lvis-annotations.json.gz"
 class AnnotationError(RuntimeError):
     """An annotation file that is missing and cannot be fetched, or is corrupt; the message is the reason."""
 
+    reason_only = True
+
 
 def configure(cache: str = "") -> Path:
     """Point the package at `cache` (the folder holding `hf-objaverse-v1/`); return the versioned path."""

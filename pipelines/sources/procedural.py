@@ -224,9 +224,10 @@ def candidates(count: int) -> list[dict[str, Any]]:
 
 def fetch(item: dict, assets_dir: str, texture_size: int = 512) -> dict[str, Any]:
     """Download step for the procedural source: generate the asset into `assets_dir/<uid>.glb`."""
+    from pipelines.download import ok_row  # late: the download module imports the sources' steps
+
     t0 = time.perf_counter()
     index = int(item["locator"])
     path = Path(assets_dir) / f"{uid_for(index)}.glb"
-    info = make_procedural_asset(index, path, texture_size)
-    return {"uid": info["uid"], "status": "ok", "reason": "", "path": str(path), "bytes": info["bytes"],
-            "seconds": time.perf_counter() - t0}
+    make_procedural_asset(index, path, texture_size)
+    return ok_row({**item, "uid": uid_for(index)}, path, t0)
