@@ -32,6 +32,7 @@ def rows_of(out: Path, stage: str) -> dict[str, dict]:
 def test_procedural_is_deterministic_real_and_textured(tmp_path):
     a = make_procedural_asset(3, tmp_path / "a.glb", 64)
     b = make_procedural_asset(3, tmp_path / "b.glb", 64)
+    assert a["bytes"] == b["bytes"]
     assert (tmp_path / "a.glb").read_bytes() == (tmp_path / "b.glb").read_bytes()
     assert a["license"] == "cc0" and a["attribution"] == "GTR toolkit procedural"
     scene = trimesh.load(tmp_path / "a.glb")  # trimesh's own glTF reader, not our writer
