@@ -149,28 +149,38 @@ class RenderActor:
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
-    def pid(self) -> int:
+    def ready(self) -> int:
+        """Import bpy (the slow part of an actor's start) and return the process id."""
+        import bpy  # noqa: F401
+
         return os.getpid()
 
 
 def run_actor_pool(items: Sequence[Any], make_actor: Callable[[], Any], submit: Callable[[Any, Any], Any],
-                   on_result: Callable[[Any, Any, str | None], None], actors: int, timeout_s: float) -> None:
+                   on_result: Callable[[Any, Any, str | None], None], actors: int, timeout_s: float,
+                   ping: Callable[[Any], Any] | None = None, start_timeout_s: float = 300.0) -> None:
     """Feed `items` one at a time to `actors` Ray actors; `on_result(item, result, error)` for each.
 
     An item running longer than `timeout_s`, or whose actor dies, gets `error` set; that actor is killed
-    and replaced and the job goes on. An exception raised inside the method (a bug, since the step catches
-    per-asset errors itself) propagates after every actor is killed.
+    and replaced and the job goes on. `ping(actor)` (an object ref) is awaited before an actor gets work,
+    so its start (importing bpy) does not count against the first item's timeout. An exception raised
+    inside the method (a bug, since the step catches per-asset errors itself) propagates after every actor
+    is killed.
     """
     import ray
     from ray.exceptions import RayActorError
 
-    pool = [make_actor() for _ in range(max(1, min(actors, len(items))))]
-    idle, pending = list(pool), deque(items)
+    def started(new: list[Any]) -> list[Any]:
+        if ping is not None:
+            ray.get([ping(a) for a in new], timeout=start_timeout_s)
+        return new
+
+    idle, pending = started([make_actor() for _ in range(max(1, min(actors, len(items))))]), deque(items)
     running: dict[Any, tuple[Any, Any, float]] = {}  # object ref -> (actor, item, start)
 
     def replace(actor: Any) -> None:
         ray.kill(actor, no_restart=True)
-        idle.append(make_actor())
+        idle.extend(started([make_actor()]))
 
     try:
         while pending or running:
@@ -219,7 +229,7 @@ def render_ray(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
                                                  "seconds": cfg.timeout_s if error.startswith("timeout") else 0.0})
 
     run_actor_pool(jobs, lambda: actor_cls.remote(cfg_dict, threads, eval_mode),
-                   lambda a, job: a.render.remote(job), result, n, cfg.timeout_s)
+                   lambda a, job: a.render.remote(job), result, n, cfg.timeout_s, ping=lambda a: a.ready.remote())
 
 
 # ----------------------------------------------------------------------------------------------------------
