@@ -1,0 +1,112 @@
+"""render/cameras.py against closed forms: orthonormal poses, OpenCV axes, DESIGN's angles, area-uniform
+elevation statistics, projection/unprojection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from render.cameras import (
+    blender_to_opencv,
+    eval_input_views,
+    intrinsics,
+    look_at,
+    opencv_to_blender,
+    orbit_views,
+    project,
+    random_views,
+    spherical_position,
+    unproject_depth,
+)
+
+
+def test_look_at_is_orthonormal_right_handed_and_opencv():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        eye = rng.normal(size=3) * 3
+        c2w = look_at(eye).astype(np.float64)
+        R = c2w[:3, :3]
+        np.testing.assert_allclose(R.T @ R, np.eye(3), atol=1e-6)
+        assert np.linalg.det(R) == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_allclose(c2w[:3, 3], eye, atol=1e-5)
+        np.testing.assert_allclose(R[:, 2], -eye / np.linalg.norm(eye), atol=1e-6)  # +z looks at the origin
+        assert R[2, 1] <= 1e-6  # image y (down) has no upward world component
+        assert abs(R[2, 0]) < 1e-6  # image x stays horizontal
+
+
+def test_camera_on_x_axis_has_known_axes():
+    # At (2,0,0) looking at the origin with +Z up: forward -X, right +Y... x = z × up = (-1,0,0)×(0,0,1) = (0,1,0).
+    c2w = look_at(np.array([2.0, 0, 0]))
+    np.testing.assert_allclose(c2w[:3, 0], [0, 1, 0], atol=1e-7)
+    np.testing.assert_allclose(c2w[:3, 1], [0, 0, -1], atol=1e-7)
+    np.testing.assert_allclose(c2w[:3, 2], [-1, 0, 0], atol=1e-7)
+
+
+def test_blender_opencv_conversion_flips_y_and_z():
+    c2w = look_at(np.array([1.0, 2.0, 3.0]))
+    b = opencv_to_blender(c2w)
+    np.testing.assert_allclose(b[:3, 1], -c2w[:3, 1], atol=1e-7)  # Blender y up = -OpenCV y
+    np.testing.assert_allclose(b[:3, 2], -c2w[:3, 2], atol=1e-7)  # Blender looks down -z
+    np.testing.assert_allclose(blender_to_opencv(b), c2w, atol=1e-7)
+
+
+def test_intrinsics_field_of_view():
+    K = intrinsics(40.0, 128)
+    # The image edge (x = 0) is at half the field of view from the axis.
+    assert math.degrees(math.atan(K[0, 2] / K[0, 0])) == pytest.approx(20.0)
+    assert K[0, 2] == K[1, 2] == 64.0 and K[0, 0] == K[1, 1]
+
+
+def test_orbit_angles_follow_design():
+    v = orbit_views(20, 2.6)
+    np.testing.assert_allclose(v["azimuth"], 18.0 * np.arange(20))
+    np.testing.assert_allclose(v["elevation"], 30.0 * np.sin(np.radians(36.0 * np.arange(20))), atol=1e-9)
+    pos = v["c2w"][:, :3, 3].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(pos, axis=1), 2.6, rtol=1e-6)
+    np.testing.assert_allclose(np.degrees(np.arcsin(pos[:, 2] / 2.6)), v["elevation"], atol=1e-4)
+    np.testing.assert_allclose(np.degrees(np.arctan2(pos[:, 1], pos[:, 0])) % 360, v["azimuth"], atol=1e-4)
+    e = eval_input_views(20.0, 2.6)
+    np.testing.assert_allclose(e["c2w"][1, :3, 3], spherical_position(90, 20, 2.6), atol=1e-5)
+
+
+def test_random_views_are_seeded_and_area_uniform():
+    a, b, c = random_views("uid-a", 32), random_views("uid-a", 32), random_views("uid-b", 32)
+    np.testing.assert_array_equal(a["c2w"], b["c2w"])
+    assert not np.allclose(a["c2w"], c["c2w"])
+    big = random_views("stats", 20000)
+    el, r = big["elevation"], big["distance"]
+    assert el.min() >= -30 and el.max() <= 70 and r.min() >= 2.4 and r.max() <= 2.8
+    # Area-uniform: sin(el) uniform on [sin -30°, sin 70°]; its CDF at sin(el) is linear (KS test).
+    from scipy import stats
+
+    s0, s1 = math.sin(math.radians(-30)), math.sin(math.radians(70))
+    assert stats.kstest((np.sin(np.radians(el)) - s0) / (s1 - s0), "uniform").pvalue > 1e-3
+    # ... whereas elevation itself is not uniform (more views near the equator).
+    assert stats.kstest((el + 30) / 100, "uniform").pvalue < 1e-6
+    # The tangent cone of the sphere inscribed in the normalised box (radius 0.5) stays inside the 40°
+    # frustum. DESIGN's "bounding sphere (radius √3/2) stays in frame" does not hold below distance 2.53:
+    # box corners can leave a 64-px frame by ~2 px at distance 2.4 (see docs/render.md).
+    assert (np.degrees(np.arcsin(0.5 / r)) < 20.0).all()
+    assert np.degrees(np.arcsin(math.sqrt(3) / 2 / 2.4)) > 20.0
+
+
+def test_project_unproject_round_trip():
+    rng = np.random.default_rng(1)
+    c2w = look_at(spherical_position(30, 20, 2.5))
+    K = intrinsics(40, 64)
+    pts = rng.uniform(-0.4, 0.4, (200, 3))
+    uv, z = project(pts, c2w, K)
+    depth = np.zeros((64, 64))
+    pix = np.floor(uv).astype(int)
+    keep = (pix >= 0).all(1) & (pix < 64).all(1)
+    # Place points exactly at pixel centres so that unprojection must reproduce them.
+    centres = pix[keep] + 0.5
+    cam = np.linalg.inv(K.astype(np.float64)) @ np.c_[centres, np.ones(len(centres))].T * z[keep]
+    world = (c2w[:3, :3].astype(np.float64) @ cam).T + c2w[:3, 3]
+    _, idx = np.unique(pix[keep][:, 1] * 64 + pix[keep][:, 0], return_index=True)
+    depth[pix[keep][idx, 1], pix[keep][idx, 0]] = z[keep][idx]
+    back = unproject_depth(depth, c2w, K)
+    order = np.lexsort((pix[keep][idx, 0], pix[keep][idx, 1]))
+    np.testing.assert_allclose(back, world[idx][order], atol=1e-5)
