@@ -107,11 +107,11 @@ def plan(cfg: Config, eval_mode: bool) -> tuple[list[dict], list[dict]]:
         if meta is not None:
             done.append(row_from_meta(uid, folder, meta, r))
         else:
-            path = Path(r["path"])
-            if not path.is_absolute():
+            path = Path(r["path"] or "")
+            if not path.is_absolute():  # relative to OUT, else to the working directory
                 path = cfg.out_path / path if (cfg.out_path / path).exists() else path
-            jobs.append({**r, "uid": uid, "path": str(path),
-                         "dest": str(folder)})
+            # Absolute paths: Ray workers need not share the driver's working directory.
+            jobs.append({**r, "uid": uid, "path": str(path.resolve()), "dest": str(folder.resolve())})
     return jobs, done
 
 
