@@ -32,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 BACKENDS = ("inline", "thread", "process", "ray")
+STARTUP_S = 120.0  # a worker process gets this long to start (imports) before its first item's deadline
 Row = dict[str, Any]
 
 
@@ -135,6 +136,7 @@ def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[fl
 
 def _process_worker(conn: Any, step: Callable[..., Row], batch: list[dict], kwargs: dict, key: str) -> None:
     try:
+        conn.send(("ready",))  # the per-item deadline starts now, not while the interpreter starts up
         for idx, item in enumerate(batch):
             conn.send((idx, run_item(step, item, kwargs, key)))
         conn.send(None)
@@ -167,7 +169,8 @@ def _process_map(step: Callable[..., Row], batches: list[list[dict]], kwargs: di
             proc = ctx.Process(target=_process_worker, args=(writer, step, batches[i], kwargs, key), daemon=True)
             proc.start()
             writer.close()
-            running[reader] = {"proc": proc, "batch": batches[i], "done": set(), "t0": time.monotonic()}
+            running[reader] = {"proc": proc, "batch": batches[i], "done": set(), "t0": time.monotonic(),
+                               "ready": False}
         for reader in mp_wait(list(running), timeout=0.2):
             state = running[reader]
             try:
@@ -180,6 +183,9 @@ def _process_map(step: Callable[..., Row], batches: list[list[dict]], kwargs: di
             if msg is None:
                 running.pop(reader)
                 finish(state, "worker ended early")
+            elif msg[0] == "ready":
+                state["ready"] = True
+                state["t0"] = time.monotonic()
             elif msg[0] == "error":
                 running.pop(reader)
                 finish(state, f"worker error: {msg[1].strip().splitlines()[-1]}")
@@ -191,9 +197,11 @@ def _process_map(step: Callable[..., Row], batches: list[list[dict]], kwargs: di
         if timeout_s:
             now = time.monotonic()
             for reader, state in list(running.items()):
-                if now - state["t0"] > timeout_s:
+                limit = timeout_s if state["ready"] else max(STARTUP_S, timeout_s)
+                if now - state["t0"] > limit:
                     running.pop(reader)
-                    finish(state, f"timeout after {timeout_s:.0f} s (worker killed)")
+                    what = "timeout" if state["ready"] else "worker did not start within"
+                    finish(state, f"{what} after {limit:.0f} s (worker killed)")
 
 
 # ----------------------------------------------------------------------------------------------------------
