@@ -6,6 +6,7 @@ are computed here with numpy from those arrays (compositing, depth scale, K shif
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -193,7 +194,6 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(packed, tmp_path):
     truncated = tmp_path / "train-000091.tar"
     truncated.write_bytes(Path(urls[0]).read_bytes()[:5000])  # cut inside the first sample
     # a shard whose one sample has every PNG replaced by garbage of the same length
-    import io
     import tarfile
     bad = tmp_path / "train-000092.tar"
     with tarfile.open(urls[1]) as src, tarfile.open(bad, "w", format=tarfile.USTAR_FORMAT) as dst:
@@ -241,3 +241,31 @@ def test_too_few_views_is_skipped_not_raised(tmp_path):
         assert [u for b in loader for u in b["uid"]] == ["enough"]
     assert loader.skipped == 1
     shutil.rmtree(tmp_path / "renders")
+
+
+def test_tar_reader_matches_tarfile_on_pax_and_long_names(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    from training.data import tar_members
+
+    path = tmp_path / "pax.tar"
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": "k" * 120, "a.bin": rng.bytes(700), "b.txt": b"x"},
+               {"__key__": "short", "a.bin": rng.bytes(0), "b.txt": rng.bytes(513)}]
+    with wds.TarWriter(str(path), mtime=1.5) as w:  # float mtime + a 120-char name: pax headers
+        for s in samples:
+            w.write(s)
+    with tarfile.open(path) as t:
+        want = [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isreg()]
+    with open(path, "rb") as f:
+        got = list(tar_members(f))
+    assert got == want and len(got) == 4
+    with open(path, "rb") as f:
+        assert [d for _, d in tar_members(f, skip=lambda n: n.endswith(".bin"))][0::2] == [None, None]
+    with open(path, "rb") as f:  # a flipped header byte fails the checksum instead of yielding garbage
+        data = bytearray(f.read())
+    data[10] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(data))))
