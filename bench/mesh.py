@@ -1,0 +1,158 @@
+"""Benchmarks of the mesh stage's ops: marching cubes (our PyTorch twin vs skimage on CPU; vs diso on GPU),
+rasterization of 8 views at 512² (twin on CPU; vs nvdiffrast on GPU) and one mesh-stage step of the paper
+config on GPU (time, peak memory).
+
+    python -m bench.mesh            # the CPU table
+`run_gpu(cfg, out_dir)` is called by `make gpu-check` (bench/gpu_check.py) on a lent GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import result, timeit
+from pipelines.config import Config, load_config
+
+
+def _torus(n: int, device: str = "cpu") -> torch.Tensor:
+    x = torch.linspace(-1, 1, n, device=device)
+    X, Y, Z = torch.meshgrid(x, x, x, indexing="ij")
+    return (((X**2 + Y**2).sqrt() - 0.55) ** 2 + Z**2).sqrt() - 0.2
+
+
+def _views(n: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    from render.cameras import intrinsics, look_at, spherical_position
+
+    c2w = torch.tensor(np.stack([look_at(spherical_position(360.0 * i / n, 20.0, 2.6)) for i in range(n)]),
+                       device=device)
+    K = torch.tensor(intrinsics(40.0, size), device=device)[None].expand(n, 3, 3)
+    return c2w, K
+
+
+def _raster_inputs(device: str, size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """A marching-cubes mesh (the kind stage 2 rasterizes) in clip space for 8 views."""
+    from training.cameras import opencv_to_clip
+    from training.ops.marching_cubes import marching_cubes
+
+    v, f = marching_cubes(_torus(128, device), backend="torch")
+    v = (v * 2 - 1) * 0.5
+    c2w, K = _views(8, size, device)
+    mvp = opencv_to_clip(c2w, K, size, size, 0.05, 100.0)
+    pos = torch.einsum("nj,vij->vni", torch.cat([v, torch.ones_like(v[:, :1])], 1), mvp).contiguous()
+    return pos, f
+
+
+def run(cfg: Config, out_dir: Path) -> list[dict]:
+    """CPU measures: marching cubes 64³ / 128³ (twin vs skimage, forward only), rasterization 8 × 512²."""
+    from skimage.measure import marching_cubes as sk_mc
+
+    from training.ops.marching_cubes import TorchDiffMC
+    from training.ops.raster import rasterize
+
+    torch.set_num_threads(2)
+    rows = []
+    for n in (64, 128):
+        g = _torus(n)
+        g_np = g.numpy()
+        ours = timeit(lambda g=g: TorchDiffMC()(g), repeat=3)
+        base = timeit(lambda g_np=g_np: sk_mc(g_np, 0.0), repeat=3)
+        nf = len(TorchDiffMC()(g)[1])
+        rows.append(result(f"marching cubes {n}^3 (torus, {nf} faces)", ours, base, "skimage.measure.marching_cubes",
+                           "s", "ours is differentiable (vertices carry autograd to the grid); skimage is not"))
+    pos, f = _raster_inputs("cpu")
+    t = timeit(lambda: rasterize(None, pos, f, 512), repeat=1)
+    rows.append(result(f"rasterize 8 views 512^2 ({len(f)} faces), CPU twin", t, None, "", "s",
+                       "no CPU baseline exists in the stack (nvdiffrast needs CUDA); see run_gpu"))
+    return rows
+
+
+def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
+    """GPU measures for `make gpu-check`: twin vs diso at 256³, twin vs nvdiffrast for 8 × 512², and one
+    mesh-stage step of `cfg` (the paper config) on one asset: seconds and peak memory."""
+    from training.ops.marching_cubes import TorchDiffMC, cuda_marching_cubes
+    from training.ops.raster import make_rasterizer
+
+    dev = "cuda"
+    sync = torch.cuda.synchronize
+    rows = []
+    g = _torus(256, dev)
+    diso = cuda_marching_cubes()
+
+    def fwd_bwd(mc: torch.nn.Module) -> None:
+        x = g.clone().requires_grad_(True)
+        v, _ = mc(x)
+        v.sum().backward()
+        sync()
+
+    rows.append(result("marching cubes 256^3 forward+backward", timeit(lambda: fwd_bwd(TorchDiffMC()), 5),
+                       timeit(lambda: fwd_bwd(diso), 5), "diso.DiffMC", "s", "torch twin on the same GPU"))
+    pos, f = _raster_inputs(dev)
+    tw, nv = make_rasterizer("torch", dev), make_rasterizer("nvdiffrast", dev)
+
+    def rast(r) -> None:
+        out, _ = r.rasterize(pos, f, (512, 512))
+        sync()
+
+    rows.append(result(f"rasterize 8 views 512^2 ({len(f)} faces)", timeit(lambda: rast(tw), 3),
+                       timeit(lambda: rast(nv), 3), "nvdiffrast (RasterizeCudaContext)", "s",
+                       "torch twin on the same GPU"))
+    rows += _paper_step(cfg, dev)
+    return rows
+
+
+def _paper_step(cfg: Config, dev: str) -> list[dict]:
+    """One optimisation step of the mesh stage at the config's sizes, on a synthetic one-asset batch."""
+    from training.model import GTR
+    from training.train_mesh import MeshObjective
+
+    torch.manual_seed(0)
+    model = GTR(cfg.model).to(dev)
+    with torch.no_grad():  # make f_d cross the level so that the mesh is not empty
+        model.density_mlp.layers[-1].bias.fill_(cfg.mesh.sdf_level)
+    obj = MeshObjective(model, cfg.mesh, lpips=None if cfg.mesh.lpips_weight > 0 else torch.nn.Identity()).to(dev)
+    Vi, Vs, S, s = cfg.loader.input_views, cfg.mesh.sup_views, cfg.loader.input_size, cfg.mesh.render_size
+    c2w_i, K_i = _views(Vi, S, dev)
+    c2w_s, K_s = _views(Vs, s, dev)
+    batch = {"input_rgb": torch.rand(1, Vi, 3, S, S, device=dev), "input_mask": torch.ones(1, Vi, 1, S, S, device=dev),
+             "input_c2w": c2w_i[None], "input_K": K_i[None], "sup_rgb": torch.rand(1, Vs, 3, s, s, device=dev),
+             "sup_mask": torch.ones(1, Vs, 1, s, s, device=dev), "sup_depth": torch.full((1, Vs, 1, s, s), 2.3, device=dev),
+             "sup_c2w": c2w_s[None], "sup_K": K_s[None], "background": torch.ones(1, 3, device=dev)}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.mesh.lr)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = obj(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    note = (f"1 asset, {Vi} inputs at {S}^2, {Vs} views at {s}^2, grid {cfg.mesh.grid}^3, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M params; paper batch 192 over a cluster")
+    return [result("mesh-stage step per asset (paper config)", sorted(times)[1], None, "", "s", note),
+            result("mesh-stage peak GPU memory per asset (paper config)", peak, None, "", "GiB", note)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import format_table
+
+    cfg = load_config(argv[0] if argv else None)
+    out = Path(cfg.out) / "bench" / "mesh"
+    t0 = time.perf_counter()
+    rows = run(cfg, out)
+    print(format_table(rows))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
