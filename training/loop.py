@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,27 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def epoch_stream(loader: Any, position: int, batches_per_epoch: int) -> Iterator[dict]:
+    """Batches of an epoch-based loader (`set_epoch(e)` reseeds it) from `position` batches in.
+
+    Whole epochs before the position are skipped without reading anything (the epoch's seed fixes its
+    content); inside the epoch the first batches are read and dropped, so a resume costs at most one epoch.
+    """
+    if batches_per_epoch <= 0:
+        raise ValueError("batches_per_epoch must be positive")
+    epoch, skip = divmod(position, batches_per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        produced = 0
+        for i, batch in enumerate(loader):
+            produced += 1
+            if i >= skip:
+                yield batch
+        if produced == 0:
+            raise RuntimeError(f"the loader produced no batches in epoch {epoch} (no shards for this rank?)")
+        epoch, skip = epoch + 1, 0
 
 
 def seed_all(seed: int) -> None:

@@ -1,0 +1,83 @@
+"""`make train-nerf`: stage 1 — train GTR with volume rendering on the shard stream (paper §3.2).
+
+    python -m training.train_nerf [--config configs/demo.yaml] [--out work] [key=value ...]
+    torchrun --nproc_per_node 8 -m training.train_nerf --config configs/paper.yaml --out /shared/work
+
+Writes OUT/runs/nerf/{config.yaml, step-N/, tensorboard/, images/}. Rerunning the same command resumes from
+the newest complete checkpoint; a finished run does nothing. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pipelines.cli import config_from_args, save_resolved, stage_parser
+from pipelines.config import Config, save_config, to_dict
+from training import distributed as D
+from training.data import expand_urls, make_loader
+from training.loop import LoopSettings, epoch_stream, train
+from training.model import GTR
+from training.nerf_objective import NerfObjective
+
+
+def shard_urls(cfg: Config) -> tuple[str, str]:
+    """(train, validation) shard patterns; validation falls back to the training shards when none exist."""
+    train_urls = cfg.nerf.shards or str(cfg.out_path / "shards" / "train-*.tar")
+    val_urls = cfg.nerf.val_shards or str(cfg.out_path / "shards" / "val-*.tar")
+    if not expand_urls(train_urls):
+        raise SystemExit(f"error: no training shards match {train_urls} (run `make shards` first, or set nerf.shards)")
+    return train_urls, val_urls if expand_urls(val_urls) else train_urls
+
+
+def fixed_val_batch(cfg: Config, urls: str) -> dict:
+    """The first batch of a non-resampled, fixed-seed pass over `urls`: the same on every run and resume."""
+    loader = make_loader(cfg, urls, "nerf", batch_size=cfg.nerf.val_assets, resampled=False, workers=0,
+                         seed=cfg.seed + 12345, rank=0, world_size=1)
+    return next(iter(loader))
+
+
+def run(cfg: Config, stop_at: int | None = None):
+    """Build loader, model and objective from `cfg` and train (resuming if OUT/runs/nerf has checkpoints)."""
+    run_dir = cfg.out_path / "runs" / "nerf"
+    D.init()  # before the loader: its node splitting reads rank / world size
+    train_urls, val_urls = shard_urls(cfg)
+    if D.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+        save_resolved(cfg, "train_nerf")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = GTR(cfg.model)
+    objective = NerfObjective(model, cfg.nerf)
+    # One loader epoch = one checkpoint period, so resuming from a periodic checkpoint reads nothing twice.
+    workers = max(1, cfg.loader.workers)
+    per_worker = -(-cfg.nerf.ckpt_every // workers)
+    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size)
+    per_epoch = loader.stream.batches_per_epoch * workers
+    val = fixed_val_batch(cfg, val_urls) if D.is_main() else None
+    settings = LoopSettings.from_section(cfg.nerf, seed=cfg.seed)
+    return train(objective, lambda position: epoch_stream(loader, position, per_epoch), run_dir, settings,
+                 val_batch=val, config=to_dict(cfg), stop_at=stop_at)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (checkpointed) without changing the schedule; rerun to continue")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        result = run(cfg, stop_at=args.stop_at)
+    finally:
+        D.shutdown()
+    if D.is_main():
+        last = result.val.get(max(result.val)) if result.val else {}
+        print(f"nerf: step {result.step}/{cfg.nerf.steps}, {result.skipped} skipped, "
+              f"checkpoint {result.checkpoint or Path(cfg.out) / 'runs/nerf'}"
+              + (f", val psnr {last.get('psnr', float('nan')):.2f} dB" if last else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
