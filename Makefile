@@ -7,6 +7,7 @@ CONFIG ?= configs/demo.yaml
 OUT ?= work
 SOURCE ?=
 ARGS ?=
+CKPT ?= $(OUT)/runs/mesh
 STAGE_ARGS = --config $(CONFIG) --out $(OUT) $(if $(SOURCE),--source $(SOURCE),) $(ARGS)
 SETUP_STAMP := $(VENV)/.setup-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 
@@ -44,8 +45,9 @@ train-nerf: setup  ## stage 1: NeRF training -> OUT/runs/nerf/
 train-mesh: setup  ## stage 2: mesh training from stage 1 -> OUT/runs/mesh/
 	$(PY) -m training.train_mesh $(STAGE_ARGS)
 
-reconstruct: setup  ## images + cameras -> textured GLB (INPUT=<folder> CKPT=<checkpoint>)
-	$(PY) -m training.reconstruct $(if $(INPUT),--input $(INPUT),) $(if $(CKPT),--checkpoint $(CKPT),) $(STAGE_ARGS)
+reconstruct: setup  ## posed images -> textured GLB (INPUT=<folder> [CKPT=<step-N/, run folder or ckpt.pth>])
+	@test -n "$(INPUT)" || { echo "error: give INPUT=<folder of posed images> (see README, 'Reconstruct')"; exit 2; }
+	$(PY) -m training.reconstruct --input $(INPUT) --checkpoint $(CKPT) $(STAGE_ARGS)
 
 eval: setup  ## reconstruct the eval set and score it -> OUT/eval/report.md
 	$(PY) -m eval.run $(STAGE_ARGS)

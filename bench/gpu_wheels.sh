@@ -19,14 +19,13 @@ BIN=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux2
 "${PIP[@]}" --no-build-isolation --no-binary=:all: "diso==0.1.4"
 "${PIP[@]}" "${BIN[@]}" "diffrp-nvdiffrast==0.3.3.1" || "${PIP[@]}" --no-build-isolation --no-binary=:all: "diffrp-nvdiffrast==0.3.3.1"
 
-# Pure-Python wheels imported by training/, bench/ and the gpu tests (py3-none-any).
-for pkg in "webdataset==1.0.2" braceexpand "lpips==0.1.4" trimesh safetensors pyyaml tqdm; do
+# Wheels our GPU code imports that the GPU image lacks (it already has numpy, scipy, scikit-image, pyyaml,
+# tqdm, safetensors, pillow, imageio, tensorboard, pyarrow: carrying a second version of those breaks the
+# install there, see the device README).
+for pkg in "webdataset==1.0.2" "braceexpand==0.1.7" "lpips==0.1.4" "trimesh==$("$PY" -c 'import trimesh; print(trimesh.__version__)')"; do
   "${PIP[@]}" "${BIN[@]}" "$pkg" || "${PIP[@]}" --python-version 3.12 --only-binary=:all: "$pkg"
 done
-# Compiled cp312 wheels that may be missing there (skimage for the CPU comparisons in the gpu tests).
-for pkg in "scikit-image" "scipy" "imageio" "lazy_loader" "tifffile" "networkx"; do
-  "${PIP[@]}" "${BIN[@]}" "$pkg"
-done
+"${PIP[@]}" "${BIN[@]}" "xatlas==0.0.11"
 
 total=$(du -sm "$DEST" | cut -f1)
 ls -la "$DEST"
