@@ -79,7 +79,7 @@ class Result:
 
     def color_fn(self, model: nn.Module, chunk: int = 1 << 18) -> Callable[[np.ndarray], np.ndarray]:
         """points [N,3] numpy (canonical frame) → colours [N,3] in [0,1]: f_c of this result (for export)."""
-        from training.refine import color_model
+        from training.refine import color_model, query_color
 
         device = self.planes.device
 
@@ -87,7 +87,7 @@ class Result:
             out = []
             with torch.no_grad(), color_model(model, self.color_mlp) as m:
                 for p in torch.from_numpy(np.asarray(points, np.float32)).to(device).split(chunk):
-                    out.append(m.query(self.planes, p[None])[1][0].float().cpu())
+                    out.append(query_color(m, self.planes, p[None])[0].float().cpu())
             return torch.cat(out).numpy() if out else np.zeros((0, 3), np.float32)
 
         return fn

@@ -71,6 +71,13 @@ def color_model(model: nn.Module, color_mlp: nn.Module | None) -> Iterator[nn.Mo
         model.color_mlp = old
 
 
+def query_color(model: nn.Module, planes: Tensor, points: Tensor) -> Tensor:
+    """rgb [B,N,3] at points [B,N,3]: the model's `query_color` when it has one (skips f_d, which refinement
+    never needs), else the colour half of `query`."""
+    fn = getattr(model, "query_color", None)
+    return fn(planes, points) if callable(fn) else model.query(planes, points)[1]
+
+
 def shade(model: nn.Module, planes: Tensor, surface: Surface, color_mlp: nn.Module | None = None,
           background: float = 1.0, rasterizer: Rasterizer | None = None, chunk: int = 1 << 18) -> Tensor:
     """Colour the surface: images [V,3,H,W] = f_c at the hit points over `background`.
@@ -85,8 +92,7 @@ def shade(model: nn.Module, planes: Tensor, surface: Surface, color_mlp: nn.Modu
     cols = []
     with color_model(model, color_mlp) as m:
         for s in range(0, len(pts), chunk):
-            _, rgb = m.query(planes, pts[None, s:s + chunk])
-            cols.append(rgb[0])
+            cols.append(query_color(m, planes, pts[None, s:s + chunk])[0])
     img = torch.full((V, H, W, 3), float(background), dtype=planes.dtype, device=planes.device)
     if cols:
         img = img.index_put(torch.nonzero(surface.hit, as_tuple=True), torch.cat(cols).to(img.dtype))
