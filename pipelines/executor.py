@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -95,9 +96,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
-def _call(fn: Callable[[list], list], batch: list) -> list:
-    """The Ray task body: `fn` travels pickled (a function, or a partial of one), so any callable works."""
-    return fn(batch)
+def _call(fn: Callable[[list], list], batch: list) -> tuple[str, list]:
+    """The Ray task body: `fn` travels pickled (a function, or a partial of one), so any callable works.
+
+    Returns (id of the node that ran it, fn(batch)): the driver reports where batches ran, which is how a
+    user (and tests/test_scaleout.py) sees that a cluster's nodes all took work.
+    """
+    import ray  # inside a Ray worker: always importable there
+
+    return ray.get_runtime_context().get_node_id(), fn(batch)
 
 
 def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[float | None],
@@ -108,6 +115,7 @@ def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[fl
     remote = ray.remote(max_retries=max_retries, num_cpus=1)(_call)
     pending = list(range(len(batches)))[::-1]
     running: dict[Any, tuple[int, float | None]] = {}
+    nodes: dict[str, int] = {}  # node id -> batches it finished
     limit = max(1, workers)
     while pending or running:
         while pending and len(running) < limit:
@@ -118,15 +126,23 @@ def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[fl
         for ref in ready:
             i, _ = running.pop(ref)
             try:
-                on_done(i, ray.get(ref))
+                node, result = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - worker crash, task error: the batch fails, the job goes on
                 on_done(i, e)
+                continue
+            nodes[node] = nodes.get(node, 0) + 1
+            on_done(i, result)
         now = time.monotonic()
         for ref, (i, deadline) in list(running.items()):
             if deadline is not None and now > deadline:
                 ray.cancel(ref, force=True)
                 running.pop(ref)
                 on_done(i, TimeoutError(f"timeout after {deadlines[i]:.0f} s (task cancelled)"))
+    # one line on stderr (not a log record: it must show whatever the logging setup) with full node ids, so
+    # it can be matched against `ray list nodes`
+    placed = ", ".join(f"{node} x{n}" for node, n in sorted(nodes.items()))
+    print(f"ray: {sum(nodes.values())} task(s) finished on {len(nodes)} node(s): {placed}", file=sys.stderr,
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

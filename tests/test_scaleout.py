@@ -1,0 +1,177 @@
+"""Scale-out, proven small: `make data` runs unchanged against a Ray cluster of two nodes on this machine.
+
+Two real `ray start` processes (`--head`, then `--address`), each with its own temp dir and ports, stand in for
+a two-machine cluster. `python -m pipelines.data` runs in a subprocess with only `RAY_ADDRESS` pointing at it.
+Ray's own state (the task table of the state API, the node table) must show the download tasks on both nodes,
+and the manifests must be complete and equal to those of a run without Ray.
+
+The nodes are started with `--block` in their own process group: stopping them is a signal to the two
+processes this test started (and, for leftovers, to their process groups), never `ray stop`, which would
+stop every Ray instance on the machine, other users' included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_CLI = Path(sys.executable).parent / "ray"
+DATA_ARGS = ["--source", "procedural", "data.max_assets=4", "data.procedural_count=4", "data.download_batch=1"]
+# Token authentication turns itself on when ~/.ray/auth_token exists; it would then be needed by every driver.
+# This throw-away cluster listens on this machine only, so the test opts out for the nodes and the drivers.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Every port a node binds at a fixed default, made free ones: other Ray instances may run here."""
+    return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop one `ray start --block` we started: SIGTERM (it stops its own children), then its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group is the one start_new_session made for this node only
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start --head exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the head's GCS did not listen on {port} within {timeout_s:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict]:
+    """A two-node Ray cluster on this machine; yields its address and the connected `ray` module."""
+    import ray
+
+    # short temp dirs: Ray puts unix sockets under them, and socket paths are limited to ~107 bytes
+    dirs = [Path(tempfile.mkdtemp(prefix="gtr-ray-head-", dir="/tmp")),
+            Path(tempfile.mkdtemp(prefix="gtr-ray-node-", dir="/tmp"))]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    logs = [d / "ray-start.log" for d in dirs]
+    mp = pytest.MonkeyPatch()
+    try:
+        procs.append(subprocess.Popen(
+            [str(RAY_CLI), "start", "--head", "--port", str(port), "--num-cpus", "1", "--block",
+             "--temp-dir", str(dirs[0]), "--ray-client-server-port", str(_free_port()),
+             "--dashboard-port", str(_free_port()), "--disable-usage-stats", *_node_ports()],
+            env=env, cwd=dirs[0], stdout=open(logs[0], "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_port(port, procs[0], logs[0])
+        procs.append(subprocess.Popen(
+            [str(RAY_CLI), "start", "--address", address, "--num-cpus", "1", "--block",
+             "--temp-dir", str(dirs[1]), "--disable-usage-stats", *_node_ports()],
+            env=env, cwd=dirs[1], stdout=open(logs[1], "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        for k, v in RAY_ENV.items():
+            mp.setenv(k, v)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        t0 = time.monotonic()
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            if procs[1].poll() is not None:
+                raise RuntimeError(f"ray start --address exited:\n{logs[1].read_text()[-2000:]}")
+            if time.monotonic() - t0 > 90:
+                raise RuntimeError("the second node did not join within 90 s")
+            time.sleep(0.5)
+        yield {"address": address, "ray": ray, "env": env}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        mp.undo()
+        for proc in reversed(procs):  # the joined node first, the head last
+            _stop(proc)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_data(out: Path, extra: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipelines.data", "--out", str(out), *DATA_ARGS, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _manifest(out: Path, stage: str) -> list[dict]:
+    """The stage's rows without what legitimately differs between runs (timings, the OUT prefix of paths)."""
+    rows = pq.read_table(out / "manifest" / f"{stage}.parquet").to_pylist()
+    for r in rows:
+        r.pop("seconds", None)
+        if r.get("path"):
+            r["path"] = str(Path(r["path"]).relative_to(out))
+    return sorted(rows, key=lambda r: r["uid"])
+
+
+def test_data_job_runs_on_both_nodes_of_a_cluster(cluster, tmp_path: Path):
+    ray = cluster["ray"]
+    node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(node_ids) == 2
+
+    on_cluster = _run_data(tmp_path / "cluster", ["data.executor=ray"],
+                           cluster["env"] | {"RAY_ADDRESS": cluster["address"]})
+    local = tmp_path / "local"
+    _run_data(local, ["data.executor=inline"], {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"})
+
+    # Ray's own task table: every download batch is a finished `_call` task; together they used both nodes.
+    from ray.util.state import list_tasks
+
+    tasks = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_call")], limit=1000,
+                                   raise_on_missing_output=False)]
+    assert len(tasks) == 4, [(t.name, t.state) for t in tasks]  # download_batch=1: one task per asset
+    assert {t.node_id for t in tasks} == node_ids
+    # the executor's own report (node ids from each task's runtime context) says the same
+    line = re.search(r"ray: (\d+) task\(s\) finished on (\d+) node\(s\): (.*)", on_cluster.stderr)
+    assert line, on_cluster.stderr[-2000:]
+    reported = dict(re.findall(r"([0-9a-f]{16,}) x(\d+)", line.group(3)))
+    print(line.group(0), [(t.node_id[:8], t.state) for t in tasks])  # shown with -rP
+    assert set(reported) == node_ids and sum(map(int, reported.values())) == 4
+
+    # complete, and the same decisions and the same bytes as the run without Ray
+    out = tmp_path / "cluster"
+    for stage in ("filter", "download"):
+        assert _manifest(out, stage) == _manifest(local, stage)
+    rows = _manifest(out, "download")
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    for r in rows:  # the recorded checksum is that of the file on disk (hashlib, not the stage's helper)
+        assert hashlib.sha256((out / r["path"]).read_bytes()).hexdigest() == r["sha256"]
