@@ -102,7 +102,7 @@ def _png(data: bytes, size: tuple[int, int], name: str) -> Image.Image:
 
 def _rgba(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
     """-> [H,W,4] uint8, straight alpha (an RGB file counts as fully opaque)."""
-    return np.asarray(_png(data, size, name).convert("RGBA"))
+    return np.array(_png(data, size, name).convert("RGBA"))  # a writable copy (torch.from_numpy shares it)
 
 
 def _depth(data: bytes, size: tuple[int, int], name: str, depth_scale: float) -> np.ndarray:
@@ -165,12 +165,13 @@ def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generat
     if set(input_idx) & set(sup_idx) or max([*input_idx, *sup_idx]) >= V or min([*input_idx, *sup_idx]) < 0:
         raise ValueError(f"{uid}: bad view choice {list(input_idx)} / {list(sup_idx)} of {V}")
     bg = _background(spec, rng)
-    bg_t = torch.from_numpy(bg)[:, None, None]
+    bg_t = torch.from_numpy(bg)  # [3]
 
-    def rgba(i: int) -> torch.Tensor:  # [4,H,W] float: composited rgb + alpha
-        a = torch.from_numpy(_rgba(_field(raw, view_name(i, V, "rgba")), (W, H), view_name(i, V, "rgba")).copy())
-        a = a.permute(2, 0, 1).float() / 255.0
-        return torch.cat([a[:3] * a[3:] + bg_t * (1.0 - a[3:]), a[3:]])
+    def rgba(i: int) -> torch.Tensor:  # [4,H,W] float (a view of HWC memory): composited rgb + alpha
+        name = view_name(i, V, "rgba")
+        x = torch.from_numpy(_rgba(_field(raw, name), (W, H), name)).float().mul_(1.0 / 255.0)  # [H,W,4]
+        x[..., :3].sub_(bg_t).mul_(x[..., 3:]).add_(bg_t)  # in place: rgb*a + bg*(1-a), one pass per op
+        return x.permute(2, 0, 1)
 
     out: dict[str, Any] = {"uid": uid, "background": torch.from_numpy(bg)}
     ins = [_resize(rgba(i), spec.input_size, "bilinear") for i in input_idx]
