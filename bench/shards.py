@@ -122,28 +122,29 @@ class FolderDataset:
         return decode_sample(RenderFolder(self.folders[i]), self.spec, rng)
 
 
-def _decode_all_then_pick(spec: Any, seed: int):
+class DecodeAllThenPick:
     """(b)'s per-sample step after `.decode("rgba8")`: pick views from the decoded arrays, composite, resize."""
-    import torch
 
-    from training.data import _resize
+    def __init__(self, spec: Any, seed: int):
+        self.spec, self.rng = spec, np.random.default_rng(seed)
 
-    rng = np.random.default_rng(seed)
+    def __call__(self, s: dict) -> dict:
+        import torch
 
-    def f(s: dict) -> dict:
+        from training.data import _resize
+
+        spec = self.spec
         views = sorted(k.split(".")[0] for k in s if k.endswith(".rgba.png"))
-        pick = rng.choice(len(views), spec.input_views + spec.sup_views, replace=False)
+        pick = self.rng.choice(len(views), spec.input_views + spec.sup_views, replace=False)
         out = {"uid": s["__key__"]}
         for name, idx, size in (("input", pick[:spec.input_views], spec.input_size),
                                 ("sup", pick[spec.input_views:], spec.sup_size)):
             ims = []
             for v in idx:
-                a = torch.from_numpy(s[f"{views[v]}.rgba.png"]).permute(2, 0, 1).float() / 255
+                a = torch.from_numpy(np.array(s[f"{views[v]}.rgba.png"])).permute(2, 0, 1).float() / 255
                 ims.append(_resize(torch.cat([a[:3] * a[3:] + (1 - a[3:]), a[3:]]), size, "bilinear"))
             out[f"{name}_rgb"] = torch.stack(ims)
         return out
-
-    return f
 
 
 def _child(method: str, root: str, spec_kw: dict, workers: int, batch: int, samples: int, q: Any) -> None:
@@ -178,7 +179,7 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, batch: in
         import webdataset as wds
 
         ds = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None)
-              .decode("rgba8").map(_decode_all_then_pick(spec, 0)).batched(batch, collation_fn=collate))
+              .decode("rgba8").map(DecodeAllThenPick(spec, 0)).batched(batch, collation_fn=collate))
         it = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers) if workers else ds
     stream = iter(it)
     next(stream)  # workers started, pipelines warm
