@@ -111,9 +111,13 @@ class Lpips:
             self._models[net] = load_lpips(net, self.device)
         return self._models[net]
 
+    MIN_SIZE = 32  # AlexNet's three strided stages leave nothing of smaller images
+
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, gt: torch.Tensor, net: str = "vgg") -> torch.Tensor:
         _check_pair(pred, gt)
+        if min(pred.shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(f"LPIPS needs images of at least {self.MIN_SIZE} px, got {tuple(pred.shape[-2:])}")
         m = self.model(net)
         out = []
         for i in range(0, pred.shape[0], self.chunk):
@@ -126,12 +130,14 @@ class Lpips:
 def image_metrics(pred: torch.Tensor, gt: torch.Tensor, lpips: Lpips | None = None) -> dict[str, np.ndarray]:
     """All image metrics per view. pred, gt: [V,3,H,W] in [0, 1] (already on white). -> {name: [V]}.
 
-    Keys: psnr, ssim, lpips_vgg, lpips_alex (the last two only with an `Lpips`).
+    Keys: psnr, ssim, lpips_vgg, lpips_alex (the last two only with an `Lpips`; NaN for images smaller
+    than `Lpips.MIN_SIZE`, which LPIPS cannot score).
     """
     out = {"psnr": psnr(pred, gt).numpy(), "ssim": ssim(pred, gt).numpy()}
     if lpips is not None:
-        out["lpips_vgg"] = lpips(pred, gt, "vgg").numpy()
-        out["lpips_alex"] = lpips(pred, gt, "alex").numpy()
+        small = min(pred.shape[-2:]) < Lpips.MIN_SIZE
+        for net in ("vgg", "alex"):
+            out[f"lpips_{net}"] = np.full(len(pred), np.nan, np.float32) if small else lpips(pred, gt, net).numpy()
     return out
 
 

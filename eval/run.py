@@ -1,0 +1,241 @@
+"""`make eval`: reconstruct the evaluation set from its 4 input views, re-render the 20 orbit views, score, report.
+
+    python -m eval.run [--config C] [--out OUT] [--source S] [--checkpoint CKPT] [--nerf-checkpoint CKPT]
+                       [--no-render] [key=value ...]
+
+Reads OUT/renders_eval/<uid>/{orbit,inputs}/ (rendered first with the render stage when absent, unless
+--no-render). Methods (config eval.methods, plus Table 3's rows with eval.ablation=true): `feedforward` and
+`refined` from the mesh-stage checkpoint (eval.checkpoint, default the newest under OUT/runs/mesh),
+`nerf_mc` = the stage-1 NeRF checkpoint's triplane meshed by marching cubes without stage 2 (newest under
+OUT/runs/nerf), `refined_color` / `refined_triplane` = refinement of one part only. Writes under OUT/eval/:
+report.{md,csv,json}, sheets/<uid>.png, meshes/<uid>.<method>.glb, views/<method>/<uid>/NN.png (RGBA, the
+ground truth's size and order) and rows/<method>/<uid>.json (one finished row each: a rerun skips those).
+Any per-asset failure becomes a row with its reason; the report is always written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from eval import geometry as G
+from eval.metrics import Lpips, composite_on_white, image_metrics, mean_finite
+from eval.report import contact_sheet, write_report
+from pipelines.cli import config_from_args, save_resolved, stage_parser
+from pipelines.config import Config
+from pipelines.io import atomic_write_bytes, atomic_write_text
+
+ABLATION = {"refined_color": "color", "refined_triplane": "triplane"}
+
+
+def methods_of(cfg: Config) -> list[str]:
+    ms = list(cfg.eval.methods)
+    if cfg.eval.ablation:
+        ms += [m for m in ABLATION if m not in ms]
+    unknown = [m for m in ms if m not in ("feedforward", "refined", "nerf_mc", *ABLATION)]
+    if unknown:
+        raise ValueError(f"unknown eval methods {unknown}")
+    return ms
+
+
+def eval_assets(cfg: Config) -> list[Path]:
+    root = cfg.out_path / "renders_eval"
+    found = sorted(p for p in root.glob("*") if (p / "orbit" / "cameras.npz").is_file() and (p / "inputs").is_dir())
+    return found[: cfg.eval.max_assets] if cfg.eval.max_assets else found
+
+
+def load_ground_truth(folder: Path) -> dict:
+    """Orbit RGBA [V,H,W,4] uint8, cameras, and the mesh (orbit/geometry.npz, else inputs/ or the asset folder)."""
+    orbit = folder / "orbit"
+    with np.load(orbit / "cameras.npz", allow_pickle=False) as z:
+        c2w, K = z["c2w"].astype(np.float32), z["K"].astype(np.float32)
+    paths = sorted(orbit.glob("*.rgba.png"))
+    if len(paths) != len(c2w):
+        raise ValueError(f"{orbit}: {len(c2w)} cameras but {len(paths)} images")
+    rgba = np.stack([np.asarray(Image.open(p).convert("RGBA")) for p in paths])
+    geom = next((p for p in (orbit / "geometry.npz", folder / "inputs" / "geometry.npz", folder / "geometry.npz")
+                 if p.is_file()), None)
+    return {"rgba": rgba, "c2w": c2w, "K": K, "geometry": geom}
+
+
+def render_rgba(model, planes, verts, faces, c2w, K, size: int, color_mlp=None) -> np.ndarray:
+    """Rasterize the predicted mesh: straight-alpha RGBA uint8 [V,size,size,4] (f_c at the surface)."""
+    from training.mesh import render_mesh
+    from training.refine import color_model
+
+    out = []
+    with torch.no_grad(), color_model(model, color_mlp) as m:
+        for i in range(len(c2w)):  # one view at a time bounds memory at 512²
+            r = render_mesh(m, planes, verts, faces, torch.from_numpy(c2w[i:i + 1]), torch.from_numpy(K[i:i + 1]),
+                            size, size, background=0.0)
+            a = r["mask"][0].clamp(0, 1)  # [1,H,W]
+            rgb = torch.where(a > 0, r["rgb"][0] / a.clamp_min(1e-6), torch.zeros_like(r["rgb"][0])).clamp(0, 1)
+            out.append(torch.cat([rgb, a]).permute(1, 2, 0).cpu().numpy())
+    return (np.stack(out) * 255 + 0.5).astype(np.uint8)
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpips: Lpips, out: Path) -> tuple[dict, np.ndarray]:
+    """Reconstruct, re-render, score one (asset, method). -> (row, predicted RGBA views)."""
+    from training.export import export_glb
+    from training.reconstruct import reconstruct
+
+    t = {}
+    images = torch.from_numpy(np.concatenate([views.rgb, views.mask[..., None]], -1)).permute(0, 3, 1, 2)
+    refine = method not in ("feedforward", "nerf_mc")
+    res = reconstruct(model, images, torch.from_numpy(views.c2w), torch.from_numpy(views.K), cfg, refine=refine,
+                      tune=ABLATION.get(method, "both") if refine else None)
+    t.update({f"t_{k}": v for k, v in res.timings.items()})
+    size = gt["rgba"].shape[1]
+    s = time.perf_counter()
+    fc = res.color_mlp if refine else None
+    pred = render_rgba(model, res.planes, res.verts, res.faces, gt["c2w"], gt["K"], size, fc)
+    t["t_render"] = time.perf_counter() - s
+    for i, img in enumerate(pred):
+        atomic_write_bytes(out / "views" / method / uid / f"{i:02d}.png", _png(img))
+    s = time.perf_counter()
+    im = image_metrics(composite_on_white(pred), composite_on_white(gt["rgba"]), lpips)
+    row = {"uid": uid, "method": method, "status": "ok", "reason": "", "notes": "",
+           **{k: mean_finite(v) if k == "psnr" else float(np.mean(v)) for k, v in im.items()}}
+    if not np.isfinite(row.get("lpips_vgg", 0.0)):
+        row["notes"] = f"LPIPS not scored: {size}² views are below {Lpips.MIN_SIZE}²"
+    t["t_image_metrics"] = time.perf_counter() - s
+    s = time.perf_counter()
+    verts, faces = res.verts.cpu().numpy().astype(np.float64), res.faces.cpu().numpy()
+    try:
+        if gt["geometry"] is None:
+            raise G.GeometryError("ground truth geometry.npz is missing")
+        g = G.evaluate_geometry(G.check_mesh(verts, faces, "predicted mesh"), G.load_mesh(gt["geometry"], "ground truth"),
+                                cfg.eval.points, cfg.eval.fscore_threshold, cfg.eval.iou_resolution,
+                                cfg.eval.icp_iterations, seed=cfg.seed)
+        notes = "; ".join(filter(None, [row["notes"], g.pop("notes")]))
+        row.update({k: v for k, v in g.items() if k not in ("pred_watertight", "gt_watertight")}, notes=notes)
+    except G.GeometryError as e:
+        row["notes"] = "; ".join(filter(None, [row["notes"], f"geometry not scored: {e}"]))
+    t["t_geometry"] = time.perf_counter() - s
+    s = time.perf_counter()
+    with torch.no_grad():
+        export_glb(out / "meshes" / f"{uid}.{method}.glb", verts.astype(np.float32), faces, res.color_fn(model),
+                   texture_size=cfg.refine.texture_size, texture_png=False)
+    t["t_export"] = time.perf_counter() - s
+    row.update(t)
+    return row, pred
+
+
+def _load(checkpoint: str, default: Path, cfg: Config):
+    from training.reconstruct import load_model
+
+    path = Path(checkpoint) if checkpoint else default
+    return load_model(path, cfg, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, progress: bool = True) -> list[dict]:
+    out = cfg.out_path / "eval"
+    methods = methods_of(cfg)
+    assets = eval_assets(cfg)
+    if not assets and render_missing:
+        from pipelines.render import run as render_run
+
+        render_run(cfg, eval_mode=True, progress=progress)
+        assets = eval_assets(cfg)
+    models, load_errors = {}, {}
+    for key, ckpt, default in (("mesh", cfg.eval.checkpoint, cfg.out_path / "runs" / "mesh"),
+                               ("nerf", nerf_checkpoint, cfg.out_path / "runs" / "nerf")):
+        if key == "nerf" and "nerf_mc" not in methods:
+            continue
+        if key == "mesh" and methods == ["nerf_mc"]:
+            continue
+        try:
+            models[key] = _load(ckpt, default, cfg)
+        except Exception as e:  # noqa: BLE001 - becomes the reason of every row that needs it
+            load_errors[key] = f"{type(e).__name__}: {e}"
+    lpips = Lpips("cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[dict] = []
+    resolution = None
+    bar = tqdm(total=len(assets) * len(methods), desc="eval", unit="recon", disable=not progress)
+    for folder in assets:
+        uid = folder.name
+        try:
+            gt = load_ground_truth(folder)
+            from training.recon_inputs import read_views
+
+            views = read_views(folder / "inputs", cfg.loader.input_size, background=1.0)
+        except Exception as e:  # noqa: BLE001
+            rows += [{"uid": uid, "method": m, "status": "failed", "reason": f"ground truth/inputs: {e}"} for m in methods]
+            bar.update(len(methods))
+            continue
+        preds: dict[str, list[np.ndarray] | None] = {}
+        resolution = resolution or int(gt["rgba"].shape[1])
+        pick = np.linspace(0, len(gt["rgba"]) - 1, cfg.eval.sheet_views).round().astype(int)
+        for method in methods:
+            done = out / "rows" / method / f"{uid}.json"
+            key = "nerf" if method == "nerf_mc" else "mesh"
+            if done.is_file():
+                row = json.loads(done.read_text())
+                vdir = out / "views" / method / uid
+                preds[method] = ([np.asarray(Image.open(vdir / f"{i:02d}.png").convert("RGBA")) for i in pick]
+                                 if row["status"] == "ok" else None)
+            elif key in load_errors:
+                row, preds[method] = {"uid": uid, "method": method, "status": "failed",
+                                      "reason": f"{key} checkpoint: {load_errors[key]}"}, None
+            else:
+                try:
+                    row, pred = evaluate_one(uid, method, models[key][0], gt, views, cfg, lpips, out)
+                    preds[method] = [pred[i] for i in pick]
+                except Exception as e:  # noqa: BLE001 - one asset never stops the evaluation
+                    row, preds[method] = {"uid": uid, "method": method, "status": "failed",
+                                          "reason": f"{type(e).__name__}: {e}"}, None
+                if row["status"] == "ok":  # failures are retried by a rerun
+                    atomic_write_text(done, json.dumps(row))
+            rows.append(row)
+            bar.update(1)
+        white = lambda imgs: [(composite_on_white(i)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
+                              for i in imgs]
+        contact_sheet(out / "sheets" / f"{uid}.png", white([gt["rgba"][i] for i in pick]),
+                      {m: (white(p) if p is not None else None) for m, p in preds.items()})
+    bar.close()
+    info = {"source": cfg.source, "assets": len(assets), "methods": methods,
+            "checkpoint": {k: v[1] for k, v in models.items()} | {k: f"not loaded ({v})" for k, v in load_errors.items()},
+            "views": cfg.render.eval_orbit_views, "resolution": resolution, "points": cfg.eval.points,
+            "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution}
+    write_report(rows, out, info)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p: argparse.ArgumentParser = stage_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="mesh-stage checkpoint (default: eval.checkpoint, else newest in OUT/runs/mesh)")
+    p.add_argument("--nerf-checkpoint", default="", help="stage-1 checkpoint for nerf_mc (default: newest in OUT/runs/nerf)")
+    p.add_argument("--no-render", action="store_true", help="do not render a missing evaluation set")
+    args = p.parse_args(argv)
+    if args.checkpoint:
+        args.overrides.append(f"eval.checkpoint={args.checkpoint}")
+    cfg = config_from_args(args)
+    try:
+        methods_of(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_resolved(cfg, "eval")
+    rows = run(cfg, args.nerf_checkpoint, render_missing=not args.no_render)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"eval: {ok}/{len(rows)} rows ok -> {cfg.out_path / 'eval' / 'report.md'}")
+    return 0 if rows and ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
