@@ -33,9 +33,10 @@ def shard_urls(cfg: Config) -> tuple[str, str]:
 
 
 def fixed_val_batch(cfg: Config, urls: str) -> dict:
-    """The first batch of a non-resampled, fixed-seed pass over `urls`: the same on every run and resume."""
+    """The first batch of a non-resampled, fixed-seed pass over `urls`: the same on every run and resume.
+    Supervision views are whole (`render_size`², no window), so its PSNR and images cover full views."""
     loader = make_loader(cfg, urls, "nerf", batch_size=cfg.nerf.val_assets, resampled=False, workers=0,
-                         seed=cfg.seed + 12345, rank=0, world_size=1)
+                         seed=cfg.seed + 12345, rank=0, world_size=1, patch=0)
     return next(iter(loader))
 
 
