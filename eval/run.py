@@ -8,7 +8,7 @@ Reads OUT/renders_eval/<uid>/{orbit,inputs}/ (rendered first with the render sta
 `refined` from the mesh-stage checkpoint (eval.checkpoint, default the newest under OUT/runs/mesh),
 `nerf_mc` = the stage-1 NeRF checkpoint's triplane meshed by marching cubes without stage 2 (newest under
 OUT/runs/nerf), `refined_color` / `refined_triplane` = refinement of one part only. Writes under OUT/eval/:
-report.{md,csv,json}, sheets/<uid>.png, meshes/<uid>.<method>.glb, views/<method>/<uid>/NN.png (RGBA, the
+report.{md,csv,json}, sheets/<uid>.png, meshes/<uid>.<method>.glb (eval.mesh_export), views/<method>/<uid>/NN.png (RGBA, the
 ground truth's size and order) and rows/<method>/<uid>.json (one finished row each: a rerun skips those).
 Any per-asset failure becomes a row with its reason; the report is always written.
 """
@@ -44,6 +44,8 @@ def methods_of(cfg: Config) -> list[str]:
     unknown = [m for m in ms if m not in ("feedforward", "refined", "nerf_mc", *ABLATION)]
     if unknown:
         raise ValueError(f"unknown eval methods {unknown}")
+    if cfg.eval.mesh_export not in ("vertex", "texture", "none"):
+        raise ValueError(f"eval.mesh_export must be vertex, texture or none, got {cfg.eval.mesh_export!r}")
     return ms
 
 
@@ -91,7 +93,7 @@ def _png(img: np.ndarray) -> bytes:
 
 def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpips: Lpips, out: Path) -> tuple[dict, np.ndarray]:
     """Reconstruct, re-render, score one (asset, method). -> (row, predicted RGBA views)."""
-    from training.export import export_glb
+    from training.export import export_glb, glb_bytes, query_colors
     from training.reconstruct import reconstruct
 
     t = {}
@@ -128,9 +130,14 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
         row["notes"] = "; ".join(filter(None, [row["notes"], f"geometry not scored: {e}"]))
     t["t_geometry"] = time.perf_counter() - s
     s = time.perf_counter()
+    glb = out / "meshes" / f"{uid}.{method}.glb"
     with torch.no_grad():
-        export_glb(out / "meshes" / f"{uid}.{method}.glb", verts.astype(np.float32), faces, res.color_fn(model),
-                   texture_size=cfg.refine.texture_size, texture_png=False)
+        if cfg.eval.mesh_export == "texture":  # xatlas + baking: minutes for a dense marching-cubes mesh on CPU
+            export_glb(glb, verts.astype(np.float32), faces, res.color_fn(model),
+                       texture_size=cfg.refine.texture_size, texture_png=False)
+        elif cfg.eval.mesh_export == "vertex":
+            colors = query_colors(res.color_fn(model), verts.astype(np.float32))
+            atomic_write_bytes(glb, glb_bytes(verts.astype(np.float32), faces, vertex_colors=colors))
     t["t_export"] = time.perf_counter() - s
     row.update(t)
     return row, pred

@@ -235,6 +235,7 @@ class EvalConfig:
     icp_iterations: int = 50  # rigid ICP iterations
     sheet_views: int = 4  # orbit views per contact sheet
     checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
+    mesh_export: str = "vertex"  # meshes/*.glb: vertex (f_c at vertices, fast) | texture (xatlas + baked UV map, slow on CPU) | none
 
 
 @dataclass
