@@ -1,12 +1,17 @@
 """The mesh representation of a GTR triplane (paper §3.2): extract it with differentiable marching cubes and
 render it with the differentiable rasterizer, colour from f_c at the interpolated surface points.
 
-    verts, faces = extract_mesh(model, planes, grid=256, level=10.0)          # normalised world frame
+    verts, faces = extract_mesh(model, planes, grid=256, level=10.0)          # our normalised world frame
     out = render_mesh(model, planes, verts, faces, c2w, K, H, W, background)  # rgb/depth/mask/normal
 
 Both are differentiable end to end: image → barycentrics → vertex positions → sdf values → f_d and the
 triplane; and image → surface points → f_c and the triplane. Used by stage 2 (`training.train_mesh`), texture
 refinement and evaluation.
+
+`model` is a GTR or anything with its frame API: `box_half_size_ours()` (the grid covers [-h, h]^3 of OUR
+frame, whatever frame the model works in), `query_density(planes, points)` and `query_color(planes, points)`
+(points in our frame). `model.cfg.scene_box` is never read here: with `official_frame` it is in the released
+model's units.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ def grid_points(grid: int, box: float, device: torch.device | str = "cpu") -> Te
 
 
 def query_density(model: torch.nn.Module, planes: Tensor, points: Tensor, chunk: int = 1 << 18) -> Tensor:
-    """f_d at points [N, 3] (our frame) for one asset, in chunks → [N]."""
-    out = [model.query(planes, p[None])[0][0, :, 0] for p in points.split(chunk)]
+    """f_d at points [N, 3] (our frame) for one asset, in chunks → [N] (f_c is not evaluated)."""
+    out = [model.query_density(planes, p[None])[0, :, 0] for p in points.split(chunk)]
     return torch.cat(out) if out else points.new_zeros(0)
 
 
@@ -46,15 +51,17 @@ def extract_mesh(model: torch.nn.Module, planes: Tensor, grid: int, level: float
                  chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
     """Mesh of the triplane's density level set `level`: sdf = −(density − level) on a G³ grid over the box.
 
-    planes: one asset [3, C, R, R] or [1, 3, C, R, R]. Returns verts [N, 3] (normalised world frame,
-    float32) and faces [F, 3] (long, counter-clockwise seen from outside). Gradients reach `planes` and f_d.
+    planes: one asset [3, C, R, R] or [1, 3, C, R, R]. The grid spans the model's scene box expressed in our
+    frame (`model.box_half_size_ours()`), corners included. Returns verts [N, 3] (our normalised world
+    frame, float32) and faces [F, 3] (long, counter-clockwise seen from outside). Gradients reach `planes`
+    and f_d.
 
     Memory: the full grid is evaluated without autograd; only the grid values next to a sign change (the
     only ones a vertex depends on) are evaluated again with autograd and written back, so the graph is
     proportional to the surface, not to G³.
     """
     planes = _one_asset(planes)
-    box = float(model.cfg.scene_box)
+    box = float(model.box_half_size_ours())
     pts = grid_points(grid, box, planes.device).reshape(-1, 3)
     with torch.no_grad():
         sdf = -(query_density(model, planes, pts, chunk) - level).reshape(grid, grid, grid)
@@ -118,7 +125,7 @@ def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Te
     rgb = torch.zeros(V, H, W, 3, device=dev, dtype=surf.dtype)
     pts = surf[sel]
     if len(pts):
-        cols = torch.cat([model.query(planes, p[None])[1][0] for p in pts.split(chunk)])
+        cols = torch.cat([model.query_color(planes, p[None])[0] for p in pts.split(chunk)])
         rgb = rgb.index_put((sel,), cols.to(rgb.dtype))
     fid = (rast[..., 3].long() - 1).clamp(min=0)
     normal = face_normals(verts, faces)[fid] * hit  # [V, H, W, 3]

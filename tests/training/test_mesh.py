@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
+from pipelines.config import ModelConfig
 from render.cameras import intrinsics, look_at, spherical_position
+from training import cameras
 from training.mesh import extract_mesh, render_mesh
+from training.model import GTR
 from training.ops.marching_cubes import EMPTY_EVENTS
 
 
@@ -20,12 +21,19 @@ class SphereField(torch.nn.Module):
     def __init__(self, r: float = 0.35) -> None:
         super().__init__()
         self.r = torch.nn.Parameter(torch.tensor(r))
-        self.cfg = SimpleNamespace(scene_box=0.55)
+
+    def box_half_size_ours(self) -> float:
+        return 0.55
 
     def query(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_density(planes, points), self.query_color(planes, points)
+
+    def query_density(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         shift = planes.mean()  # 0 at the value used; carries gradients to the planes
-        dens = 10.0 + 40.0 * (self.r + shift - points.norm(dim=-1, keepdim=True))
-        return dens, (points + 0.5).clamp(0, 1)
+        return 10.0 + 40.0 * (self.r + shift - points.norm(dim=-1, keepdim=True))
+
+    def query_color(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return (points + 0.5).clamp(0, 1)
 
 
 def _planes(requires_grad: bool = False) -> torch.Tensor:
@@ -107,3 +115,60 @@ def test_render_gradients_reach_geometry_and_colour() -> None:
     # A larger sphere covers more pixels: d(mask area)/d r > 0 through the antialiased silhouette.
     out["mask"].sum().backward()
     assert model.r.grad.item() > 0
+
+
+def _official_sphere_model(radius_ours: float, res: int = 64) -> tuple[GTR, torch.Tensor]:
+    """A real GTR in the official frame (scale 2, scene box ±1 in THEIR frame = ±0.5 in ours) whose planes and
+    f_d make density = 10 + 100·(ρ² − |p'|²) in the model's frame, ρ = 2·radius_ours: a sphere of radius
+    `radius_ours` in our frame at level 10. Plane xy holds x'² + y'², plane xz holds z'² (bilinear
+    interpolation of a quadratic errs by ≤ h²/4 per axis, h = 2/res); f_d is made linear by biases that keep
+    every GELU input ≥ 20 (GELU(x) = x·Φ(x) = x up to 1e-80 there) and softplus(x) = x + log(1 + e^−x)
+    shifts the level by 5e-5 at x = 10.
+    """
+    cfg = ModelConfig(width=16, depth=0, heads=2, head_dim=8, plane_res=4, plane_channels=2, upsample=res // 4,
+                      mlp_hidden=4, official_frame=True, official_frame_scale=2.0, scene_box=1.0)
+    model = GTR(cfg).eval()
+    u = (torch.arange(res, dtype=torch.float64) + 0.5) * 2 / res - 1  # pixel centres, align_corners=False
+    planes = torch.zeros(1, 3, 2, res, res, dtype=torch.float64)
+    planes[0, 0, 0] = u[None, :] ** 2 + u[:, None] ** 2  # plane xy: columns x', rows y'
+    planes[0, 1, 0] = (u[:, None] ** 2).expand(res, res)  # plane xz: columns x', rows z'
+    rho2, k = (2.0 * radius_ours) ** 2, 100.0
+    with torch.no_grad():
+        l1, l2, l3 = model.density_mlp.layers
+        for layer in (l1, l2, l3):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        l1.weight[0, 0] = l1.weight[0, 2] = 1.0  # features: plane-major, xy channel 0 and xz channel 0
+        l1.bias[0] = 20.0
+        l2.weight[0, 0] = 1.0
+        l3.weight[0, 0] = -k
+        l3.bias[0] = 10.0 + k * (rho2 + 20.0)
+    return model.double(), planes
+
+
+def test_official_frame_extraction_is_in_our_frame_over_exactly_the_box():
+    model, planes = _official_sphere_model(0.3)
+    assert model.box_half_size_ours() == 0.5
+    seen = []
+    query = model.query_density
+
+    def spy(pl: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+        seen.append(pts.detach().reshape(-1, 3))
+        return query(pl, pts)
+
+    model.query_density = spy
+    grid = 33
+    with torch.no_grad():
+        verts, faces = extract_mesh(model, planes, grid=grid, level=10.0, backend="torch")
+    pts = torch.cat(seen)
+    assert len(pts) == grid ** 3  # the whole grid, evaluated once (no autograd pass)
+    # Our frame: exactly [-0.5, 0.5]^3 (not ±scene_box = ±1, which would be 4x their box in their frame).
+    assert pts.amin(0).tolist() == [-0.5] * 3 and pts.amax(0).tolist() == [0.5] * 3
+    theirs = cameras.points_to_official_frame(pts, 2.0)
+    torch.testing.assert_close(theirs.abs().amax(0), torch.ones(3, dtype=theirs.dtype))
+    # The surface in our frame: radius 0.3 (grid step 1/32; the field is quadratic, so linear interpolation
+    # along a cell edge errs by ≤ k·step²/4 / |∇| ≈ 1.2e-3 in their units, 6e-4 in ours).
+    r = verts.double().norm(dim=-1)
+    assert len(faces) > 500
+    assert (r - 0.3).abs().max() < 2e-3
+    assert abs(r.mean().item() - 0.3) < 1e-3

@@ -224,6 +224,83 @@ def test_official_frame_is_applied_inside_the_model():
     torch.testing.assert_close(ra["depth"] * 2.0, rb["depth"])
 
 
+
+def _constant_density(model: GTR, sigma: float) -> None:
+    """f_d outputs softplus(b) = sigma everywhere (all weights zero)."""
+    with torch.no_grad():
+        for layer in model.density_mlp.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.density_mlp.layers[-1].bias.fill_(math.log(math.expm1(sigma)))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_box_and_ray_segments_in_our_frame(official):
+    # With the official frame, scene_box 1 and near_min 0.2 are THEIR units (scale 2): the box is ±0.5 in
+    # ours and the near limit 0.1. Closed form: a ray from (0, 0, −3) along +z enters at 2.5, leaves at 3.5.
+    cfg = _tiny_cfg(official_frame=official, official_frame_scale=2.0, scene_box=1.0, near_min=0.2,
+                    samples_per_ray=8)
+    model = GTR(cfg).eval()
+    s = 2.0 if official else 1.0
+    assert model.units_per_ours == s
+    assert model.box_half_size_ours() == 1.0 / s and model.near_min_ours() == pytest.approx(0.2 / s)
+    o = torch.tensor([[[0.0, 0.0, -3.0], [0.0, 0.0, 0.0], [0.2, -0.1, 0.05], [0.0, 0.9, -3.0]]])
+    d = torch.nn.functional.normalize(torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.3, 0.5, -0.8],
+                                                     [0.0, 0.0, 1.0]]]), dim=-1)
+    near, far, hit = model.ray_box(o, d)
+    h = 1.0 / s
+    assert near[0, 0, 0].item() == pytest.approx(3.0 - h) and far[0, 0, 0].item() == pytest.approx(3.0 + h)
+    assert near[0, 1, 0].item() == pytest.approx(0.2 / s) and far[0, 1, 0].item() == pytest.approx(h)
+    assert hit[0, :, 0].tolist() == [True, True, True, not official]  # y = 0.9: inside ±1, outside ±0.5
+    # The renderer samples exactly that segment: under a constant density σ (per model unit) the opacity is
+    # 1 − exp(−σ·(far − near)·units_per_ours) and the depth the segment's weighted midpoint, in our units.
+    sigma = 0.7
+    _constant_density(model, sigma)
+    model.double()  # float64: a float32 cumulative sum over 4096 bins would err by ~1e-4
+    o, d = o.double(), d.double()
+    near, far, _ = model.ray_box(o, d)
+    planes = torch.zeros(1, 3, cfg.plane_channels, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = model.render_rays(planes, o, d, samples=4096)
+    length = (far - near) * model.units_per_ours
+    torch.testing.assert_close(out["opacity"], 1 - torch.exp(-sigma * length), atol=1e-9, rtol=1e-9)
+    # Expected termination distance of a homogeneous slab of optical depth τ = σ·L: near + L_ours·m(τ),
+    # m(τ) = 1/τ − e^−τ/(1 − e^−τ) (the mean of a truncated exponential, as a share of the length).
+    # Midpoint sampling of 4096 bins: the discretisation error is O(bin²), far below 1e-6 here.
+    tau = sigma * length
+    m = 1 / tau - torch.exp(-tau) / (1 - torch.exp(-tau))
+    want = torch.where(hit, near + (far - near) * m, torch.zeros_like(near))
+    torch.testing.assert_close(out["depth"], want, atol=1e-6, rtol=0)
+
+
+def test_query_halves_equal_query_and_skip_the_other_decoder():
+    torch.manual_seed(3)
+    model = GTR(_tiny_cfg(official_frame=True, scene_box=1.0)).eval()
+    planes = torch.randn(2, 3, 6, 8, 8)
+    pts = torch.rand(2, 50, 3) - 0.5
+    calls = {"density_mlp": 0, "color_mlp": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    with torch.no_grad():
+        density, rgb = model.query(planes, pts)
+        calls.update(density_mlp=0, color_mlp=0)
+        rgb_only = model.query_color(planes, pts)
+        assert calls == {"density_mlp": 0, "color_mlp": 1}
+        density_only = model.query_density(planes, pts)
+        assert calls == {"density_mlp": 1, "color_mlp": 1}
+    assert rgb_only.shape == (2, 50, 3) and density_only.shape == (2, 50, 1)
+    torch.testing.assert_close(rgb_only, rgb, rtol=0, atol=0)
+    torch.testing.assert_close(density_only, density, rtol=0, atol=0)
+
+    class Analytic(GTR):  # a field redefined through `query` alone: the halves must follow it
+        def query(self, planes, points):
+            return points.norm(dim=-1, keepdim=True), points.abs()
+
+    a = Analytic(_tiny_cfg())
+    with torch.no_grad():
+        torch.testing.assert_close(a.query_density(planes, pts), pts.norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(a.query_color(planes, pts), pts.abs())
+
 def test_flops_match_torch_flop_counter():
     cfg = _tiny_cfg(ffn="geglu")
     model = GTR(cfg).eval()

@@ -2,12 +2,17 @@
 
     planes = model.triplane(images, c2w, K)      # images [B,V,4,H,W] RGB+mask, OpenCV c2w/K -> [B,3,C,R',R']
     density, rgb = model.query(planes, points)   # points [B,N,3] (our normalised frame) -> [B,N,1], [B,N,3]
+    density = model.query_density(planes, points) # -> [B,N,1] without f_c;  rgb = model.query_color(...) without f_d
+    half = model.box_half_size_ours()             # the cube the triplane covers, half side in OUR frame
+    near, far, hit = model.ray_box(o, d)          # the renderer's ray segments, our frame and units
     out = model.render_rays(planes, o, d)         # rays [B,N,3] -> rgb [B,N,3], depth [B,N,1], opacity [B,N,1]
     out = model.render_views(planes, c2w, K, h, w) # -> rgb [B,V,3,h,w], depth/opacity [B,V,1,h,w]
 
 The API always speaks DESIGN's frame and cameras. With `cfg.official_frame` (the released weights), the fixed
 similarity of `training.cameras` is applied inside `_to_model_frame`, the single place cameras, points and
-rays enter the model's own frame; depths come back in our units. The model is written for one device;
+rays enter the model's own frame; depths come back in our units. `cfg.scene_box` and `cfg.near_min` are in
+the model's units, so code outside the model never reads them: it asks `box_half_size_ours`, `near_min_ours`,
+`ray_box` and `units_per_ours` (docs/model.md, "Frames"). The model is written for one device;
 checkpointing of `model.blocks`, compile, autocast and DDP are the trainer's business.
 """
 
@@ -22,6 +27,7 @@ from pipelines.config import ModelConfig
 from training import cameras
 from training.model.decoders import ColorMLP, DensityMLP
 from training.model.encoder import ImageEncoder, image_tokens
+from training.model.renderer import ray_box as _ray_box
 from training.model.renderer import render_rays as _render_rays
 from training.model.transformer import TriplaneTransformer
 from training.model.triplane import sample_triplane
@@ -68,6 +74,32 @@ class GTR(nn.Module):
                 None if points is None else cameras.points_to_official_frame(points, s),
                 None if dirs is None else cameras.points_to_official_frame(dirs, 1.0))
 
+    @property
+    def units_per_ours(self) -> float:
+        """Model-frame length per unit length of our frame: `official_frame_scale`, or 1.
+
+        Densities are per model unit, so the opacity of a segment of length L (our units) is
+        1 − exp(−σ · L · units_per_ours); the renderer does exactly that, in the model's frame.
+        """
+        return float(self.cfg.official_frame_scale) if self.cfg.official_frame else 1.0
+
+    def box_half_size_ours(self) -> float:
+        """Half side of the cube the triplane covers, in our normalised frame: the box is [-h, h]^3.
+
+        The frame change is an axis permutation with signs times a scale, so the model's centred,
+        axis-aligned cube stays one in our frame, with its half side divided by the scale.
+        """
+        return float(self.cfg.scene_box) / self.units_per_ours
+
+    def near_min_ours(self) -> float:
+        """The lowest near distance of a rendered ray (cfg.near_min is in the model's units), in ours."""
+        return float(self.cfg.near_min) / self.units_per_ours
+
+    def ray_box(self, rays_o: Tensor, rays_d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The segment `render_rays` samples, for rays [..., 3] in our frame (unit d): near, far [..., 1] in
+        our units and hit [..., 1] (bool); missed rays have near = far."""
+        return _ray_box(rays_o, rays_d, self.box_half_size_ours(), self.near_min_ours())
+
     # -- triplane -------------------------------------------------------------------------------------------
 
     def generate(self, x: Tensor) -> Tensor:
@@ -88,10 +120,32 @@ class GTR(nn.Module):
         feats = sample_triplane(planes, points, self.cfg.scene_box)  # [B, N, 3C]
         return self.density_mlp(feats), self.color_mlp(feats)
 
-    def query(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        """planes [B,3,C,R,R], points [B,N,3] in our frame → density [B,N,1] (after softplus), rgb [B,N,3]."""
+    def _features(self, planes: Tensor, points: Tensor) -> Tensor:
         _, p, _ = self._to_model_frame(points=points)
-        return self._query_model_frame(planes, p)
+        return sample_triplane(planes, p, self.cfg.scene_box)  # [B, N, 3C]
+
+    def query(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """planes [B,3,C,R,R], points [B,N,3] in our frame → density [B,N,1] (after softplus, per model unit
+        of length, see `units_per_ours`), rgb [B,N,3]. The definition of the field; the two below are its halves."""
+        feats = self._features(planes, points)
+        return self.density_mlp(feats), self.color_mlp(feats)
+
+    def _query_overridden(self) -> bool:
+        # A subclass that redefines the field through `query` alone (an analytic field in a test, a wrapper)
+        # must see its own field from the two halves too, so they defer to it.
+        return type(self).query is not GTR.query
+
+    def query_density(self, planes: Tensor, points: Tensor) -> Tensor:
+        """density [B,N,1] at points [B,N,3] (our frame), = query(...)[0] without evaluating f_c."""
+        if self._query_overridden():
+            return self.query(planes, points)[0]
+        return self.density_mlp(self._features(planes, points))
+
+    def query_color(self, planes: Tensor, points: Tensor) -> Tensor:
+        """rgb [B,N,3] at points [B,N,3] (our frame), = query(...)[1] without evaluating f_d."""
+        if self._query_overridden():
+            return self.query(planes, points)[1]
+        return self.color_mlp(self._features(planes, points))
 
     # -- rendering ------------------------------------------------------------------------------------------
 
