@@ -1,7 +1,9 @@
 """Benchmark of the data stage: filtering 800,000 synthetic Objaverse annotation rows (Objaverse 1.0's size).
 
-Ours: the annotation dicts become a pyarrow table (`annotations_to_table`, one list per column) and
-`filter_table` decides every row with vectorised expressions. Compared, in the same run and on the same
+Ours: the annotation dicts become a pyarrow table (`annotations_to_table`: pyarrow converts the fields the
+filters read straight from the dicts into one struct array per 64k rows, in C++; the columns are derived
+with pyarrow compute) and `filter_table` decides every row with vectorised expressions, building reason
+strings only for the rows that fail. Compared, in the same run and on the same
 dicts, with what public download scripts do: a plain-Python loop over the dicts with one `if` per criterion.
 Each approach runs in its own subprocess so peak memory is its own: the dicts are built first, then the
 peak-RSS counter is reset (Linux `clear_refs`), so the peak reported is what the filtering added on top.
@@ -24,6 +26,7 @@ from typing import Any
 from bench.common import format_table, result
 
 ROWS = 800_000
+REPEAT = 3  # timed runs per approach (the fastest is reported)
 LICENSES = ["by", "by-sa", "cc0", "by-nc", "by-nc-sa", "by-nd", "by-nc-nd"]
 TAGS = ["chair", "car", "scan", "lowpoly", "tree", "photogrammetry-scene", "game", "terrain", "house", "robot"]
 CATS = ["architecture", "cars-vehicles", "furniture-home", "weapons-military", "nature-plants", "people"]
@@ -93,8 +96,14 @@ def _status_kb(key: str) -> int:
     return 0
 
 
-def child(kind: str, n: int) -> dict[str, Any]:
-    """Run one approach on `n` fresh synthetic rows in this process; seconds, peak MiB added, kept count."""
+def child(kind: str, n: int, repeat: int = REPEAT) -> dict[str, Any]:
+    """Run one approach on `n` fresh synthetic rows in this process; seconds, peak MiB added, kept count.
+
+    Seconds are the fastest of `repeat` runs on the same dicts (this machine is shared: the minimum is the
+    least disturbed); the peak memory is that of the first run.
+    """
+    import pyarrow.compute as pc
+
     from pipelines.config import DataConfig
     from pipelines.filter import annotations_to_table, filter_table
 
@@ -103,22 +112,27 @@ def child(kind: str, n: int) -> dict[str, Any]:
     filter_table(annotations_to_table(dict(list(annotations.items())[:100])), cfg)  # warm lazy imports
     reset = _reset_peak()
     base = _status_kb("VmRSS:")
-    t0 = time.perf_counter()
+    runs: list[dict[str, float]] = []
+    peak = 0
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        if kind == "ours":
+            table = annotations_to_table(annotations)
+            t1 = time.perf_counter()
+            out = filter_table(table, cfg)
+            t2 = time.perf_counter()
+            runs.append({"seconds": t2 - t0, "table_s": t1 - t0, "filter_s": t2 - t1})
+        else:
+            reasons = python_loop(annotations, cfg)
+            runs.append({"seconds": time.perf_counter() - t0})
+        if not peak:
+            peak = _status_kb("VmHWM:") if reset else 0
     if kind == "ours":
-        table = annotations_to_table(annotations)
-        t1 = time.perf_counter()
-        out = filter_table(table, cfg)
-        t2 = time.perf_counter()
-        kept = sum(1 for s in out["status"].to_pylist() if s == "ok")
-        extra = {"table_s": t1 - t0, "filter_s": t2 - t1}
+        kept = int(pc.sum(pc.equal(out["status"], "ok")).as_py() or 0)
     else:
-        reasons = python_loop(annotations, cfg)
-        t2 = time.perf_counter()
         kept = sum(1 for r in reasons.values() if not r)
-        extra = {}
-    peak = _status_kb("VmHWM:") if reset else 0
-    return {"seconds": t2 - t0, "peak_added_mib": max(0, peak - base) / 1024 if reset else None, "kept": kept,
-            **extra}
+    best = {k: min(r[k] for r in runs) for k in runs[0]}
+    return {**best, "peak_added_mib": max(0, peak - base) / 1024 if reset else None, "kept": kept}
 
 
 def _spawn(kind: str, n: int) -> dict[str, Any]:

@@ -65,24 +65,108 @@ def _names(entries: Any) -> list[str]:
                 if isinstance(e, (str, dict))]
 
 
+# The annotation fields the filters read, as an Arrow type: pyarrow's converter picks exactly these keys out
+# of each dict in C++ (other keys are never touched; a missing key or a None is null).
+_NAMED = pa.list_(pa.struct([("slug", pa.string()), ("name", pa.string())]))
+ANNOTATION_TYPE = pa.struct([
+    ("name", pa.string()), ("license", pa.string()), ("faceCount", pa.int64()), ("animationCount", pa.int64()),
+    ("isAgeRestricted", pa.bool_()), ("viewerUrl", pa.string()), ("uri", pa.string()),
+    ("archives", pa.struct([("glb", pa.struct([("size", pa.int64()), ("textureCount", pa.int64())]))])),
+    ("user", pa.struct([("displayName", pa.string()), ("username", pa.string())])),
+    ("tags", _NAMED), ("categories", _NAMED),
+])
+CHUNK_ROWS = 65_536  # rows converted at once; an odd row sends only its chunk down the per-row Python path
+
+
 def annotations_to_table(annotations: dict[str, dict], lvis: dict[str, str] | None = None) -> pa.Table:
     """Objaverse annotations (uid -> Sketchfab metadata, as `objaverse.load_annotations` returns) as a table.
 
-    Columns are built one list each from the dicts (the only per-row Python pass); `lvis` maps uid to
-    its LVIS category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for.
+    Each chunk of dicts becomes one Arrow struct array (`ANNOTATION_TYPE`, converted in C++), and the columns
+    are derived from it with pyarrow compute; a chunk pyarrow cannot convert (e.g. tags given as plain
+    strings) is built by the per-row Python path instead, with the same result. `lvis` maps uid to its LVIS
+    category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for.
     """
+    uids = list(annotations)
+    values = list(annotations.values())  # same order as the keys; cheaper than a lookup per uid
+    lvis = lvis or {}
+    parts = []
+    for i in range(0, len(uids), CHUNK_ROWS):
+        chunk = uids[i:i + CHUNK_ROWS]
+        try:
+            parts.append(_annotations_to_table_arrow(chunk, values[i:i + CHUNK_ROWS], lvis))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            parts.append(_annotations_to_table_py({u: annotations[u] for u in chunk}, lvis))
+    if not parts:
+        return CANDIDATE_SCHEMA.empty_table()
+    # one chunk per part, not combined: combining would copy the whole table (twice the peak memory), and
+    # every consumer (filter_table, parquet, to_pylist) takes chunked columns
+    return pa.concat_tables(parts)
+
+
+def _nonempty(arr: pa.Array) -> pa.Array:
+    """`""` as null, so that `coalesce` picks the next value the way Python's `a or b` does."""
+    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+
+
+def _names_column(lists: pa.Array) -> pa.Array:
+    """list<struct<slug, name>> [N] -> list<string> [N] of `slug or name`, lower-cased; a null list or a null
+    entry contributes nothing (as `_names` does for None)."""
+    n = len(lists)
+    items = pc.list_flatten(lists)  # entries of the non-null lists, in row order
+    parents = pc.list_parent_indices(lists).to_numpy()
+    keep = pc.is_valid(items)
+    names = pc.coalesce(_nonempty(pc.struct_field(items, "slug")), pc.struct_field(items, "name"))
+    names = pc.utf8_lower(pc.filter(names, keep))
+    counts = np.bincount(parents[keep.to_numpy(zero_copy_only=False)], minlength=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), names)
+
+
+def _annotations_to_table_arrow(uids: list[str], annotations: list[dict | None], lvis: dict[str, str]) -> pa.Table:
+    n = len(uids)
+    s = pa.array(annotations, type=ANNOTATION_TYPE)  # [N] struct; a None annotation is a null row
+
+    def field(*path: str) -> pa.Array:
+        return pc.struct_field(s, list(path))  # nulls of every enclosing struct carry through
+
+    who = pc.coalesce(_nonempty(field("user", "displayName")), _nonempty(field("user", "username")),
+                      pa.scalar("unknown"))
+    url = pc.coalesce(_nonempty(field("viewerUrl")), _nonempty(field("uri")), pa.scalar(""))
+    uid_col = pa.array(uids, pa.string())
+    cols = {
+        "uid": uid_col,
+        "source": pa.array(["objaverse"] * n, pa.string()),
+        "name": field("name"),
+        "license": field("license"),
+        "attribution": pc.binary_join_element_wise(who, " (", url, ")", ""),
+        "format": pa.array(["glb"] * n, pa.string()),
+        "locator": uid_col,
+        "face_count": field("faceCount"),
+        "animation_count": field("animationCount"),
+        "texture_count": field("archives", "glb", "textureCount"),
+        "archive_bytes": field("archives", "glb", "size"),
+        "age_restricted": field("isAgeRestricted"),
+        "categories": _names_column(field("categories")),
+        "tags": _names_column(field("tags")),
+        "lvis_category": pa.array([lvis.get(u) for u in uids], pa.string()) if lvis else pa.nulls(n, pa.string()),
+    }
+    return pa.table(cols, schema=CANDIDATE_SCHEMA)
+
+
+def _annotations_to_table_py(annotations: dict[str, dict], lvis: dict[str, str] | None) -> pa.Table:
+    """The per-row Python path (annotations pyarrow cannot convert as `ANNOTATION_TYPE`)."""
     # Building millions of small lists next to millions of live dicts makes the cyclic GC rescan them all
     # again and again (10x the work here); nothing built below can form a cycle.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _annotations_to_table(annotations, lvis)
+        return _annotations_to_table_lists(annotations, lvis)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _annotations_to_table(annotations: dict[str, dict], lvis: dict[str, str] | None) -> pa.Table:
+def _annotations_to_table_lists(annotations: dict[str, dict], lvis: dict[str, str] | None) -> pa.Table:
     uids = list(annotations)
     ann = [annotations[u] or {} for u in uids]
     glb = [((a.get("archives") or {}).get("glb") or {}) for a in ann]
@@ -150,7 +234,7 @@ def filter_table(table: pa.Table, cfg: DataConfig, seed: int = 0, allow: set[str
     """Add `status` and `reason` to a candidate table (see module docstring); rows keep their order."""
     n = table.num_rows
     t = table
-    checks: list[tuple[np.ndarray, Any]] = []  # (failed mask [N], reason: str or string array)
+    checks: list[tuple[np.ndarray, str | list[Any]]] = []  # (failed mask [N], reason: str or _msg parts)
     uid = t["uid"]
     if deny:
         checks.append((_np(pc.is_in(uid, value_set=pa.array(sorted(deny))), n), "in uid deny-list"))
@@ -161,20 +245,20 @@ def filter_table(table: pa.Table, cfg: DataConfig, seed: int = 0, allow: set[str
         lic = t["license"]
         bad = pc.invert(pc.is_in(lic, value_set=pa.array(cfg.licenses)))
         checks.append((_np(pc.and_(bad, pc.is_valid(lic)), n),
-                       _msg(["license '", pc.fill_null(lic, ""), "' not in the allow-list"])))
+                       ["license '", pc.fill_null(lic, ""), "' not in the allow-list"]))
     fc = t["face_count"]
-    checks.append((_np(pc.less(fc, cfg.min_faces), n), _msg(["face count ", fc, f" < min_faces {cfg.min_faces}"])))
-    checks.append((_np(pc.greater(fc, cfg.max_faces), n), _msg(["face count ", fc, f" > max_faces {cfg.max_faces}"])))
+    checks.append((_np(pc.less(fc, cfg.min_faces), n), ["face count ", fc, f" < min_faces {cfg.min_faces}"]))
+    checks.append((_np(pc.greater(fc, cfg.max_faces), n), ["face count ", fc, f" > max_faces {cfg.max_faces}"]))
     if not cfg.allow_animation:
         ac = t["animation_count"]
-        checks.append((_np(pc.greater(ac, 0), n), _msg(["animated (", ac, " animations)"])))
+        checks.append((_np(pc.greater(ac, 0), n), ["animated (", ac, " animations)"]))
     tc = t["texture_count"]
     checks.append((_np(pc.less(tc, cfg.min_textures), n),
-                   _msg(["texture count ", tc, f" < min_textures {cfg.min_textures}"])))
+                   ["texture count ", tc, f" < min_textures {cfg.min_textures}"]))
     if cfg.max_archive_bytes:
         ab = t["archive_bytes"]
         checks.append((_np(pc.greater(ab, cfg.max_archive_bytes), n),
-                       _msg(["archive ", ab, f" bytes > max_archive_bytes {cfg.max_archive_bytes}"])))
+                       ["archive ", ab, f" bytes > max_archive_bytes {cfg.max_archive_bytes}"]))
     if not cfg.allow_age_restricted:
         checks.append((_np(t["age_restricted"], n), "age-restricted"))
     if cfg.deny_categories:
@@ -191,11 +275,30 @@ def filter_table(table: pa.Table, cfg: DataConfig, seed: int = 0, allow: set[str
         in_lvis = _np(pc.is_in(t["lvis_category"], value_set=pa.array(cfg.lvis_categories)), n)
         checks.append((~in_lvis, "not in the selected LVIS categories"))
 
-    reason = pa.nulls(n, pa.string())
-    dropped = np.zeros(n, dtype=bool)
-    for mask, msg in reversed(checks):  # later criteria first, so the earliest failure is written last
-        reason = pc.if_else(pa.array(mask), msg, reason)
-        dropped |= mask
+    # The first failed criterion of each row, then its message built for those rows only: a full-length
+    # message column per criterion would hold millions of strings that are never used.
+    first = np.full(n, -1, dtype=np.int64)  # [N] index into `checks`, -1 = passed everything
+    for i, (mask, _) in enumerate(checks):
+        first[(first < 0) & mask] = i
+    pieces: list[pa.Array] = [pa.array([""], pa.string())]  # concatenated messages; 0 = no reason
+    pos = np.zeros(n, dtype=np.int64)  # [N] row -> its message in `pieces`
+
+    def add(rows: np.ndarray, msg: str | list[Any]) -> None:
+        start = sum(len(p) for p in pieces)
+        if isinstance(msg, str):
+            pieces.append(pa.array([msg], pa.string()))
+            pos[rows] = start
+        else:
+            take = pa.array(rows)
+            built = _msg([m if isinstance(m, str) else m.take(take) for m in msg])
+            pieces.append(built.combine_chunks() if isinstance(built, pa.ChunkedArray) else built)
+            pos[rows] = start + np.arange(len(rows))
+
+    for i, (_, msg) in enumerate(checks):
+        rows = np.flatnonzero(first == i)
+        if len(rows):
+            add(rows, msg)
+    dropped = first >= 0
     if cfg.max_assets and cfg.max_assets > 0:
         passing = np.flatnonzero(~dropped)
         if len(passing) > cfg.max_assets:
@@ -205,6 +308,7 @@ def filter_table(table: pa.Table, cfg: DataConfig, seed: int = 0, allow: set[str
             out = np.zeros(n, dtype=bool)  # passing rows that were not drawn
             out[passing] = True
             out[order[chosen]] = False
-            reason = pc.if_else(pa.array(out), f"not sampled (max_assets={cfg.max_assets})", reason)
-    status = pc.if_else(pc.is_null(reason), "ok", "skipped")
-    return t.append_column("status", status).append_column("reason", pc.fill_null(reason, ""))
+            add(np.flatnonzero(out), f"not sampled (max_assets={cfg.max_assets})")
+    reason = pc.take(pa.concat_arrays(pieces), pa.array(pos))
+    status = pc.if_else(pa.array(pos > 0), "skipped", "ok")
+    return t.append_column("status", status).append_column("reason", reason)

@@ -143,3 +143,39 @@ def test_random_table_agrees_with_per_row_reference():
     mismatches = [u for u, a in annotations.items() if out[u][1] != reference(a, CFG)]
     assert not mismatches, mismatches[:5]
     assert 0 < sum(s == "ok" for s, _ in out.values()) < len(out)
+
+
+def test_arrow_conversion_reads_odd_annotations_like_python_does(monkeypatch):
+    """`annotations_to_table` converts chunks of dicts with pyarrow (a struct array); what it reads must be
+    what Python's `a.get(k) or default` reading gives, for missing / None / empty values, and a chunk pyarrow
+    cannot convert (tags as plain strings) must go down the per-row path with the same result."""
+    import pipelines.filter as F
+
+    odd = {
+        "none": None,
+        "empty": {},
+        "blank": {"user": {"displayName": "", "username": "bo"}, "viewerUrl": "", "uri": "https://x/u",
+                  "tags": [None, {"slug": "", "name": "Foo"}, {"name": "BAR"}], "archives": {"glb": None},
+                  "categories": None, "faceCount": 7},
+        "plain": {"tags": ["Plain", {"slug": "S"}], "license": "cc0"},
+    }
+    expected = {  # uid -> (name, license, face_count, attribution, tags, categories, texture_count, archive_bytes)
+        "none": (None, None, None, "unknown ()", [], [], None, None),
+        "empty": (None, None, None, "unknown ()", [], [], None, None),
+        "blank": (None, None, 7, "bo (https://x/u)", ["foo", "bar"], [], None, None),
+        "plain": (None, "cc0", None, "unknown ()", ["plain", "s"], [], None, None),
+    }
+    per_row = []
+    real = F._annotations_to_table_py
+    monkeypatch.setattr(F, "_annotations_to_table_py", lambda a, lv: per_row.append(list(a)) or real(a, lv))
+    monkeypatch.setattr(F, "CHUNK_ROWS", 2)  # ["none", "empty"] converts with pyarrow, ["blank", "plain"] cannot
+    rows = {r["uid"]: r for r in annotations_to_table(odd).to_pylist()}
+    assert per_row == [["blank", "plain"]]
+    keys = ("name", "license", "face_count", "attribution", "tags", "categories", "texture_count", "archive_bytes")
+    for uid, want in expected.items():
+        assert tuple(rows[uid][k] for k in keys) == want, uid
+    # the same chunk without the plain-string tags converts with pyarrow and reads the same values
+    per_row.clear()
+    del odd["plain"]
+    rows = {r["uid"]: r for r in annotations_to_table(odd).to_pylist()}
+    assert per_row == [] and tuple(rows["blank"][k] for k in keys) == expected["blank"]
