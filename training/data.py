@@ -89,7 +89,7 @@ def _field(raw: Mapping[str, bytes], name: str, limit: int = MAX_FIELD_BYTES) ->
     data = raw[name]
     if not isinstance(data, (bytes, bytearray)) or len(data) > limit:
         raise ValueError(f"sample {raw.get('__key__', '?')}: field {name} is not bytes under {limit} B")
-    return bytes(data)
+    return data  # no copy: PIL and np.load read it through a BytesIO
 
 
 def _png(data: bytes, size: tuple[int, int], name: str) -> Image.Image:
@@ -101,16 +101,31 @@ def _png(data: bytes, size: tuple[int, int], name: str) -> Image.Image:
 
 
 def _rgba(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
-    """-> [H,W,4] uint8, straight alpha (an RGB file counts as fully opaque)."""
-    return np.array(_png(data, size, name).convert("RGBA"))  # a writable copy (torch.from_numpy shares it)
+    """-> [H,W,4] uint8, read-only, straight alpha (an RGB file counts as fully opaque)."""
+    im = _png(data, size, name)
+    return np.asarray(im if im.mode == "RGBA" else im.convert("RGBA"))  # one copy out of PIL, no float image
 
 
-def _depth(data: bytes, size: tuple[int, int], name: str, depth_scale: float) -> np.ndarray:
-    """16-bit PNG -> [H,W] float32 planar z in world units (0 = background)."""
+def _depth_int(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
+    """16-bit PNG -> [H,W] integers, planar z times depth_scale (0 = background), undivided."""
     im = _png(data, size, name)
     if im.mode not in ("I;16", "I;16B", "I", "L"):
         raise ValueError(f"{name}: depth PNG mode {im.mode}, expected 16-bit grayscale")
-    return np.asarray(im).astype(np.float32) / np.float32(depth_scale)
+    return np.asarray(im)
+
+
+def _composite(px: np.ndarray, bg: np.ndarray, rgb_out: np.ndarray, mask_out: np.ndarray) -> None:
+    """px [h,w,4] uint8 straight alpha -> rgb_out [3,h,w] = rgb·a + bg·(1-a), mask_out [1,h,w] = a, float32.
+
+    Written in place into the batch buffers: five float32 passes per view and no temporary image (float64 or
+    HWC float copies cost as much as decoding the PNG at 512²).
+    """
+    a = np.multiply(px[..., 3], np.float32(1.0 / 255.0), out=mask_out[0])  # [h,w]
+    np.multiply(px[..., :3].transpose(2, 0, 1), np.float32(1.0 / 255.0), out=rgb_out)
+    bgc = bg[:, None, None]
+    np.subtract(rgb_out, bgc, out=rgb_out)  # (rgb - bg)·a + bg == rgb·a + bg·(1-a)
+    np.multiply(rgb_out, a, out=rgb_out)
+    np.add(rgb_out, bgc, out=rgb_out)
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -138,18 +153,50 @@ def _background(spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
     return rng.random(3, dtype=np.float32)
 
 
-def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
-                  input_idx: Sequence[int] | None = None, sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
-    """One sample of raw field bytes -> unbatched tensors (the batch dict without the B axis).
+IMAGE_KEYS = ("input_rgb", "input_mask", "sup_rgb", "sup_mask", "sup_depth")
+CAMERA_KEYS = ("input_c2w", "input_K", "sup_c2w", "sup_K")
 
-    Views are drawn from `rng` unless given. Only the picked views' PNGs are decoded. Shapes:
-    input_rgb [Vi,3,S,S], input_mask [Vi,1,S,S], input_c2w [Vi,4,4], input_K [Vi,3,3] (S = input_size);
-    sup_rgb [Vs,3,s,s], sup_mask [Vs,1,s,s], sup_depth [Vs,1,s,s], sup_c2w, sup_K (s = patch or sup_size);
-    background [3].
+
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """float32 tensor; in shared memory when `shared` (a DataLoader worker then sends it without a copy)."""
+    n = int(np.prod(shape))
+    if shared and n:
+        try:  # the same private call torch's default_collate makes for the same reason
+            proto = torch.empty(0)
+            return proto.new(proto._typed_storage()._new_shared(n, device="cpu")).resize_(shape)
+        except Exception:  # noqa: BLE001 - an older/newer torch without it: a plain tensor still works
+            pass
+    return torch.empty(shape)
+
+
+def batch_buffers(spec: ViewSpec, batch_size: int, shared: bool = False) -> dict[str, torch.Tensor]:
+    """Uninitialised image tensors of one batch, filled slot by slot by `decode_into`.
+
+    input_rgb [B,Vi,3,S,S], input_mask [B,Vi,1,S,S], sup_rgb [B,Vs,3,s,s], sup_mask [B,Vs,1,s,s] (when
+    masks), sup_depth [B,Vs,1,s,s] (when depths); S = input_size, s = patch or sup_size.
+    """
+    B, Vi, Vs, S, s = batch_size, spec.input_views, spec.sup_views, spec.input_size, spec.patch or spec.sup_size
+    shapes = {"input_rgb": (B, Vi, 3, S, S), "input_mask": (B, Vi, 1, S, S), "sup_rgb": (B, Vs, 3, s, s)}
+    if spec.masks:
+        shapes["sup_mask"] = (B, Vs, 1, s, s)
+    if spec.depths:
+        shapes["sup_depth"] = (B, Vs, 1, s, s)
+    return {k: _empty(v, shared) for k, v in shapes.items()}
+
+
+def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator, out: dict[str, torch.Tensor],
+                slot: int, input_idx: Sequence[int] | None = None,
+                sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
+    """Decode one sample's picked views into `out[key][slot]` (buffers from `batch_buffers`).
+
+    Views are drawn from `rng` unless given; only their PNGs are decoded. Each view is composited straight
+    into its slot; a NeRF patch is cut from the uint8 image before compositing when no resize is needed.
+    Returns the sample's small fields: uid, background [3], input_c2w [Vi,4,4], input_K [Vi,3,3], sup_c2w,
+    sup_K (float32 numpy) and the view indices. Raises on anything malformed (the stream's handler skips it).
     """
     uid = raw.get("__key__", "?")
     meta = json.loads(_field(raw, "meta.json", MAX_META_BYTES))
-    depth_scale = float(meta.get("depth_scale", 10000.0))
+    depth_scale = np.float32(meta.get("depth_scale", 10000.0))
     with np.load(io.BytesIO(_field(raw, "cameras.npz")), allow_pickle=False) as z:
         c2w_all, K_all = z["c2w"].astype(np.float32), z["K"].astype(np.float32)
         W, H = int(z["width"]), int(z["height"])
@@ -162,55 +209,89 @@ def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generat
             raise ValueError(f"{uid}: {V} views, need {need} ({spec.input_views} input + {spec.sup_views} supervision)")
         pick = rng.choice(V, size=need, replace=False)
         input_idx, sup_idx = pick[: spec.input_views].tolist(), pick[spec.input_views:].tolist()
-    if set(input_idx) & set(sup_idx) or max([*input_idx, *sup_idx]) >= V or min([*input_idx, *sup_idx]) < 0:
-        raise ValueError(f"{uid}: bad view choice {list(input_idx)} / {list(sup_idx)} of {V}")
+    input_idx, sup_idx = [int(i) for i in input_idx], [int(i) for i in sup_idx]
+    if (len(input_idx) != spec.input_views or len(sup_idx) != spec.sup_views or set(input_idx) & set(sup_idx)
+            or max([*input_idx, *sup_idx], default=0) >= V or min([*input_idx, *sup_idx], default=0) < 0):
+        raise ValueError(f"{uid}: bad view choice {input_idx} / {sup_idx} of {V}")
     bg = _background(spec, rng)
-    bg_t = torch.from_numpy(bg)  # [3]
+    npo = {k: v[slot].numpy() for k, v in out.items()}  # [V,C,h,w] numpy views of this sample's slot
 
-    def rgba(i: int) -> torch.Tensor:  # [4,H,W] float (a view of HWC memory): composited rgb + alpha
+    S = spec.input_size
+    for k, i in enumerate(input_idx):
         name = view_name(i, V, "rgba")
-        x = torch.from_numpy(_rgba(_field(raw, name), (W, H), name)).float().mul_(1.0 / 255.0)  # [H,W,4]
-        x[..., :3].sub_(bg_t).mul_(x[..., 3:]).add_(bg_t)  # in place: rgb*a + bg*(1-a), one pass per op
-        return x.permute(2, 0, 1)
+        px = _rgba(_field(raw, name), (W, H), name)  # [H,W,4] u8
+        if S == W == H:
+            _composite(px, bg, npo["input_rgb"][k], npo["input_mask"][k])
+        else:  # resize the composited float image: compositing after a uint8 resize would blend background in
+            full = np.empty((4, H, W), np.float32)
+            _composite(px, bg, full[:3], full[3:])
+            x = _resize(torch.from_numpy(full), S, "bilinear")
+            out["input_rgb"][slot, k] = x[:3]
+            out["input_mask"][slot, k] = x[3:]
+    input_K = np.stack([_scale_K(K_all[i], S / W, S / H) for i in input_idx]) if input_idx else np.zeros((0, 3, 3), np.float32)
 
-    out: dict[str, Any] = {"uid": uid, "background": torch.from_numpy(bg)}
-    ins = [_resize(rgba(i), spec.input_size, "bilinear") for i in input_idx]
-    out["input_rgb"] = torch.stack([x[:3] for x in ins]) if ins else torch.zeros(0, 3, spec.input_size, spec.input_size)
-    out["input_mask"] = torch.stack([x[3:] for x in ins]) if ins else torch.zeros(0, 1, spec.input_size, spec.input_size)
-    out["input_c2w"] = torch.from_numpy(c2w_all[list(input_idx)])
-    out["input_K"] = torch.from_numpy(np.stack([_scale_K(K_all[i], spec.input_size / W, spec.input_size / H)
-                                                 for i in input_idx])) if len(input_idx) else torch.zeros(0, 3, 3)
-
-    s = spec.sup_size
-    rgbs, masks, depths, Ks = [], [], [], []
-    for i in sup_idx:
-        x = _resize(rgba(i), s, "bilinear")  # [4,s,s]
-        K = _scale_K(K_all[i], s / W, s / H)
+    s, p = spec.sup_size, spec.patch or spec.sup_size
+    Ks = []
+    for k, i in enumerate(sup_idx):
+        name = view_name(i, V, "rgba")
+        px = _rgba(_field(raw, name), (W, H), name)
         d = None
         if spec.depths:
-            name = view_name(i, V, "depth")
-            d = _resize(torch.from_numpy(_depth(_field(raw, name), (W, H), name, depth_scale))[None], s, "nearest")
-        if spec.patch:
-            y0, x0 = (int(v) for v in rng.integers(0, s - spec.patch + 1, size=2))
-            x = x[:, y0:y0 + spec.patch, x0:x0 + spec.patch]
-            d = None if d is None else d[:, y0:y0 + spec.patch, x0:x0 + spec.patch]
-            K[0, 2] -= x0  # the patch's pixel (0, 0) is the view's (x0, y0)
-            K[1, 2] -= y0
-        rgbs.append(x[:3])
-        masks.append(x[3:])
+            dname = view_name(i, V, "depth")
+            d = _depth_int(_field(raw, dname), (W, H), dname)  # [H,W]
+        y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2)) if spec.patch else (0, 0)
+        mask_out = npo["sup_mask"][k] if spec.masks else np.empty((1, p, p), np.float32)
+        if s == W == H:  # crop the uint8 image first: only the patch is composited / converted
+            _composite(px[y0:y0 + p, x0:x0 + p], bg, npo["sup_rgb"][k], mask_out)
+            if d is not None:
+                np.divide(d[y0:y0 + p, x0:x0 + p], depth_scale, out=npo["sup_depth"][k][0], dtype=np.float32)
+        else:
+            full = np.empty((4, H, W), np.float32)
+            _composite(px, bg, full[:3], full[3:])
+            x = _resize(torch.from_numpy(full), s, "bilinear")[:, y0:y0 + p, x0:x0 + p]
+            out["sup_rgb"][slot, k] = x[:3]
+            if spec.masks:
+                out["sup_mask"][slot, k] = x[3:]
+            if d is not None:
+                dz = torch.from_numpy(np.divide(d, depth_scale, dtype=np.float32))[None]
+                out["sup_depth"][slot, k] = _resize(dz, s, "nearest")[:, y0:y0 + p, x0:x0 + p]
+        K = _scale_K(K_all[i], s / W, s / H)
+        K[0, 2] -= x0  # the patch's pixel (0, 0) is the view's (x0, y0)
+        K[1, 2] -= y0
         Ks.append(K)
-        if d is not None:
-            depths.append(d)
-    side = spec.patch or s
-    out["sup_rgb"] = torch.stack(rgbs) if rgbs else torch.zeros(0, 3, side, side)
-    if spec.masks:
-        out["sup_mask"] = torch.stack(masks) if masks else torch.zeros(0, 1, side, side)
-    if spec.depths:
-        out["sup_depth"] = torch.stack(depths) if depths else torch.zeros(0, 1, side, side)
-    out["sup_c2w"] = torch.from_numpy(c2w_all[list(sup_idx)])
-    out["sup_K"] = torch.from_numpy(np.stack(Ks)) if Ks else torch.zeros(0, 3, 3)
-    out["input_views"], out["sup_views"] = list(map(int, input_idx)), list(map(int, sup_idx))
-    return out
+    return {"uid": uid, "background": bg, "input_c2w": c2w_all[input_idx], "input_K": input_K,
+            "sup_c2w": c2w_all[sup_idx], "sup_K": np.stack(Ks) if Ks else np.zeros((0, 3, 3), np.float32),
+            "input_views": input_idx, "sup_views": sup_idx}
+
+
+def assemble(out: dict[str, torch.Tensor], infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch buffers + the per-sample small fields of their first len(infos) slots -> the batch dict."""
+    n = len(infos)
+    batch: dict[str, Any] = {"uid": [i["uid"] for i in infos],
+                             "background": torch.from_numpy(np.stack([i["background"] for i in infos]))}
+    for k, v in out.items():
+        batch[k] = v if len(v) == n else v[:n]
+    for k in CAMERA_KEYS:
+        batch[k] = torch.from_numpy(np.stack([i[k] for i in infos]))
+    batch["input_views"] = [i["input_views"] for i in infos]
+    batch["sup_views"] = [i["sup_views"] for i in infos]
+    return batch
+
+
+def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
+                  input_idx: Sequence[int] | None = None, sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
+    """One sample of raw field bytes -> unbatched tensors (the batch dict without the B axis).
+
+    Views are drawn from `rng` unless given. Only the picked views' PNGs are decoded. Shapes:
+    input_rgb [Vi,3,S,S], input_mask [Vi,1,S,S], input_c2w [Vi,4,4], input_K [Vi,3,3] (S = input_size);
+    sup_rgb [Vs,3,s,s], sup_mask [Vs,1,s,s], sup_depth [Vs,1,s,s], sup_c2w, sup_K (s = patch or sup_size);
+    background [3].
+    """
+    if input_idx is not None and sup_idx is not None:
+        spec = replace(spec, input_views=len(input_idx), sup_views=len(sup_idx))
+    out = batch_buffers(spec, 1)
+    b = assemble(out, [decode_into(raw, spec, rng, out, 0, input_idx, sup_idx)])
+    return {k: v[0] for k, v in b.items()}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -222,6 +303,28 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [s[k] for s in samples]
         batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
     return batch
+
+
+def decode_batches(src: Iterator[Mapping[str, Any]], spec: ViewSpec, rng: np.random.Generator, batch_size: int,
+                   handler: Any, partial: bool = True, shared: bool = False) -> Iterator[dict[str, Any]]:
+    """Raw samples -> batch dicts, each sample decoded straight into its batch slot (no per-sample tensors,
+    no stacking copy). A sample that fails is handed to `handler` (True = skip it) and its slot reused."""
+    out: dict[str, torch.Tensor] | None = None
+    infos: list[dict[str, Any]] = []
+    for raw in src:
+        if out is None:
+            out = batch_buffers(spec, batch_size, shared)
+        try:
+            infos.append(decode_into(raw, spec, rng, out, len(infos)))
+        except Exception as e:
+            if handler(e):
+                continue
+            raise
+        if len(infos) == batch_size:
+            yield assemble(out, infos)
+            out, infos = None, []
+    if infos and partial:
+        yield assemble(out, infos)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,6 +438,18 @@ def _read_exact(f: Any, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def _skip_bytes(f: Any, n: int) -> None:
+    """Move n bytes on: a seek on local files (unread members never leave the disk cache), a read on
+    streams (pipes, HTTP). Seeking past the end is caught by the next header read (truncated tar)."""
+    if n <= 0:
+        return
+    seekable = getattr(f, "seekable", None)
+    if seekable is not None and seekable():
+        f.seek(n, io.SEEK_CUR)
+    else:
+        _read_exact(f, n)
+
+
 def _octal(field: bytes) -> int:
     text = field.replace(b"\0", b" ").strip()
     return int(text, 8) if text else 0
@@ -376,11 +491,13 @@ def tar_members(f: Any, skip: Any = None) -> Iterator[tuple[str, bytes | None]]:
             continue
         name, long_name = long_name or name, None
         if kind not in (b"0", b"\0") or (skip is not None and skip(name)):
-            _read_exact(f, padded)  # streams (pipes, HTTP) cannot seek
+            _skip_bytes(f, padded)
             if kind in (b"0", b"\0"):
                 yield name, None
             continue
-        yield name, _read_exact(f, padded)[:size]
+        data = _read_exact(f, size)  # exactly the member: slicing off the padding would copy it again
+        _skip_bytes(f, padded - size)
+        yield name, data
 
 
 def tar_samples(src: Iterator[dict], handler: SkipCounter, skip: Any = None) -> Iterator[dict]:
@@ -475,13 +592,10 @@ class SampleStream(torch.utils.data.IterableDataset):
         py_rng = random.Random(int(ss.generate_state(1)[0]))
         handler = SkipCounter()
 
-        def decode(raw: dict) -> dict:
-            return decode_sample(raw, self.spec, rng)
-
-        def batch(samples: list[dict]) -> dict:
-            b = collate(samples)
-            b["_worker"], b["_skipped"] = worker, handler.count
-            return b
+        def tagged(batches: Iterator[dict]) -> Iterator[dict]:
+            for b in batches:
+                b["_worker"], b["_skipped"] = worker, handler.count
+                yield b
 
         stages: list[Any] = [
             lambda: self._shards(worker, workers, py_rng),
@@ -490,8 +604,10 @@ class SampleStream(torch.utils.data.IterableDataset):
         ]
         if self.shuffle_buffer > 1:
             stages.append(wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 16), rng=py_rng))
-        stages += [wds.filters.map(decode, handler=handler),
-                   wds.filters.batched(self.batch_size, collation_fn=batch, partial=not self.resampled)]
+        # Batches are decoded straight into (shared-memory, in a worker) buffers: no per-sample stack, no copy
+        # into shared memory when the DataLoader sends them to the trainer.
+        stages += [partial(decode_batches, spec=self.spec, rng=rng, batch_size=self.batch_size, handler=handler,
+                           partial=not self.resampled, shared=info is not None), tagged]
         pipe = wds.DataPipeline(*stages)
         if self.resampled:
             pipe = pipe.with_epoch(nbatches=self.batches_per_epoch)
