@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,18 @@ import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-GPU_BENCHES = ["model", "mesh", "reconstruct", "nerf"]
+GPU_BENCHES = ["reconstruct", "mesh", "model"]
+# Seconds each benchmark may take before it is cut off (its rows so far are lost, the error is recorded):
+# the whole check must fit a GPU loan of minutes, builds and tests included.
+BENCH_BUDGET_S = {"reconstruct": 100, "mesh": 80, "model": 100}
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _alarm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Deadline("time budget of this benchmark ran out")
 
 
 def _env() -> dict:
@@ -96,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/paper.yaml", help="config for the GPU benchmarks")
     p.add_argument("--test-timeout", type=float, default=150.0)
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every benchmark's time budget")
     p.add_argument("--only", default="", help=f"comma-separated subset of benchmarks: {', '.join(GPU_BENCHES)}")
     args = p.parse_args(argv)
     out_dir = Path(args.out)
@@ -129,16 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     report["benchmarks"], report["bench_errors"] = [], {}
     for name in [s for s in args.only.split(",") if s] or GPU_BENCHES:
         t0 = time.perf_counter()
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(int(BENCH_BUDGET_S.get(name, 60) * args.budget_scale))
         try:
             mod = importlib.import_module(f"bench.{name}")
             if not hasattr(mod, "run_gpu"):
                 continue
             rows = mod.run_gpu(cfg, out_dir / name)
+            signal.alarm(0)
             for r in rows:
                 r["stage"] = name
             report["benchmarks"] += rows
             print(f"== {name} ({time.perf_counter() - t0:.1f} s)\n{format_table(rows)}", flush=True)
-        except Exception as e:  # noqa: BLE001
+        except (Exception, _Deadline) as e:  # noqa: BLE001
+            signal.alarm(0)
             traceback.print_exc()
             report["bench_errors"][name] = f"{type(e).__name__}: {e}"
         torch.cuda.empty_cache()

@@ -25,6 +25,8 @@ if ls wheels/*.whl >/dev/null 2>&1; then
     || { echo "gpu-check: wheel install failed"; exit 1; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# Offline LPIPS trunks carried as .gpucache/lpips/*.safetensors (fp16 copies to fit the carry limit).
+[ -d .gpucache/lpips ] && export GTR_CACHE="$PWD/.gpucache"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
 # nvdiffrast's JIT build needs the CUDA headers of the toolkit wheel when there is no system include dir.
 NVINC=$("$PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null || true)

@@ -150,8 +150,14 @@ def run(cfg: Config, out_dir: Path, repeat: int = 3) -> list[dict]:
     return rows
 
 
+# The four cases `make gpu-check` times (its budget is minutes): bf16 with and without checkpointing, the
+# fp32 baseline, and hand-written attention as the SDPA baseline. All eight: `cases=ALL_GPU_CASES`.
+GPU_CASES = (("bf16", "sdpa", True), ("bf16", "sdpa", False), ("fp32", "sdpa", False), ("bf16", "hand", False))
+ALL_GPU_CASES = tuple((d, a, c) for d in ("bf16", "fp32") for a in ("sdpa", "hand") for c in (True, False))
+
+
 def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, repeat: int = 3,
-            preset: str | None = None) -> list[dict]:
+            preset: str | None = None, cases: tuple = GPU_CASES) -> list[dict]:
     """GPU rows for the paper config (CUDA only): fp32/bf16 x SDPA/hand-written x checkpointing on/off."""
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -168,40 +174,40 @@ def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, rep
     f = flops_per_sample(mcfg, V, rays, size)
     b = _batch(batch, V, size, sup, patch, "cuda")
     rows: list[dict] = []
-    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
-        for attn in ("sdpa", "hand"):
-            for ckpt in (True, False):
-                label = f"paper step {dtype_name}, {attn}, ckpt {'on' if ckpt else 'off'}"
-                torch.manual_seed(0)
-                with torch.device("cuda"):
-                    model = GTR(mcfg)
-                if attn == "hand":
-                    _manual_attention(model)
-                if ckpt:  # applied from outside, as the trainer does
-                    for blk in model.blocks:
-                        blk.forward = (lambda x, _f=blk.forward: checkpoint(_f, x, use_reentrant=False))
-                try:
-                    torch.cuda.reset_peak_memory_stats()
-                    _step(model, b, patch, dtype)
-                    torch.cuda.synchronize()
-                    ts = []
-                    for _ in range(repeat):
-                        t0 = time.perf_counter()
-                        _step(model, b, patch, dtype)
-                        torch.cuda.synchronize()
-                        ts.append(time.perf_counter() - t0)
-                    sec = sorted(ts)[len(ts) // 2]
-                    flops = (f["train_checkpointed"] if ckpt else f["train"]) * batch
-                    peak = torch.cuda.max_memory_allocated() / 2**20
-                    rows.append(result(label, sec, None, "", "s/step",
-                                       notes=f"B={batch}, {V}x{size}² in, {sup}x{patch}² rays x "
-                                             f"{mcfg.samples_per_ray}; peak {peak:.0f} MiB; "
-                                             f"{flops / 1e12:.2f} TFLOP/step; MFU {flops / sec / H100_BF16_PEAK:.3f} "
-                                             f"of H100 bf16 peak"))
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(result(label, float("nan"), None, "", "s/step", notes="out of memory"))
-                del model
-                torch.cuda.empty_cache()
+    names = {"bf16": torch.bfloat16, "fp32": None}
+    for dtype_name, attn, ckpt in cases:
+        dtype = names[dtype_name]
+        label = f"paper step {dtype_name}, {attn}, ckpt {'on' if ckpt else 'off'}"
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = GTR(mcfg)
+        if attn == "hand":
+            _manual_attention(model)
+        if ckpt:  # applied from outside, as the trainer does
+            for blk in model.blocks:
+                blk.forward = (lambda x, _f=blk.forward: checkpoint(_f, x, use_reentrant=False))
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            _step(model, b, patch, dtype)
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                _step(model, b, patch, dtype)
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            sec = sorted(ts)[len(ts) // 2]
+            flops = (f["train_checkpointed"] if ckpt else f["train"]) * batch
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(result(label, sec, None, "", "s/step",
+                               notes=f"B={batch}, {V}x{size}² in, {sup}x{patch}² rays x "
+                                     f"{mcfg.samples_per_ray}; peak {peak:.0f} MiB; "
+                                     f"{flops / 1e12:.2f} TFLOP/step; MFU {flops / sec / H100_BF16_PEAK:.3f} "
+                                     f"of H100 bf16 peak"))
+        except torch.cuda.OutOfMemoryError:
+            rows.append(result(label, float("nan"), None, "", "s/step", notes="out of memory"))
+        del model
+        torch.cuda.empty_cache()
     rows.append(result("paper model FLOPs per sample (train)", f["train"] / 1e12, None, "", "TFLOP",
                        notes=f"forward {f['forward'] / 1e12:.2f} TFLOP: transformer "
                              f"{f['transformer'] / 1e12:.2f}, decoders {f['decoders'] / 1e12:.2f} "
