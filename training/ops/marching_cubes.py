@@ -3,10 +3,11 @@
 Conventions (the same as diso's, read from its source; held against it in the GPU test):
 
 - `grid` is a scalar field [X, Y, Z] sampled at integer index positions; a vertex's coordinate (x, y, z)
-  is the (fractional) index along torch dimensions (0, 1, 2). The grid is padded by one cell of value +1
-  on every side before extraction (as diso does), so a region that touches the border is closed and its
+  is the (fractional) index along torch dimensions (0, 1, 2). The grid is padded by one cell of value
+  isovalue + 1 on every side before extraction (as diso does), so a region that touches the border is closed and its
   vertices may lie up to one cell outside [0, dim − 1].
-- A corner is "positive" when its value is > `isovalue` (outside, for an sdf that is positive outside).
+- A corner is "positive" when its value is >= `isovalue` (outside, for an sdf that is positive outside),
+  in the cube code and in the edge test alike, exactly as diso's kernels (`data >= iso`).
   Triangles are wound counter-clockwise seen from the positive side: the right-hand normal
   (v1 − v0) × (v2 − v0) points towards increasing values (outwards for an sdf).
 - A vertex lies on a grid edge whose end values straddle the isovalue, at t = (iso − d0) / (d1 − d0)
@@ -17,9 +18,7 @@ Conventions (the same as diso's, read from its source; held against it in the GP
 - An empty grid (no sign change) returns verts [0, 3] and faces [0, 3] and counts the event in
   `EMPTY_EVENTS`.
 
-Differences from diso, on purpose: a value exactly equal to the isovalue counts as "not positive" for both
-the cube code and the edge test (diso's edge test is strict on both sides, which can reference a missing
-vertex); the emptiness test uses the isovalue (diso tests 0); the triangle table is generated here (see
+Differences from diso, on purpose: the triangle table is generated here (see
 `_case_triangles`) with a face rule that is consistent between neighbouring cells, so closed fields give
 watertight meshes. The triangulation of a cell may differ from diso's table (different diagonals, and
 ambiguous faces), so face lists match in count and surface, not index by index.
@@ -153,15 +152,15 @@ class TorchDiffMC(torch.nn.Module):
         grid = grid.to(self.dtype)
         dims = grid.shape
         with torch.no_grad():
-            if not bool(((grid > isovalue).any() & (grid <= isovalue).any()).item()):
+            if bool((grid.min() >= isovalue) | (grid.max() <= isovalue)):  # diso's emptiness test
                 return _empty(self.dtype, grid.device)
-        gp = F.pad(grid, (1, 1, 1, 1, 1, 1), "constant", 1.0)  # [X+2, Y+2, Z+2], diso's padding
+        gp = F.pad(grid, (1, 1, 1, 1, 1, 1), "constant", isovalue + 1.0)  # [X+2, Y+2, Z+2], diso's padding
         dp = None if deform is None else F.pad(deform.to(self.dtype), (0, 0, 1, 1, 1, 1, 1, 1), "constant", 0.0)
         P = gp.shape
         strides = torch.tensor([P[1] * P[2], P[2], 1], device=grid.device)
 
         with torch.no_grad():
-            s = gp > isovalue  # [P0, P1, P2] bool: the only dense temporary
+            s = gp >= isovalue  # [P0, P1, P2] bool, diso's ">= iso is positive": the only dense temporary
             # 1. Crossing edges, keyed by (linear index of the first corner) * 3 + axis: diso's vertex order.
             keys = []
             for axis in range(3):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -255,18 +256,24 @@ def _nvdiffrast() -> ModuleType:
     except ImportError:
         pass
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        build_dir = _get_build_directory("nvdiffrast_plugin", verbose=False)
-        if build_dir not in sys.path:
-            sys.path.append(build_dir)
-    except Exception:  # noqa: BLE001 - private torch helper; the import below reports the real problem
-        pass
-    try:
-        return importlib.import_module("nvdiffrast.torch")
+        module = importlib.import_module("nvdiffrast.torch")
     except ImportError as e:
         raise ImportError("nvdiffrast is not installed (pip install diffrp-nvdiffrast; needs CUDA, nvcc, ninja); "
                           "use raster_backend='torch' for the PyTorch twin") from e
+    try:
+        import nvdiffrast
+        from torch.utils.cpp_extension import _get_build_directory
+
+        # The plugin's name as nvdiffrast.torch.ops._get_plugin builds it (version- and torch-specific):
+        # torch >= 2.9 no longer puts its build directory on sys.path, so the final import would fail.
+        name = re.sub(r"\W|^(?=\d)", "_", f"nvdiffrast_plugin_{nvdiffrast.__version__}_torch{torch.__version__}")
+        for plugin in (name, name + "_gl"):
+            build_dir = _get_build_directory(plugin, verbose=False)
+            if build_dir not in sys.path:
+                sys.path.append(build_dir)
+    except Exception:  # noqa: BLE001 - private torch helper; the plugin import reports the real problem
+        pass
+    return module
 
 
 @functools.cache
