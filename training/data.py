@@ -181,7 +181,14 @@ def batch_buffers(spec: ViewSpec, batch_size: int, shared: bool = False) -> dict
         shapes["sup_mask"] = (B, Vs, 1, s, s)
     if spec.depths:
         shapes["sup_depth"] = (B, Vs, 1, s, s)
-    return {k: _empty(v, shared) for k, v in shapes.items()}
+    # One storage for the whole batch: a worker passes one shared-memory segment per batch, not one per key.
+    sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
+    flat = _empty((sum(sizes.values()),), shared)
+    out, at = {}, 0
+    for k, v in shapes.items():
+        out[k] = flat[at:at + sizes[k]].view(v)
+        at += sizes[k]
+    return out
 
 
 def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator, out: dict[str, torch.Tensor],
