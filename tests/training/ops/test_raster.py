@@ -208,9 +208,12 @@ def test_twin_matches_nvdiffrast() -> None:
     assert (c1 ^ c2).float().sum() / (c1 | c2).float().sum() < 1e-3  # coverage: ties on edges only
     same = r1[..., 3] == r2[..., 3]
     same &= c1
-    # Barycentrics and interpolated values agree where both chose the same triangle (float32 rounding).
-    torch.testing.assert_close(r1[same][:, :3], r2[same][:, :3], rtol=0, atol=1e-4)
-    torch.testing.assert_close(i1[same], i2[same], rtol=0, atol=1e-4)
+    # Barycentrics and interpolated values agree where both chose the same triangle. nvdiffrast's CUDA
+    # rasterizer sets its edge functions up in fixed point (snapped vertex positions), which moved one
+    # barycentric of 132,726 by 1.0002e-4 on an H200 (2026-11-28); 3e-4 allows that rounding, while a
+    # wrong triangle, perspective correction or vertex order is off by more than 1e-2.
+    torch.testing.assert_close(r1[same][:, :3], r2[same][:, :3], rtol=0, atol=3e-4)
+    torch.testing.assert_close(i1[same], i2[same], rtol=0, atol=3e-4)
     assert torch.nn.functional.cosine_similarity(g1.flatten(), g2.flatten(), dim=0) > 0.99
     # Antialiasing is approximate in the twin (silhouettes against empty pixels only).
     assert (a1 - a2).abs().mean() < 0.01
