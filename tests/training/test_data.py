@@ -243,29 +243,40 @@ def test_too_few_views_is_skipped_not_raised(tmp_path):
     shutil.rmtree(tmp_path / "renders")
 
 
-def test_tar_reader_matches_tarfile_on_pax_and_long_names(tmp_path):
-    import tarfile
+def test_patch_of_a_resized_view(packed):
+    """NeRF patches of a supervision view brought to half size: crop of the resized composite, K scaled then shifted."""
+    cfg, written = packed
+    half, P = SIZE // 2, 6
+    _, batches = _epoch(cfg, "nerf", batch_size=3, sup_size=half, patch=P)
+    for b in batches[:2]:
+        for j, uid in enumerate(b["uid"]):
+            for k, v in enumerate(b["sup_views"][j]):
+                K_half = written[uid]["K"][v].copy()
+                K_half[:2] *= 0.5
+                K = b["sup_K"][j, k].numpy()
+                x0, y0 = int(K_half[0, 2] - K[0, 2]), int(K_half[1, 2] - K[1, 2])
+                assert K_half[0, 2] - K[0, 2] == x0 and 0 <= x0 <= half - P and 0 <= y0 <= half - P
+                rgb, a = _composite(written[uid]["rgba"][v], np.ones(3))
+                ref = np.stack([np.asarray(Image.fromarray(c.astype(np.float32), "F").resize((half, half), Image.BILINEAR))
+                                for c in np.concatenate([rgb, a])])[:, y0:y0 + P, x0:x0 + P]
+                got = torch.cat([b["sup_rgb"][j, k], b["sup_mask"][j, k]]).numpy()
+                np.testing.assert_allclose(got, ref, atol=1e-4)  # float32 accumulation order differs
 
-    import webdataset as wds
 
-    from training.data import tar_members
+def test_worker_batches_equal_in_process_batches(packed):
+    """A DataLoader worker (batches decoded into shared memory) yields exactly what the in-process stream does."""
+    cfg, _ = packed
+    torch.set_num_threads(1)
 
-    path = tmp_path / "pax.tar"
-    rng = np.random.default_rng(0)
-    samples = [{"__key__": "k" * 120, "a.bin": rng.bytes(700), "b.txt": b"x"},
-               {"__key__": "short", "a.bin": rng.bytes(0), "b.txt": rng.bytes(513)}]
-    with wds.TarWriter(str(path), mtime=1.5) as w:  # float mtime + a 120-char name: pax headers
-        for s in samples:
-            w.write(s)
-    with tarfile.open(path) as t:
-        want = [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isreg()]
-    with open(path, "rb") as f:
-        got = list(tar_members(f))
-    assert got == want and len(got) == 4
-    with open(path, "rb") as f:
-        assert [d for _, d in tar_members(f, skip=lambda n: n.endswith(".bin"))][0::2] == [None, None]
-    with open(path, "rb") as f:  # a flipped header byte fails the checksum instead of yielding garbage
-        data = bytearray(f.read())
-    data[10] ^= 1
-    with pytest.raises(ValueError, match="checksum"):
-        list(tar_members(io.BytesIO(bytes(data))))
+    def run(workers):
+        return list(make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=2, resampled=False, workers=workers,
+                                seed=3, background="random"))
+
+    a, b = run(0), run(1)
+    assert len(a) == len(b) == 5  # 9 samples in batches of 2: the last one partial
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["uid"] == y["uid"]
+        for key, val in x.items():
+            if isinstance(val, torch.Tensor):
+                assert torch.equal(val, y[key]), key
+    assert a[-1]["input_rgb"].shape[0] == 1
