@@ -257,47 +257,62 @@ def voxel_centres(resolution: int) -> np.ndarray:
     return np.stack(np.meshgrid(g, g, g, indexing="ij"), -1)
 
 
+def _surface_blocks(pts: np.ndarray, n: int, size: float) -> np.ndarray:
+    """bool [n,n,n]: which blocks of side `size` over [-1,1]^3 hold any of the points pts [P,3]."""
+    ib = np.floor((pts + 1.0) / size).astype(np.int64)
+    ib = ib[((ib >= 0) & (ib < n)).all(1)]
+    out = np.zeros((n,) * 3, bool)
+    out[ib[:, 0], ib[:, 1], ib[:, 2]] = True
+    return out
+
+
+def _differs(inside: np.ndarray) -> np.ndarray:
+    """bool, same shape: cells whose inside-ness differs from a face neighbour's."""
+    out = np.zeros_like(inside)
+    for ax in range(3):
+        diff = np.diff(inside.astype(np.int8), axis=ax) != 0
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
+        out[tuple(lo)] |= diff
+        out[tuple(hi)] |= diff
+    return out
+
+
 def occupancy(mesh: Mesh, resolution: int, coarse: int = 4, seed: int = 0) -> np.ndarray:
     """Inside-ness (winding number > 0.5) at the voxel centres of a resolution³ grid over [-1,1]^3. -> bool [R,R,R].
 
-    Coarse-to-fine: winding numbers at the centres of `coarse`³ blocks first; a block is filled with its
-    centre's answer unless it, or a neighbour, straddles 0.5 or holds surface, in which case every voxel
-    of it is evaluated. Surface voxels are found from dense surface samples.
+    Coarse-to-fine, as an octree: winding numbers at the centres of `coarse`³ blocks first; a block that
+    holds surface, or whose answer differs from a face neighbour's, is split into its 8 children, which are
+    evaluated at their centres; the others pass their answer to every voxel they cover. Repeated down to
+    single voxels, whose centres are the grid's. Surface blocks are found from dense surface samples.
+    `coarse` must be a power of two dividing the resolution (otherwise every voxel is evaluated).
     """
     r = resolution
     centres = voxel_centres(r)
-    if coarse <= 1 or r % coarse:
+    if coarse <= 1 or r % coarse or coarse & (coarse - 1):
         return (np.abs(winding_numbers(centres.reshape(-1, 3), mesh)) > 0.5).reshape(r, r, r)
-    rc, h = r // coarse, 2.0 / r
-    # Surface blocks: blocks containing any surface sample (samples ≤ a quarter voxel apart).
+    h = 2.0 / r
     area = triangle_areas(mesh.vertices, mesh.faces).sum()
-    n = int(min(2e6, max(1e4, 16 * area / h ** 2)))
-    pts = sample_surface(mesh, n, seed)
-    pts = np.concatenate([pts, mesh.vertices])
-    ib = np.floor((pts + 1.0) / (h * coarse)).astype(np.int64)
-    ib = ib[((ib >= 0) & (ib < rc)).all(1)]
-    surface = np.zeros((rc,) * 3, bool)
-    surface[ib[:, 0], ib[:, 1], ib[:, 2]] = True
-    block_c = centres.reshape(rc, coarse, rc, coarse, rc, coarse, 3).mean((1, 3, 5))
-    inside_c = np.abs(winding_numbers(block_c.reshape(-1, 3), mesh)).reshape(rc, rc, rc) > 0.5
-    # A block is uncertain if it holds surface or its inside-ness differs from a face neighbour's.
-    differs = np.zeros_like(inside_c)
-    for ax in range(3):
-        diff = np.diff(inside_c.astype(np.int8), axis=ax) != 0
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
-        differs[tuple(lo)] |= diff
-        differs[tuple(hi)] |= diff
-    refine = surface | differs
-    occ = np.repeat(np.repeat(np.repeat(inside_c, coarse, 0), coarse, 1), coarse, 2)
-    blocks = np.argwhere(refine)
-    if len(blocks):
-        offs = np.stack(np.meshgrid(*(np.arange(coarse),) * 3, indexing="ij"), -1).reshape(-1, 3)
-        vox = (blocks[:, None] * coarse + offs[None]).reshape(-1, 3)  # [B·c³,3] fine voxel indices
-        w = winding_numbers(centres[vox[:, 0], vox[:, 1], vox[:, 2]], mesh)
-        occ[vox[:, 0], vox[:, 1], vox[:, 2]] = np.abs(w) > 0.5
-    return occ
+    n = int(min(2e6, max(1e4, 16 * area / h ** 2)))  # samples ≤ a quarter voxel apart
+    pts = np.concatenate([sample_surface(mesh, n, seed), mesh.vertices])
+
+    def block_centres(b: int, idx: np.ndarray) -> np.ndarray:  # centres of blocks of b voxels at idx [K,3]
+        return (idx + 0.5) * (h * b) - 1.0
+
+    b = coarse
+    nb = r // b
+    idx = np.argwhere(np.ones((nb,) * 3, bool))
+    inside = (np.abs(winding_numbers(block_centres(b, idx), mesh)) > 0.5).reshape(nb, nb, nb)
+    live = np.ones_like(inside)  # blocks evaluated at this level (the others inherited a final answer)
+    while b > 1:
+        split = live & (_surface_blocks(pts, nb, h * b) | _differs(inside))
+        b, nb = b // 2, nb * 2
+        inside = np.repeat(np.repeat(np.repeat(inside, 2, 0), 2, 1), 2, 2)
+        live = np.repeat(np.repeat(np.repeat(split, 2, 0), 2, 1), 2, 2)
+        idx = np.argwhere(live)
+        if len(idx):
+            inside[idx[:, 0], idx[:, 1], idx[:, 2]] = np.abs(winding_numbers(block_centres(b, idx), mesh)) > 0.5
+    return inside
 
 
 def volume_iou(a: Mesh, b: Mesh, resolution: int) -> float:

@@ -12,6 +12,9 @@ from scipy.spatial.transform import Rotation
 
 from eval import geometry as G
 
+# _ONE_THREAD: winding numbers are thousands of mid-sized torch ops; on the shared 2-core machine two
+# intra-op threads made the IoU tests ~8x slower than one (each op waits for a descheduled worker).
+
 
 def _mesh(tm: trimesh.Trimesh, offset=(0.0, 0.0, 0.0)) -> G.Mesh:
     return G.Mesh(np.asarray(tm.vertices, dtype=np.float64) + np.asarray(offset), np.asarray(tm.faces))
@@ -76,7 +79,7 @@ def test_kabsch_is_a_proper_rotation():
 
 
 def test_barnes_hut_winding_matches_exact():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see _ONE_THREAD
     sphere = _mesh(trimesh.creation.icosphere(subdivisions=3, radius=0.7))
     q = np.random.default_rng(5).uniform(-1, 1, (600, 3))
     exact = G._exact_winding(torch.from_numpy(q), torch.from_numpy(sphere.vertices[sphere.faces])).numpy()
@@ -88,7 +91,7 @@ def test_barnes_hut_winding_matches_exact():
 
 
 def test_iou_offset_cubes():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see _ONE_THREAD
     box = trimesh.creation.box(extents=(1, 1, 1))
     a, b = _mesh(box), _mesh(box, offset=(0.25, 0.125, 0.0))
     # Intersection 0.75 * 0.875 * 1; union 2 - that. The faces lie on voxel boundaries of the 32³ grid
@@ -103,7 +106,7 @@ def test_iou_offset_cubes():
 
 
 def test_iou_spheres_lens():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see _ONE_THREAD
     r, d = 0.6, 0.6
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=r)
     a, b = _mesh(sphere, (-d / 2, 0, 0)), _mesh(sphere, (d / 2, 0, 0))
@@ -114,7 +117,7 @@ def test_iou_spheres_lens():
 
 
 def test_open_mesh_is_flagged_and_still_scored():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see _ONE_THREAD
     tm = trimesh.creation.icosphere(subdivisions=3, radius=0.8)
     full = _mesh(tm)
     holed = G.Mesh(full.vertices, full.faces[8:])  # a few faces missing: a hole
@@ -129,7 +132,7 @@ def test_open_mesh_is_flagged_and_still_scored():
 
 
 def test_evaluate_geometry_undoes_scale_offset_and_rotation():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see _ONE_THREAD
     rng = np.random.default_rng(6)
     gt = _mesh(trimesh.convex.convex_hull(rng.normal(size=(30, 3)) * [1.0, 0.7, 0.4]))
     rot = Rotation.from_rotvec([0.0, 0.0, np.deg2rad(5)]).as_matrix()
