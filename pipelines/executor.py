@@ -112,7 +112,8 @@ def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[fl
              max_retries: int) -> None:
     """Run `fn(batch)` per batch as Ray tasks, at most `workers` in flight; report each as it ends."""
     ray = init_ray(address)
-    remote = ray.remote(max_retries=max_retries, num_cpus=1)(_call)
+    # SPREAD: data tasks are I/O-bound; spread them over the cluster's nodes rather than packing the head.
+    remote = ray.remote(max_retries=max_retries, num_cpus=1, scheduling_strategy="SPREAD")(_call)
     pending = list(range(len(batches)))[::-1]
     running: dict[Any, tuple[int, float | None]] = {}
     nodes: dict[str, int] = {}  # node id -> batches it finished

@@ -329,11 +329,11 @@ def _run_local(plans: list[ShardPlan], shard_dir: Path, mtime: float,
 def _run_ray(plans: list[ShardPlan], shard_dir: Path, mtime: float, writers: int,
              on_done: Callable[[dict[str, Any]], None]) -> None:
     """One Ray task per planned shard, at most `writers` in flight; the driver records each as it closes."""
-    import ray  # only the executor imports Ray
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    from pipelines.executor import init_ray  # the one place that connects (RAY_ADDRESS or a local Ray)
+
+    ray = init_ray()
     task = ray.remote(num_cpus=1)(write_shard)
     pending = list(plans)
     in_flight: list[Any] = []

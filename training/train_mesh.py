@@ -90,10 +90,11 @@ class MeshObjective(nn.Module):
             return torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1]))
 
         ro, rd, rt = take(o), take(d), take(t)
-        box, mc = float(self.model.cfg.scene_box), self.model.cfg
-        delta = bin_length(ro, rd, box, mc.samples_per_ray, mc.near_min)
-        return ray_opacity_regulariser(lambda p: self.model.query(planes, p)[0], ro, rd, rt, box, delta,
-                                       mc.near_min)
+        # Box, near plane and density units come from the model, in our frame (docs/model.md "Frames").
+        box, near, mc = self.model.box_half_size_ours(), self.model.near_min_ours(), self.model.cfg
+        delta = bin_length(ro, rd, box, mc.samples_per_ray, near) * self.model.units_per_ours
+        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), ro, rd, rt, box, delta,
+                                       near)
 
     def losses(self, batch: dict, outs: list[dict[str, Tensor] | None], planes: Tensor
                ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -191,6 +191,8 @@ def test_ray_writers_give_the_same_bytes_as_one_local_writer(tmp_path):
     write_renders(a, UIDS, views=2)
     shutil.copytree(a, b)
     pack(_cfg(a, max_count=2), executor="local")
+    if ray.is_initialized():  # another test module's Ray instance: start a clean one for this test
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pack(_cfg(b, max_count=2, writers=2), executor="ray")
