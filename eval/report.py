@@ -52,11 +52,33 @@ def _fmt(x: float, digits: int) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _evalset_lines(es: dict | None) -> list[str]:
+    """The eval set paragraph: which set, where, how many, and the leak check (loud when it fails)."""
+    if not es:
+        return []
+    leak = es.get("leak_check", {})
+    lines = [f"Eval set `{es['slug']}` ({'held-out' if es.get('held_out') else 'val split of the training data'}): "
+             f"{es['assets']} assets from `{es['source']}` under `{es['root']}`"
+             + (f"; {es['excluded_training']} candidates dropped because training used them"
+                if es.get("excluded_training") else "") + "."]
+    if leak.get("overlap"):
+        n = len(leak["overlap"])
+        lines += ["", f"> **WARNING — TRAIN/EVAL LEAK: {n} of {es['assets']} eval assets are in the training "
+                  f"shards** ({leak['against']}): {', '.join(leak['overlap'][:10])}"
+                  f"{' …' if n > 10 else ''}. These numbers do not measure generalisation."]
+    elif leak.get("checked"):
+        lines.append(f"Leak check: no eval uid is in {leak['against']}.")
+    else:
+        lines.append(f"Leak check not done: {leak.get('note', 'no shards index')}.")
+    return lines
+
+
 def markdown(rows: list[dict], info: dict) -> str:
     s = summarize(rows)
     lines = ["# Evaluation report", "",
              f"{info.get('assets', 0)} assets from `{info.get('source', '')}`, checkpoint `{info.get('checkpoint', '')}`; "
              f"{info.get('views', 20)} orbit views per asset at {info.get('resolution', '?')}², composited on white.",
+             "", *_evalset_lines(info.get("eval_set")),
              "", "| Method | PSNR ↑ | SSIM ↑ | LPIPS VGG ↓ | LPIPS Alex ↓ | CD×100 ↓ | IoU ↑ | "
              f"F@{info.get('fscore_threshold', '?')} ↑ | ICP residual | ok / failed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -3,14 +3,21 @@
     python -m eval.run [--config C] [--out OUT] [--source S] [--checkpoint CKPT] [--nerf-checkpoint CKPT]
                        [--no-render] [key=value ...]
 
-Reads OUT/renders_eval/<uid>/{orbit,inputs}/ (rendered first with the render stage when absent, unless
---no-render). Methods (config eval.methods, plus Table 3's rows with eval.ablation=true): `feedforward` and
+The eval set (eval/evalset.py, docs/eval.md "Evaluation sets"): `--source` / SOURCE= when given, else
+eval.source (default `procedural` = held-out procedural indices training never generates); `val` = the val
+split of the training shards. It is built under OUT/evalsets/<slug>/ by the data and render stages
+(manifest/, assets/, renders_eval/<uid>/{orbit,inputs}/), at most eval.max_assets assets (the first in
+source order), reusing whatever is already fetched and rendered; --no-render uses the set as built.
+Methods (config eval.methods, plus Table 3's rows with eval.ablation=true): `feedforward` and
 `refined` from the mesh-stage checkpoint (eval.checkpoint, default the newest under OUT/runs/mesh),
 `nerf_mc` = the stage-1 NeRF checkpoint's triplane meshed by marching cubes without stage 2 (newest under
 OUT/runs/nerf), `refined_color` / `refined_triplane` = refinement of one part only. Writes under OUT/eval/:
-report.{md,csv,json}, sheets/<uid>.png, meshes/<uid>.<method>.glb (eval.mesh_export), views/<method>/<uid>/NN.png (RGBA, the
-ground truth's size and order) and rows/<method>/<uid>.json (one finished row each: a rerun skips those).
-Any per-asset failure becomes a row with its reason; the report is always written.
+report.{md,csv,json} (naming the eval set, with a leak check against OUT/shards/index.parquet),
+sheets/<uid>.png, meshes/<uid>.<method>.glb (eval.mesh_export), views/<method>/<uid>/NN.png (RGBA, the
+ground truth's size and order) and rows/<slug>/<method>/<uid>.json (one finished row each, with the
+checkpoint that made it: a rerun with the same checkpoint skips those).
+Any per-asset failure (download, render, reconstruction, scoring) becomes a row with its reason; the report
+is always written.
 """
 
 from __future__ import annotations
@@ -47,12 +54,6 @@ def methods_of(cfg: Config) -> list[str]:
     if cfg.eval.mesh_export not in ("vertex", "texture", "none"):
         raise ValueError(f"eval.mesh_export must be vertex, texture or none, got {cfg.eval.mesh_export!r}")
     return ms
-
-
-def eval_assets(cfg: Config) -> list[Path]:
-    root = cfg.out_path / "renders_eval"
-    found = sorted(p for p in root.glob("*") if (p / "orbit" / "cameras.npz").is_file() and (p / "inputs").is_dir())
-    return found[: cfg.eval.max_assets] if cfg.eval.max_assets else found
 
 
 def load_ground_truth(folder: Path) -> dict:
@@ -150,15 +151,27 @@ def _load(checkpoint: str, default: Path, cfg: Config):
     return load_model(path, cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, progress: bool = True) -> list[dict]:
+def _failed(uid: str, methods: list[str], reason: str) -> list[dict]:
+    return [{"uid": uid, "method": m, "status": "failed", "reason": reason} for m in methods]
+
+
+def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, progress: bool = True,
+        source: str | None = None) -> list[dict]:
+    """Build (fetch + render) the eval set of `source` (default eval.source), reconstruct, score, report.
+
+    Returns one row per (asset, method); assets that failed to download or render are rows with the reason.
+    """
+    from eval.evalset import describe, leak_check, prepare
+
     out = cfg.out_path / "eval"
     methods = methods_of(cfg)
-    assets = eval_assets(cfg)
-    if not assets and render_missing:
-        from pipelines.render import run as render_run
-
-        render_run(cfg, eval_mode=True, progress=progress)
-        assets = eval_assets(cfg)
+    es = prepare(cfg, source or cfg.eval.source, render=render_missing, progress=progress)
+    leak = leak_check(cfg, es)
+    if leak["overlap"]:
+        print(f"WARNING: {len(leak['overlap'])} of {len(es.uids)} eval assets of {es.source} are in the training "
+              f"shards ({leak['against']}): {', '.join(leak['overlap'][:5])}{' ...' if len(leak['overlap']) > 5 else ''}",
+              file=sys.stderr)
+    not_rendered = es.failures()
     models, load_errors = {}, {}
     for key, ckpt, default in (("mesh", cfg.eval.checkpoint, cfg.out_path / "runs" / "mesh"),
                                ("nerf", nerf_checkpoint, cfg.out_path / "runs" / "nerf")):
@@ -173,39 +186,45 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
     lpips = Lpips("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []
     resolution = None
-    bar = tqdm(total=len(assets) * len(methods), desc="eval", unit="recon", disable=not progress)
-    for folder in assets:
-        uid = folder.name
+    bar = tqdm(total=len(es.uids) * len(methods), desc=f"eval {es.slug}", unit="recon", disable=not progress)
+    for uid in es.uids:
+        folder = es.renders / uid
+        if uid in not_rendered:
+            rows += _failed(uid, methods, not_rendered[uid])
+            bar.update(len(methods))
+            continue
         try:
             gt = load_ground_truth(folder)
             from training.recon_inputs import read_views
 
             views = read_views(folder / "inputs", cfg.loader.input_size, background=1.0)
         except Exception as e:  # noqa: BLE001
-            rows += [{"uid": uid, "method": m, "status": "failed", "reason": f"ground truth/inputs: {e}"} for m in methods]
+            rows += _failed(uid, methods, f"ground truth/inputs: {e}")
             bar.update(len(methods))
             continue
         preds: dict[str, list[np.ndarray] | None] = {}
         resolution = resolution or int(gt["rgba"].shape[1])
         pick = np.linspace(0, len(gt["rgba"]) - 1, cfg.eval.sheet_views).round().astype(int)
         for method in methods:
-            done = out / "rows" / method / f"{uid}.json"
+            # one finished row per (eval set, method, asset), valid for the checkpoint that produced it
+            done = out / "rows" / es.slug / method / f"{uid}.json"
             key = "nerf" if method == "nerf_mc" else "mesh"
-            if done.is_file():
-                row = json.loads(done.read_text())
+            ckpt = models[key][1] if key in models else None
+            cached = json.loads(done.read_text()) if done.is_file() else None
+            if cached is not None and cached.get("checkpoint") == ckpt:
+                row = cached
                 vdir = out / "views" / method / uid
                 preds[method] = ([np.asarray(Image.open(vdir / f"{i:02d}.png").convert("RGBA")) for i in pick]
                                  if row["status"] == "ok" else None)
             elif key in load_errors:
-                row, preds[method] = {"uid": uid, "method": method, "status": "failed",
-                                      "reason": f"{key} checkpoint: {load_errors[key]}"}, None
+                row, preds[method] = _failed(uid, [method], f"{key} checkpoint: {load_errors[key]}")[0], None
             else:
                 try:
                     row, pred = evaluate_one(uid, method, models[key][0], gt, views, cfg, lpips, out)
                     preds[method] = [pred[i] for i in pick]
                 except Exception as e:  # noqa: BLE001 - one asset never stops the evaluation
-                    row, preds[method] = {"uid": uid, "method": method, "status": "failed",
-                                          "reason": f"{type(e).__name__}: {e}"}, None
+                    row, preds[method] = _failed(uid, [method], f"{type(e).__name__}: {e}")[0], None
+                row["checkpoint"] = ckpt
                 if row["status"] == "ok":  # failures are retried by a rerun
                     atomic_write_text(done, json.dumps(row))
             rows.append(row)
@@ -215,7 +234,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
         contact_sheet(out / "sheets" / f"{uid}.png", white([gt["rgba"][i] for i in pick]),
                       {m: (white(p) if p is not None else None) for m, p in preds.items()})
     bar.close()
-    info = {"source": cfg.source, "assets": len(assets), "methods": methods,
+    info = {"source": es.source, "eval_set": describe(es, leak), "assets": len(es.uids), "methods": methods,
             "checkpoint": {k: v[1] for k, v in models.items()} | {k: f"not loaded ({v})" for k, v in load_errors.items()},
             "views": cfg.render.eval_orbit_views, "resolution": resolution, "points": cfg.eval.points,
             "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution}
@@ -227,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p: argparse.ArgumentParser = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="mesh-stage checkpoint (default: eval.checkpoint, else newest in OUT/runs/mesh)")
     p.add_argument("--nerf-checkpoint", default="", help="stage-1 checkpoint for nerf_mc (default: newest in OUT/runs/nerf)")
-    p.add_argument("--no-render", action="store_true", help="do not render a missing evaluation set")
+    p.add_argument("--no-render", action="store_true",
+                   help="do not fetch or render: use the eval set as an earlier run built it")
+    for action in p._actions:  # the shared parser's wording is about training sources
+        if action.dest == "source":
+            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> "
+                           "(default: config eval.source)")
+    p.epilog = __doc__.split("\n\n")[2]
     args = p.parse_args(argv)
     if args.checkpoint:
         args.overrides.append(f"eval.checkpoint={args.checkpoint}")
@@ -237,8 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from eval.evalset import EvalSetError
+
+    source = args.source or cfg.eval.source  # an explicit --source / SOURCE= names the eval set
     save_resolved(cfg, "eval")
-    rows = run(cfg, args.nerf_checkpoint, render_missing=not args.no_render)
+    try:
+        rows = run(cfg, args.nerf_checkpoint, render_missing=not args.no_render, source=source)
+    except EvalSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"eval: {ok}/{len(rows)} rows ok -> {cfg.out_path / 'eval' / 'report.md'}")
     return 0 if rows and ok else 1

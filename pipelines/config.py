@@ -48,6 +48,7 @@ class DataConfig:
     download_timeout_s: float = 120.0  # per-file timeout
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
     procedural_count: int = 8  # number of procedural demo assets
+    procedural_start: int = 0  # index of the first procedural asset (eval's held-out set starts after the training ones)
     procedural_texture_size: int = 512  # texture side of procedural assets
     executor: str = "ray"  # ray (local Ray, or RAY_ADDRESS) | process | thread | inline (sequential, no timeout)
     workers: int = 2  # tasks in flight at once (Ray tasks / worker processes / threads)
@@ -236,6 +237,9 @@ class EvalConfig:
     sheet_views: int = 4  # orbit views per contact sheet
     checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
     mesh_export: str = "vertex"  # meshes/*.glb: vertex (f_c at vertices, fast) | texture (xatlas + baked UV map, slow on CPU) | none
+    source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out indices) | val | objaverse | local:<dir> | gso:<dir>
+    uids: str = ""  # file of uids (one per line) the eval set is drawn from, e.g. an objaverse eval list ("" = all candidates)
+    exclude_training: bool = True  # drop candidates whose uid training used (train shards, else OUT/manifest/download.parquet)
 
 
 @dataclass

@@ -7,7 +7,7 @@
 
 | source | candidates | fetch |
 | --- | --- | --- |
-| `procedural` | `procedural_count` generated objects | `sources.procedural.fetch` (writes a .glb) |
+| `procedural` | `procedural_count` generated objects from index `procedural_start` | `sources.procedural.fetch` (writes a .glb) |
 | `objaverse` | the package's uids + annotations (+ LVIS) | `sources.objaverse.fetch` (load_objects + verify) |
 | `local:<dir>` | every mesh file under `<dir>` | `sources.local.fetch` (verify, link or copy) |
 | `gso:<dir>` | `<dir>/<name>/meshes/model.obj` | `sources.gso.fetch` (OBJ + MTL + texture folder) |
@@ -54,7 +54,7 @@ def candidates(cfg: Config) -> tuple[pa.Table, list[dict[str, Any]]]:
     if kind == "procedural":
         from pipelines.sources import procedural
 
-        return candidate_table(procedural.candidates(cfg.data.procedural_count)), []
+        return candidate_table(procedural.candidates(cfg.data.procedural_count, cfg.data.procedural_start)), []
     if kind == "local":
         from pipelines.sources import local
 

@@ -211,10 +211,17 @@ def make_procedural_asset(index: int, path: Path, texture_size: int) -> dict[str
             "bytes": len(data), "path": str(path), "license": LICENSE, "attribution": ATTRIBUTION}
 
 
-def candidates(count: int) -> list[dict[str, Any]]:
-    """Candidate rows (the filter's input) for `count` procedural assets; nothing is generated yet."""
+def candidates(count: int, start: int = 0) -> list[dict[str, Any]]:
+    """Candidate rows (the filter's input) for assets `start` .. `start + count - 1`; nothing is generated yet.
+
+    Training uses `start = 0`; the evaluation's held-out set starts after the training indices, and since
+    `describe` pairs shape `i % 8` with texture `(i + i // 8) % 4`, indices 8-31 carry (shape, texture)
+    combinations that indices 0-7 do not (and every index has its own random proportions and texture).
+    """
+    if start < 0 or count < 0:
+        raise ValueError(f"procedural start and count must be >= 0, got start={start}, count={count}")
     rows = []
-    for i in range(count):
+    for i in range(start, start + count):
         shape, tex = describe(i)
         rows.append({"uid": uid_for(i), "source": "procedural", "name": f"{shape} with {tex} texture #{i}",
                      "license": LICENSE, "attribution": ATTRIBUTION, "format": "glb", "locator": str(i),
