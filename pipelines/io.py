@@ -29,6 +29,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    """fsync a finished file through a read-only descriptor: the caller may have hard-linked a read-only file
+    into place (a writable open would fail with EACCES), and fsync needs no write access."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,8 +69,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.exists():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync_file(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
     finally:
@@ -82,8 +91,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync_file(p)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists")

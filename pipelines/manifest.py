@@ -1,8 +1,9 @@
 """Per-stage status tables (`OUT/manifest/<stage>.parquet`): one row per uid, `status` ok/skipped/failed.
 
 Every stage writes what it decided with `reason` for anything not ok, plus its own columns. Tables are
-written atomically; `merge` keeps earlier `ok` rows and replaces retried ones, so a rerun only redoes
-what is not ok.
+written atomically. A rerun only redoes what is not ok because each *stage* skips uids whose row is ok
+before it works; `merge` itself does not look at status: a row of the rerun replaces the earlier row with
+the same uid, whatever either status is, and earlier rows the rerun did not touch stay as they were.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def _empty(schema: pa.Schema | None) -> pa.Table:
 
 
 def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of `new` replace rows of `old` with the same uid; order: old order, then new uids."""
+    """Every row of `new` replaces the row of `old` with the same uid, whatever either's status (an `ok` row
+    is replaced by a later `failed` one too: the stage decides what to retry, not this function). Rows of
+    `old` whose uid is not in `new` are kept unchanged. Within `new`, the last row of a uid wins.
+    Order: old order (replaced rows keep their place), then uids seen only in `new`, in `new` order."""
     by_uid = {r["uid"]: r for r in old}
     order = [r["uid"] for r in old]
     for r in new:
