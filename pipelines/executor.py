@@ -5,8 +5,10 @@ imports Ray. The executor only schedules it:
 
 - items are grouped into batches; one batch is one task (a Ray task, or one worker process);
 - an exception from one item becomes a `failed` row with the reason, and the batch goes on;
-- a task that runs past its deadline (`timeout_s` per item x items in the batch) is cancelled (Ray) or
-  killed (process backend) and its unfinished items become `failed` rows with reason `timeout ...`;
+- a task that runs past its deadline (`timeout_s` per item x items in the batch) is cancelled (Ray),
+  killed (process backend) or abandoned (thread backend: a Python thread cannot be killed, so it runs on
+  in the background; use process/Ray for untrusted or hang-prone steps), and its unfinished items become
+  `failed` rows with reason `timeout ...`;
 - a worker that dies (segfault, OOM kill) fails only the items it had not finished;
 - a tqdm bar counts finished items; `on_rows` sees rows as they arrive, so a caller can flush its
   manifest during a long job (a SIGKILL then loses at most what was not flushed).
@@ -21,11 +23,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from functools import partial
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
@@ -231,8 +234,9 @@ def map_batches(fn: Callable[[list], list], batches: list[list], *, backend: str
                 on_done: Callable[[int, list | BaseException], None] | None = None) -> list[list | BaseException]:
     """Map `fn` over `batches`; result i is `fn(batches[i])` or the exception that ended it.
 
-    `timeout_s` is the whole-batch deadline (Ray: the task is cancelled; thread: the wait gives up, the
-    thread cannot be stopped; inline: not enforced). This is the generic layer: no row semantics.
+    `timeout_s` is the whole-batch deadline, counted from the batch's start (Ray: the task is cancelled;
+    thread: the batch is reported as timed out and abandoned, since a thread cannot be stopped; inline and
+    process here: not enforced). This is the generic layer: no row semantics.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown executor backend '{backend}' (known: {', '.join(BACKENDS)})")
@@ -255,16 +259,47 @@ def map_batches(fn: Callable[[list], list], batches: list[list], *, backend: str
             except Exception as e:  # noqa: BLE001
                 done(i, e)
     else:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(fn, b) for b in batches]
-            for i, f in enumerate(futures):
-                try:
-                    done(i, f.result(timeout=timeout_s))
-                except FutureTimeout:
-                    done(i, TimeoutError(f"timeout after {timeout_s:.0f} s"))
-                except Exception as e:  # noqa: BLE001
-                    done(i, e)
+        _thread_map(fn, batches, timeout_s, workers, done)
     return results
+
+
+def _thread_body(fn: Callable[[list], list], batch: list, fut: Future) -> None:
+    try:
+        fut.set_result(fn(batch))
+    except BaseException as e:  # noqa: BLE001 - handed to the driver as the batch's result
+        fut.set_exception(e)
+
+
+def _thread_map(fn: Callable[[list], list], batches: list[list], timeout_s: float | None, workers: int,
+                on_done: Callable[[int, list | BaseException], None]) -> None:
+    """At most `workers` batches in flight, each in its own daemon thread, deadline = its start + timeout_s.
+
+    A Python thread cannot be killed: a batch past its deadline is reported as a TimeoutError and abandoned
+    (its thread runs on in the background, frees its slot, and dies with the process since it is a daemon).
+    The deadline counts from the batch's start, not from when the driver begins waiting for it, and nothing
+    waits for abandoned threads (a ThreadPoolExecutor's exit would). Untrusted or hang-prone work belongs on
+    the process or Ray backends, which do kill.
+    """
+    pending = list(range(len(batches)))[::-1]
+    running: dict[int, tuple[Future, float | None]] = {}
+    while pending or running:
+        while pending and len(running) < max(1, workers):
+            i = pending.pop()
+            fut: Future = Future()
+            threading.Thread(target=_thread_body, args=(fn, batches[i], fut), daemon=True,
+                             name=f"executor-batch-{i}").start()
+            running[i] = (fut, None if timeout_s is None else time.monotonic() + timeout_s)
+        futures_wait([f for f, _ in running.values()], timeout=0.1, return_when=FIRST_COMPLETED)
+        now = time.monotonic()
+        for i, (fut, deadline) in list(running.items()):
+            if fut.done():
+                running.pop(i)
+                exc = fut.exception()
+                on_done(i, exc if exc is not None else fut.result())
+            elif deadline is not None and now > deadline:
+                running.pop(i)
+                on_done(i, TimeoutError(f"timeout after {timeout_s:g} s (thread abandoned, still running: "
+                                        f"use the process or ray backend to kill hung work)"))
 
 
 def run_step(step: Callable[..., Row], items: Iterable[dict], *, backend: str = "inline", workers: int = 1,
@@ -274,7 +309,8 @@ def run_step(step: Callable[..., Row], items: Iterable[dict], *, backend: str = 
     """Run `step(item, **kwargs)` over `items`; return one row per item, in the order of `items`.
 
     `timeout_s` is per item: the process backend restarts the deadline after each finished item; Ray and
-    thread tasks get `timeout_s x len(batch)`; inline does not enforce it (use it for debugging).
+    thread tasks get `timeout_s x len(batch)` from their start; inline does not enforce it (use it for
+    debugging). A timed-out thread is abandoned, not killed: untrusted work goes on process or ray.
     """
     items = list(items)
     kwargs = dict(kwargs or {})

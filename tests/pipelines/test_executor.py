@@ -77,6 +77,35 @@ def test_hanging_item_times_out_and_the_job_goes_on():
     assert [status[u]["status"] for u in ("u0", "u1", "u4")] == ["ok"] * 3
 
 
+def test_thread_backend_deadline_counts_from_start_and_does_not_wait_for_a_hung_thread():
+    """u0 hangs (until released), u1 takes 1.6 s against a 1.0 s budget. A deadline counted from when the
+    driver starts waiting for u1 (after u0's timeout) would have let u1 pass; and the old pool's exit waited
+    for the hung thread, so run_step could not return while u0 was still hanging."""
+    import threading
+
+    release, state = threading.Event(), {"hanging": False}
+
+    def step(item: dict) -> dict:
+        if item["x"] == 0:
+            state["hanging"] = True
+            release.wait(120)
+            state["hanging"] = False
+        elif item["x"] == 1:
+            time.sleep(1.6)
+        return {"uid": item["uid"], "status": "ok"}
+
+    try:
+        rows = run_step(step, ITEMS[:4], backend="thread", workers=2, batch_size=1, timeout_s=1.0, progress=False)
+        still_hanging = state["hanging"]
+    finally:
+        release.set()
+    by = {r["uid"]: r for r in rows}
+    assert by["u0"]["status"] == "failed" and "timeout after 1 s (thread abandoned" in by["u0"]["reason"]
+    assert by["u1"]["status"] == "failed" and "timeout" in by["u1"]["reason"]
+    assert by["u2"]["status"] == by["u3"]["status"] == "ok"  # the freed slots went on with the job
+    assert still_hanging  # run_step returned while the abandoned thread was still blocked
+
+
 def test_map_batches_generic_and_batched():
     assert batched(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     out = map_batches(lambda b: [sum(b)] if b[0] != 3 else 1 / 0, [[1, 2], [3], [4]], backend="thread", workers=2)
