@@ -61,6 +61,10 @@ class EvalSet:
     def renders(self) -> Path:
         return self.root / "renders_eval"
 
+    def names(self) -> dict[str, str]:
+        """uid -> the asset's name in its source (GSO folder, file stem, procedural description)."""
+        return {r["uid"]: str(r.get("name") or "") for r in mf.read_rows(mf.manifest_path(self.root, "download"))}
+
     def failures(self) -> dict[str, str]:
         """uid -> why it has no eval render (download or render failure, or not rendered yet)."""
         down = {r["uid"]: r for r in mf.read_rows(mf.manifest_path(self.root, "download"))}

@@ -52,10 +52,12 @@ def _fmt(x: float, digits: int) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _evalset_lines(es: dict | None) -> list[str]:
+def _asset(r: dict) -> str:
+    return f"{r['uid']} ({r['name']})" if r.get("name") else r["uid"]
+
+
+def _evalset_lines(es: dict) -> list[str]:
     """The eval set paragraph: which set, where, how many, and the leak check (loud when it fails)."""
-    if not es:
-        return []
     leak = es.get("leak_check", {})
     lines = [f"Eval set `{es['slug']}` ({'held-out' if es.get('held_out') else 'val split of the training data'}): "
              f"{es['assets']} assets from `{es['source']}` under `{es['root']}`"
@@ -76,9 +78,10 @@ def _evalset_lines(es: dict | None) -> list[str]:
 def markdown(rows: list[dict], info: dict) -> str:
     s = summarize(rows)
     lines = ["# Evaluation report", "",
-             f"{info.get('assets', 0)} assets from `{info.get('source', '')}`, checkpoint `{info.get('checkpoint', '')}`; "
-             f"{info.get('views', 20)} orbit views per asset at {info.get('resolution', '?')}², composited on white.",
-             "", *_evalset_lines(info.get("eval_set")),
+             *(_evalset_lines(info["eval_set"]) if info.get("eval_set") else
+               [f"{info.get('assets', 0)} assets from `{info.get('source', '')}`."]), "",
+             f"Checkpoint `{info.get('checkpoint', '')}`; {info.get('views', 20)} orbit views per asset at "
+             f"{info.get('resolution', '?')}², composited on white.",
              "", "| Method | PSNR ↑ | SSIM ↑ | LPIPS VGG ↓ | LPIPS Alex ↓ | CD×100 ↓ | IoU ↑ | "
              f"F@{info.get('fscore_threshold', '?')} ↑ | ICP residual | ok / failed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -99,12 +102,12 @@ def markdown(rows: list[dict], info: dict) -> str:
                   "| --- | --- | --- | --- |"]
         for r in failed:
             why = r.get("reason") or r.get("notes") or ""
-            lines.append(f"| {r['uid']} | {r['method']} | {r['status']} | {why.replace('|', '/')} |")
+            lines.append(f"| {_asset(r)} | {r['method']} | {r['status']} | {why.replace('|', '/')} |")
     lines += ["", "## Per asset", "", "| asset | method | PSNR | SSIM | LPIPS VGG | CD×100 | IoU |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["status"] == "ok":
-            lines.append(f"| {r['uid']} | {r['method']} | {_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'), 4)} | "
+            lines.append(f"| {_asset(r)} | {r['method']} | {_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'), 4)} | "
                          f"{_fmt(r.get('lpips_vgg'), 4)} | {_fmt((r.get('cd') or math.nan) * 100, 4)} | "
                          f"{_fmt(r.get('iou'), 4)} |")
     return "\n".join(lines) + "\n"
@@ -128,7 +131,7 @@ def write_report(rows: list[dict], out_dir: Path, info: dict) -> dict[str, Path]
     summary = summarize(rows)
     paths = {"json": out_dir / "report.json", "csv": out_dir / "report.csv", "md": out_dir / "report.md"}
     atomic_write_text(paths["json"], json.dumps(_json_safe({"info": info, "mean": summary, "rows": rows}), indent=1))
-    fields = ["uid", "method", "status", "reason", *COLUMNS, "notes"]
+    fields = ["uid", "name", "method", "status", "reason", *COLUMNS, "notes"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()

@@ -171,7 +171,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
         print(f"WARNING: {len(leak['overlap'])} of {len(es.uids)} eval assets of {es.source} are in the training "
               f"shards ({leak['against']}): {', '.join(leak['overlap'][:5])}{' ...' if len(leak['overlap']) > 5 else ''}",
               file=sys.stderr)
-    not_rendered = es.failures()
+    not_rendered, names = es.failures(), es.names()
     models, load_errors = {}, {}
     for key, ckpt, default in (("mesh", cfg.eval.checkpoint, cfg.out_path / "runs" / "mesh"),
                                ("nerf", nerf_checkpoint, cfg.out_path / "runs" / "nerf")):
@@ -190,7 +190,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
     for uid in es.uids:
         folder = es.renders / uid
         if uid in not_rendered:
-            rows += _failed(uid, methods, not_rendered[uid])
+            rows += [{**r, "name": names.get(uid, "")} for r in _failed(uid, methods, not_rendered[uid])]
             bar.update(len(methods))
             continue
         try:
@@ -199,7 +199,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
 
             views = read_views(folder / "inputs", cfg.loader.input_size, background=1.0)
         except Exception as e:  # noqa: BLE001
-            rows += _failed(uid, methods, f"ground truth/inputs: {e}")
+            rows += [{**r, "name": names.get(uid, "")} for r in _failed(uid, methods, f"ground truth/inputs: {e}")]
             bar.update(len(methods))
             continue
         preds: dict[str, list[np.ndarray] | None] = {}
@@ -227,7 +227,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
                 row["checkpoint"] = ckpt
                 if row["status"] == "ok":  # failures are retried by a rerun
                     atomic_write_text(done, json.dumps(row))
-            rows.append(row)
+            rows.append({**row, "name": names.get(uid, "")})
             bar.update(1)
         white = lambda imgs: [(composite_on_white(i)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
                               for i in imgs]

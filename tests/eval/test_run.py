@@ -146,6 +146,7 @@ def test_gso_folder(world, monkeypatch):
     assert set(report["mean"]) == {"feedforward", "refined"} and report["mean"]["refined"]["failed"] == 1
     md = (out / "eval" / "report.md").read_text()
     assert root.name in md and "LEAK" not in md and "Leak check: no eval uid" in md
+    assert f"| {box} (a_box) | refined | ok |" in md and f"{broken} (b_broken)" in md  # GSO folder names shown
     assert "| GTR feed-forward |" in md and md.count("| GTR + texture refinement") == 1
     csv = (out / "eval" / "report.csv").read_text().splitlines()
     assert sum(line.startswith("MEAN,") for line in csv) == 2 and len(csv) == 1 + 4 + 2

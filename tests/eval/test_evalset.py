@@ -1,0 +1,130 @@
+"""eval/evalset.py without Blender: slugs, held-out procedural indices, the val split, exclusion of training
+uids and the leak check (the render stage is replaced by a recorder; test_run.py renders for real)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import trimesh
+
+from eval import evalset as E
+from eval.report import markdown
+from pipelines import manifest as mf
+from pipelines.config import load_config
+from pipelines.shards import INDEX_SCHEMA
+from pipelines.sources import candidates
+from pipelines.sources.local import uid_for as local_uid
+
+
+def _index(out: Path, train: list[str], val: list[str] = ()) -> None:
+    rows = [{"shard": f"{s}-000000.tar", "split": s, "uids": list(u), "count": len(u), "bytes": 1, "sha256": "",
+             "licenses": [], "attributions": []} for s, u in (("train", train), ("val", val)) if u]
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), out / "shards" / "index.parquet")
+
+
+@pytest.fixture
+def renders(monkeypatch):
+    """Stand-in for pipelines.render.run: records which config (eval root) and mode it was called with."""
+    calls = []
+    monkeypatch.setattr("pipelines.render.run", lambda cfg, eval_mode=False, **kw: calls.append((cfg, eval_mode)))
+    return calls
+
+
+def test_slugs_and_bad_sources(tmp_path, monkeypatch):
+    from eval.run import main
+
+    assert main(["--out", str(tmp_path / "o"), "--source", "s3:x"]) == 2
+    assert main(["--out", str(tmp_path / "o"), "--source", "procedural", "--no-render"]) == 2  # not built yet
+    a, b = tmp_path / "x" / "My GSO!", tmp_path / "y" / "My GSO!"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    sa = E.slug_for(*E.parse_eval_source(f"gso:{a}"))
+    assert sa.startswith("gso-My_GSO-") and len(sa.rsplit("-", 1)[1]) == 8
+    monkeypatch.chdir(tmp_path)
+    assert E.slug_for(*E.parse_eval_source("gso:x/My GSO!")) == sa  # same folder by a relative path
+    assert E.slug_for(*E.parse_eval_source(f"gso:{b}")) != sa  # same name, another folder
+    assert E.slug_for(*E.parse_eval_source(f"local:{a}")).startswith("local-My_GSO-")
+    assert E.slug_for("procedural", "") == "procedural-heldout" and E.slug_for("val", "") == "val"
+    lst = tmp_path / "gso eval.txt"
+    lst.write_text("u1\nu2\n")
+    s1 = E.slug_for("objaverse", "", str(lst))
+    lst.write_text("u1\nu3\n")
+    assert s1.startswith("objaverse-gso_eval-") and E.slug_for("objaverse", "", str(lst)) != s1
+    for bad, msg in [("s3:x", "unknown source"), (f"gso:{tmp_path / 'nope'}", "not found"), ("val:x", "unknown")]:
+        with pytest.raises(E.EvalSetError, match=msg):
+            E.parse_eval_source(bad)
+
+
+def test_procedural_held_out_indices(tmp_path):
+    cfg = load_config(None, [f"out={tmp_path}", "data.procedural_count=8", "eval.max_assets=24"])
+    ecfg = E.eval_config(cfg, "procedural", "", tmp_path / "evalsets" / "procedural-heldout")
+    train = candidates(cfg)[0].to_pylist()
+    held = candidates(ecfg)[0].to_pylist()
+    assert [r["uid"] for r in held] == [f"procedural-{i:04d}" for i in range(8, 32)]
+    combo = lambda r: r["name"].split(" #")[0]  # noqa: E731 - "box with checker texture"
+    assert not {combo(r) for r in held} & {combo(r) for r in train}  # shapes meet other textures
+    assert len({combo(r) for r in held}) == 24
+    assert ecfg.out_path == tmp_path / "evalsets" / "procedural-heldout" and cfg.data.procedural_start == 0
+
+
+def test_val_split_from_the_training_assets(tmp_path, renders, monkeypatch):
+    out = tmp_path / "out"
+    (out / "assets").mkdir(parents=True)
+    uids = [f"u{i}" for i in range(6)]
+    for u in uids:
+        (out / "assets" / f"{u}.glb").write_bytes(b"glTF")
+    mf.write_rows(mf.manifest_path(out, "download"),
+                  [{"uid": u, "status": "ok", "reason": "", "name": u, "path": f"assets/{u}.glb"} for u in uids])
+    split = {"u0": "train", "u1": "val", "u2": "train", "u3": "val", "u4": "val", "u5": "train"}
+    mf.write_rows(mf.manifest_path(out, "shards"), [{"uid": u, "status": "ok", "split": s} for u, s in split.items()])
+    _index(out, ["u0", "u2", "u5"], ["u1", "u3", "u4"])
+    monkeypatch.chdir(tmp_path)  # paths in the training table are relative to OUT, not to here
+    cfg = load_config(None, ["out=out", "eval.max_assets=2"])
+    es = E.prepare(cfg, "val", progress=False)
+    assert es.slug == "val" and es.uids == ["u1", "u3"] and not es.held_out
+    ((ecfg, eval_mode),) = renders
+    assert eval_mode and ecfg.out_path == Path("out/evalsets/val")
+    down = mf.read_rows(mf.manifest_path(ecfg.out, "download"))
+    assert [r["uid"] for r in down] == ["u1", "u3"]
+    assert all(Path(r["path"]) == (out / "assets" / f"{r['uid']}.glb").resolve() for r in down)
+    filt = {r["uid"]: r["status"] for r in mf.read_rows(mf.manifest_path(ecfg.out, "filter"))}
+    assert filt == {"u1": "ok", "u3": "ok", "u4": "skipped"}
+    leak = E.leak_check(cfg, es)  # val uids sit in val shards by design: only the train split counts
+    assert leak["checked"] and leak["overlap"] == [] and "train split" in leak["against"]
+    _index(out, ["u0", "u2", "u3"], ["u1", "u4"])
+    assert E.leak_check(cfg, es)["overlap"] == ["u3"]
+    assert E.resolve(cfg, "val").uids == ["u1", "u3"]  # evalset.json: what --no-render uses
+
+
+def test_training_uids_excluded_and_the_leak_warning(tmp_path, renders):
+    src, out = tmp_path / "meshes", tmp_path / "out"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        trimesh.creation.icosphere(1).export(src / f"{name}.ply")
+    _index(out, [local_uid("a.ply"), "procedural-0000"])
+    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=inline"])
+    es = E.prepare(cfg, f"local:{src}", progress=False)
+    assert es.uids == [local_uid("b.ply")] and es.excluded_training == 1  # a.ply trained on: the next one
+    assert (es.root / "assets" / f"{local_uid('b.ply')}.ply").is_file() and len(renders) == 1
+    assert json.loads((es.root / "evalset.json").read_text())["uids"] == es.uids
+    assert E.leak_check(cfg, es)["overlap"] == []
+
+    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=inline", "eval.exclude_training=false"])
+    es = E.prepare(cfg, f"local:{src}", progress=False)
+    assert es.uids == [local_uid("a.ply")] and es.excluded_training == 0
+    assert [r["uid"] for r in mf.read_rows(mf.manifest_path(es.root, "download"))] == es.uids
+    leak = E.leak_check(cfg, es)
+    assert leak["overlap"] == es.uids and "all splits" in leak["against"]
+    md = markdown([], {"eval_set": E.describe(es, leak)})
+    assert "TRAIN/EVAL LEAK: 1 of 1" in md and local_uid("a.ply") in md
+
+
+def test_training_uids_fall_back_to_the_download_table(tmp_path):
+    assert E.training_uids(tmp_path) == (set(), "")
+    mf.write_rows(mf.manifest_path(tmp_path, "download"), [{"uid": "x", "status": "ok"}, {"uid": "y", "status": "failed"}])
+    assert E.training_uids(tmp_path)[0] == {"x"}
