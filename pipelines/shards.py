@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 from pipelines import manifest
 from pipelines.config import Config
 from pipelines.io import atomic_path, clean_temporaries
+from render.cameras import VIEW_KINDS, view_name
 
 UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots (WebDataset splits keys at the first dot), fits ustar names
 SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
-VIEW_KINDS = ("rgba", "depth", "normal")
 MAX_META_BYTES = 1 << 20  # meta.json is small; a larger one is not ours
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
 
@@ -148,11 +148,6 @@ def plan_shards(assets: list[Asset], max_count: int, max_bytes: int,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def view_name(index: int, views: int, kind: str) -> str:
-    """`NN.kind.png` with NN zero-padded to two digits, or more when there are 100+ views."""
-    return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
-
-
 def inspect_render_folder(folder: Path, uid: str, geometry: bool = False) -> tuple[dict[str, Path], dict]:
     """Check a render folder has every file a sample needs; return (field -> path, meta).
 
@@ -183,7 +178,7 @@ def inspect_render_folder(folder: Path, uid: str, geometry: bool = False) -> tup
     files = {"meta.json": meta_p, "cameras.npz": cams_p}
     for i in range(views):
         for kind in VIEW_KINDS:
-            name = view_name(i, views, kind)
+            name = view_name(i, kind, views)
             if not (folder / name).is_file():
                 raise RenderFolderError(f"{name} missing")
             files[name] = folder / name
@@ -194,8 +189,15 @@ def inspect_render_folder(folder: Path, uid: str, geometry: bool = False) -> tup
     return files, meta
 
 
-def collect_assets(cfg: Config) -> tuple[list[Asset], list[dict[str, Any]]]:
-    """Read the render manifest and folders; return packable assets and manifest rows for the rest."""
+def collect_assets(cfg: Config, packed: dict[str, dict[str, Any]] | None = None
+                   ) -> tuple[list[Asset], list[dict[str, Any]]]:
+    """Read the render manifest and folders; return packable assets and manifest rows for the rest.
+
+    `packed` maps uids already in a closed shard to that shard's index row. Index membership is checked
+    before the render row: a uid whose render later failed (or whose folder went away or got flagged) is
+    still in its shard, so its row stays `ok` and names the shard, with the render's new verdict as a note.
+    """
+    packed = packed or {}
     out = cfg.out_path
     render_rows = manifest.read_rows(manifest.manifest_path(out, "render"))
     if not render_rows:
@@ -208,23 +210,31 @@ def collect_assets(cfg: Config) -> tuple[list[Asset], list[dict[str, Any]]]:
         return {"uid": uid, "status": status, "reason": reason, "split": split, "shard": "", "bytes": 0,
                 "views": 0, "license": "", **kw}
 
+    def not_packable(uid: str, status: str, reason: str) -> None:
+        if uid in packed:
+            shard = packed[uid]
+            rows.append(row(uid, manifest.OK, f"in closed shard {shard['shard']} (packed earlier; now: {reason}); "
+                            "remove that shard and rerun to drop it", shard["split"], shard=shard["shard"]))
+        else:
+            rows.append(row(uid, status, reason))
+
     for r in sorted(render_rows, key=lambda r: r["uid"]):
         uid = r["uid"]
         if not UID_RE.match(uid):
             rows.append(row(uid, manifest.FAILED, "uid is not [A-Za-z0-9_-]{1,64} (WebDataset keys have no dots)"))
             continue
         if r["status"] != manifest.OK:
-            rows.append(row(uid, manifest.SKIPPED, f"render {r['status']}: {r.get('reason', '')}"))
+            not_packable(uid, manifest.SKIPPED, f"render {r['status']}: {r.get('reason', '')}")
             continue
         try:
             files, meta = inspect_render_folder(out / "renders" / uid, uid, cfg.shards.geometry)
         except RenderFolderError as e:
-            rows.append(row(uid, manifest.FAILED, str(e)))
+            not_packable(uid, manifest.FAILED, str(e))
             continue
         quality = meta.get("quality", {})
         if not isinstance(quality, dict) or quality.get("ok") is not True:
             flags = quality.get("flags", []) if isinstance(quality, dict) else []
-            rows.append(row(uid, manifest.SKIPPED, f"quality not ok: {', '.join(map(str, flags)) or 'no quality record'}"))
+            not_packable(uid, manifest.SKIPPED, f"quality not ok: {', '.join(map(str, flags)) or 'no quality record'}")
             continue
         split = split_of(uid, cfg.shards.val_fraction, forced_val)
         views = (len(files) - 2 - int("geometry.npz" in files)) // len(VIEW_KINDS)
@@ -358,10 +368,9 @@ def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(shard_dir)
-    assets, rows = collect_assets(cfg)
-
     index = reconcile_index(shard_dir, read_index(out))
     done = {u: r for r in index for u in r["uids"]}
+    assets, rows = collect_assets(cfg, done)
     forced_val = read_uid_list(sc.val_uids)
     leaked = sorted(u for u in forced_val if u in done and done[u]["split"] == "train")
     if leaked:

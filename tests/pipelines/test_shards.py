@@ -161,6 +161,26 @@ def test_resume_keeps_closed_shards_and_never_duplicates(tmp_path):
         pack(_cfg(tmp_path, max_count=2, val_uids=str(tmp_path / "val.txt")))
 
 
+def test_packed_uid_whose_render_later_fails_stays_ok_and_names_its_shard(tmp_path):
+    write_renders(tmp_path, UIDS[:3], views=2)
+    cfg = _cfg(tmp_path, max_count=2)
+    pack(cfg)
+    with tarfile.open(tmp_path / "shards" / "train-000001.tar") as t:  # where it really is, read by tarfile
+        assert {m.name.split(".", 1)[0] for m in t.getmembers()} == {UIDS[2]}
+    # a later render run marks two packed uids failed / flagged; their samples are still in closed shards
+    write_renders(tmp_path, [], failed=(UIDS[2],))
+    meta = tmp_path / "renders" / UIDS[0] / "meta.json"
+    meta.write_text(meta.read_text().replace('"ok": true', '"ok": false'))
+    s = pack(cfg)
+    assert s["written"] == []
+    rows = {r["uid"]: r for r in manifest.read_rows(manifest.manifest_path(tmp_path, "shards"))}
+    for uid, shard, why in ((UIDS[2], "train-000001.tar", "render failed"), (UIDS[0], "train-000000.tar", "quality")):
+        r = rows[uid]
+        assert r["status"] == "ok" and r["shard"] == shard and r["split"] == "train", r
+        assert f"in closed shard {shard}" in r["reason"] and why in r["reason"]
+    assert rows[UIDS[1]]["status"] == "ok" and rows[UIDS[1]]["reason"] == ""
+
+
 def test_missing_render_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="make render"):
         pack(_cfg(tmp_path))

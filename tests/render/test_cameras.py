@@ -19,6 +19,7 @@ from render.cameras import (
     random_views,
     spherical_position,
     unproject_depth,
+    view_name,
 )
 
 
@@ -92,21 +93,36 @@ def test_random_views_are_seeded_and_area_uniform():
     assert np.degrees(np.arcsin(math.sqrt(3) / 2 / 2.4)) > 20.0
 
 
-def test_project_unproject_round_trip():
-    rng = np.random.default_rng(1)
-    c2w = look_at(spherical_position(30, 20, 2.5))
-    K = intrinsics(40, 64)
-    pts = rng.uniform(-0.4, 0.4, (200, 3))
-    uv, z = project(pts, c2w, K)
+@pytest.mark.parametrize("azimuth, world_of", [
+    # camera on the -Y axis looking along +Y: image x = world +X, image y (down) = world -Z
+    (-90.0, lambda xc, yc, z: (xc, -2.5 + z, -yc)),
+    # camera on the +X axis looking along -X: image x = world +Y, image y (down) = world -Z
+    (0.0, lambda xc, yc, z: (2.5 - z, xc, -yc)),
+])
+def test_unproject_known_pixel_centres_closed_form(azimuth, world_of):
+    """fov 90° at 64 px: f = 32, principal point (32, 32). Pixel (u, v) has its centre at (u+.5, v+.5), so at
+    planar depth z it sits at camera x = (u + .5 - 32)·z/32, y = (v + .5 - 32)·z/32."""
+    c2w = look_at(spherical_position(azimuth, 0.0, 2.5))
+    K = intrinsics(90.0, 64)
+    assert np.allclose(K, [[32, 0, 32], [0, 32, 32], [0, 0, 1]])
     depth = np.zeros((64, 64))
-    pix = np.floor(uv).astype(int)
-    keep = (pix >= 0).all(1) & (pix < 64).all(1)
-    # Place points exactly at pixel centres so that unprojection must reproduce them.
-    centres = pix[keep] + 0.5
-    cam = np.linalg.inv(K.astype(np.float64)) @ np.c_[centres, np.ones(len(centres))].T * z[keep]
-    world = (c2w[:3, :3].astype(np.float64) @ cam).T + c2w[:3, 3]
-    _, idx = np.unique(pix[keep][:, 1] * 64 + pix[keep][:, 0], return_index=True)
-    depth[pix[keep][idx, 1], pix[keep][idx, 0]] = z[keep][idx]
-    back = unproject_depth(depth, c2w, K)
-    order = np.lexsort((pix[keep][idx, 0], pix[keep][idx, 1]))
-    np.testing.assert_allclose(back, world[idx][order], atol=1e-5)
+    depth[15, 47] = 2.0  # row v = 15, column u = 47: centre (47.5, 15.5) -> camera (0.96875, -1.03125, 2)
+    depth[32, 32] = 1.0  # centre (32.5, 32.5) -> camera (1/64, 1/64, 1)
+    depth[0, 0] = 0.5  # the corner pixel: centre (0.5, 0.5) -> camera (-0.4921875, -0.4921875, 0.5)
+    want = np.array([world_of(-0.4921875, -0.4921875, 0.5), world_of(0.96875, -1.03125, 2.0),
+                     world_of(1 / 64, 1 / 64, 1.0)])  # row-major pixel order: (0,0), (15,47), (32,32)
+    got = unproject_depth(depth, c2w, K)
+    np.testing.assert_allclose(got, want, atol=1e-6)  # float32 c2w / K
+    uv, z = project(want, c2w, K)  # and back onto the same pixel centres and depths
+    np.testing.assert_allclose(uv, [[0.5, 0.5], [47.5, 15.5], [32.5, 32.5]], atol=1e-5)
+    np.testing.assert_allclose(z, [0.5, 2.0, 1.0], atol=1e-6)
+
+
+def test_view_name_pads_to_the_largest_index():
+    assert view_name(3, "rgba", 32) == "03.rgba.png" and view_name(0, "depth", 1) == "00.depth.png"
+    assert view_name(7, "normal", 100) == "07.normal.png"  # 99 is the largest index: still two digits
+    assert view_name(7, "normal", 101) == "007.normal.png" and view_name(100, "rgba", 101) == "100.rgba.png"
+    with pytest.raises(ValueError, match="kind"):
+        view_name(0, "mask", 4)
+    with pytest.raises(ValueError, match="outside"):
+        view_name(4, "rgba", 4)
