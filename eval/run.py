@@ -167,6 +167,9 @@ def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, pro
     methods = methods_of(cfg)
     es = prepare(cfg, source or cfg.eval.source, render=render_missing, progress=progress)
     leak = leak_check(cfg, es)
+    if not es.uids:
+        print(f"warning: eval set {es.slug} has no assets ({es.excluded_training} candidates dropped because "
+              f"training used them; see {es.root / 'manifest' / 'filter.parquet'})", file=sys.stderr)
     if leak["overlap"]:
         print(f"WARNING: {len(leak['overlap'])} of {len(es.uids)} eval assets of {es.source} are in the training "
               f"shards ({leak['against']}): {', '.join(leak['overlap'][:5])}{' ...' if len(leak['overlap']) > 5 else ''}",
