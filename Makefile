@@ -33,8 +33,8 @@ data: setup  ## filter + download (or generate / link) assets -> OUT/manifest/{f
 render: setup  ## render every ok asset (Ray actors holding bpy) -> OUT/renders/<uid>/
 	$(PY) -m pipelines.render $(STAGE_ARGS)
 
-render-eval: setup  ## render the evaluation orbit + 4 input views -> OUT/renders_eval/<uid>/
-	$(PY) -m pipelines.render --eval $(STAGE_ARGS)
+render-eval: setup  ## build the eval set of SOURCE (orbit + 4 input views) -> OUT/evalsets/<slug>/renders_eval/
+	$(PY) -m eval.evalset $(STAGE_ARGS)
 
 shards: setup  ## pack rendered assets into WebDataset shards -> OUT/shards/
 	$(PY) -m pipelines.shards $(STAGE_ARGS)

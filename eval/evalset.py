@@ -270,3 +270,27 @@ def describe(es: EvalSet, leak: dict) -> dict:
     """What the report prints about the set (JSON-safe)."""
     return {**{k: v for k, v in dataclasses.asdict(es).items() if k != "uids"}, "root": str(es.root),
             "assets": len(es.uids), "uids": list(es.uids), "leak_check": leak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make render-eval`: build (fetch + render in eval mode) the eval set of SOURCE / eval.source, no scoring."""
+    import sys
+
+    from pipelines.cli import config_from_args, save_resolved, stage_parser
+
+    p = stage_parser(main.__doc__ or "")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    save_resolved(cfg, "evalset")
+    try:
+        es = prepare(cfg, args.source or cfg.eval.source)
+    except EvalSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = mf.read_rows(mf.manifest_path(es.root, "render_eval"))
+    print(f"eval set {es.slug}: {len(es.uids)} assets, renders {mf.summary(rows)} -> {es.root / 'renders_eval'}")
+    return 0 if rows and all(r["status"] == mf.OK for r in rows) else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
