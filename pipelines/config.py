@@ -116,6 +116,8 @@ class LoaderConfig:
     resampled: bool = True  # resampled shards (infinite stream) for training
     epoch_samples: int = 0  # with_epoch length per worker (0 = number of samples)
     seed: int = 0  # shard order / view choice seed
+    max_side: int = 4096  # stored views must be square with side <= this; larger samples are skipped (memory bound)
+    max_consecutive_failures: int = 100  # resampled stream: this many bad shards/samples in a row raise (0 = never)
 
 
 @dataclass
@@ -125,7 +127,8 @@ class ModelConfig:
     input_order: str = "rgb_mask_plucker"  # rgb_mask_plucker | rgb_dir_moment_mask (official; moment = d x o)
     patch_size: int = 16  # encoder stride: image side / patch_size = image tokens per side
     encoder_bias: bool = True  # bias on the stride-16 convolution (official: False)
-    img_token_norm: bool = False  # LayerNorm on image tokens (official: True)
+    img_token_norm: bool = True  # LayerNorm on image tokens (official: True; paper.yaml: False). Demo: on — without it
+    # the encoder's tokens grew ~70x (std 0.4 -> 28) in 600 demo steps while the triplane stayed one mean blob
     width: int = 128  # transformer width (paper 1024)
     depth: int = 2  # transformer blocks (paper 24)
     heads: int = 4  # attention heads (paper 16)
@@ -133,15 +136,16 @@ class ModelConfig:
     ffn: str = "gelu"  # gelu | geglu feed-forward (official: geglu)
     ffn_mult: int = 4  # feed-forward hidden = ffn_mult * width
     attn_bias: bool = False  # bias on q/k/v projections
-    plane_res: int = 16  # triplane tokens per side (paper 32)
+    plane_res: int = 8  # triplane tokens per side (paper 32); demo 8 (x8 below -> the same 64² planes, 4x fewer tokens)
     plane_channels: int = 16  # channels per plane after upsampling (official 40)
-    upsample: int = 4  # PixelShuffle factor (paper: 256 / 32 = 8)
+    upsample: int = 8  # PixelShuffle factor (paper: 256 / 32 = 8)
     mlp_hidden: int = 32  # f_d / f_c hidden width (paper 512, official 32)
     density_layers: int = 3  # f_d linear layers
     color_layers: int = 4  # f_c linear layers
-    density_bias: float = 0.0  # added to the density pre-activation (softplus)
+    density_bias: float = -2.0  # added to the density pre-activation (softplus); paper/released 0. Demo -2: the field
+    # starts nearly empty (σ≈0.13, renders ≈ the white background) instead of a grey fog over the whole box
     scene_box: float = 0.55  # half side of the cube the triplane covers (normalised frame)
-    samples_per_ray: int = 64  # uniform samples per ray (paper 256)
+    samples_per_ray: int = 24  # uniform samples per ray (paper 256); demo: ~0.05 apart, jittered in training
     near_min: float = 0.2  # lowest near distance along a ray
     background: float = 1.0  # volume-rendering background (white)
     color_stretch: float = 0.001  # f_c output = sigmoid * (1 + 2e) - e (released model: 0.001)
@@ -152,25 +156,29 @@ class ModelConfig:
 
 @dataclass
 class NerfConfig:
-    steps: int = 300  # optimisation steps (paper 150k)
-    batch_size: int = 2  # assets per step (paper 512 over the cluster)
-    sup_views: int = 4  # supervision views per asset
-    render_size: int = 64  # supervision image side (paper 512)
-    patch_size: int = 32  # random patch side rendered per supervision view (paper 128)
-    lr: float = 1e-3  # AdamW peak learning rate (paper 1e-4)
+    steps: int = 1000  # optimisation steps (paper 150k); demo: ~5 min on 2 free CPU cores (docs/training.md)
+    batch_size: int = 4  # assets per step (paper 512 over the cluster); demo 4 x 1 view: more assets per step told
+    # them apart sooner than 2 x 2 views at the same rendering cost
+    sup_views: int = 1  # supervision views per asset (paper 4)
+    render_size: int = 32  # supervision image side (paper 512)
+    patch_size: int = 0  # random patch side rendered per supervision view (paper 128; 0 = the whole view). Demo:
+    # whole 32² views, so every step sees whole silhouettes (a 32² window of a 64² view is often background)
+    lr: float = 5e-3  # AdamW peak learning rate (paper 1e-4)
     weight_decay: float = 0.05  # AdamW weight decay
     warmup_steps: int = 20  # linear warm-up, then cosine to 0
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    lpips_weight: float = 0.5  # λ_p
-    lpips_net: str = "vgg"  # vgg | alex
-    mask_weight: float = 0.0  # optional mask (opacity) MSE
+    lpips_weight: float = 0.2  # λ_p (paper 0.5); demo 0.2 (not tuned further): on 32² views LPIPS is coarse (AlexNet's
+    # deepest maps are 1x1), so MSE and the mask carry most of the signal; LPIPS stays on, as in the paper
+    lpips_net: str = "alex"  # vgg | alex (paper vgg); demo alex: VGG's forward+backward was ~2/3 of a CPU step
+    mask_weight: float = 1.0  # optional mask (opacity) MSE (paper 0); demo 1: silhouettes, and opacity -> 1 inside, drive
+    # the density above the mesh level (10) that stage 2 needs
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # checkpoint transformer blocks
-    ckpt_every: int = 100  # checkpoint period in steps
+    ckpt_every: int = 200  # checkpoint period in steps
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10  # scalar logging period
-    image_every: int = 100  # TensorBoard image period
+    image_every: int = 200  # TensorBoard image period
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
     val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
     val_assets: int = 2  # assets in the fixed validation batch (PSNR, TensorBoard images)

@@ -32,18 +32,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.config import Config
+from render.cameras import VIEW_KINDS, view_name  # noqa: F401 - VIEW_KINDS: part of this module's API
 from training.tario import (  # noqa: F401 - expand_urls, tar_members: part of this module's API
     MAX_FIELD_BYTES,
+    MAX_VIEWS,
     SkipCounter,
     expand_urls,
     open_stage,
     open_url,
+    read_npz,
     tar_members,
     tar_samples,
 )
 
-VIEW_KINDS = ("rgba", "depth", "normal")
 MAX_META_BYTES = 1 << 20
+MAX_CAMERAS_BYTES = 1 << 20  # cameras.npz unpacked: c2w + K of MAX_VIEWS views in float64 is ~0.8 MB
 BACKGROUNDS = ("white", "black", "random")
 
 
@@ -59,6 +62,7 @@ class ViewSpec:
     background: str = "white"
     masks: bool = True  # sup_mask
     depths: bool = False  # sup_depth
+    max_side: int = 4096  # stored views larger than max_side² are refused before decoding (loader.max_side)
 
 
 def view_spec(cfg: Config, stage: str = "nerf", **overrides: Any) -> ViewSpec:
@@ -71,6 +75,7 @@ def view_spec(cfg: Config, stage: str = "nerf", **overrides: Any) -> ViewSpec:
                      0, cfg.loader.background, masks=True, depths=True)
     else:
         raise ValueError(f"stage must be 'nerf' or 'mesh', got {stage!r}")
+    s = replace(s, max_side=cfg.loader.max_side)
     s = replace(s, **overrides)
     if s.background not in BACKGROUNDS:
         raise ValueError(f"loader.background must be one of {BACKGROUNDS}, got {s.background!r}")
@@ -82,11 +87,6 @@ def view_spec(cfg: Config, stage: str = "nerf", **overrides: Any) -> ViewSpec:
 # ----------------------------------------------------------------------------------------------------------
 # Decoding one sample (raw field bytes -> tensors).
 # ----------------------------------------------------------------------------------------------------------
-
-
-def view_name(index: int, views: int, kind: str) -> str:
-    """`NN.kind.png`, NN zero-padded to two digits (more for 100+ views), as the render folders name them."""
-    return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
 
 
 def _field(raw: Mapping[str, bytes], name: str, limit: int = MAX_FIELD_BYTES) -> bytes:
@@ -113,9 +113,11 @@ def _rgba(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
 
 
 def _depth_int(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
-    """16-bit PNG -> [H,W] integers, planar z times depth_scale (0 = background), undivided."""
+    """16-bit PNG -> [H,W] integers, planar z times depth_scale (0 = background), undivided.
+
+    Only 16-bit grayscale: an 8-bit depth would be read as depths 256x too small, without any error."""
     im = _png(data, size, name)
-    if im.mode not in ("I;16", "I;16B", "I", "L"):
+    if im.mode not in ("I;16", "I;16B", "I;16L"):
         raise ValueError(f"{name}: depth PNG mode {im.mode}, expected 16-bit grayscale")
     return np.asarray(im)
 
@@ -209,13 +211,13 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
     """
     uid = raw.get("__key__", "?")
     meta = json.loads(_field(raw, "meta.json", MAX_META_BYTES))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{uid}: meta.json is not an object")
     depth_scale = np.float32(meta.get("depth_scale", 10000.0))
-    with np.load(io.BytesIO(_field(raw, "cameras.npz")), allow_pickle=False) as z:
-        c2w_all, K_all = z["c2w"].astype(np.float32), z["K"].astype(np.float32)
-        W, H = int(z["width"]), int(z["height"])
+    if not (np.isfinite(depth_scale) and depth_scale > 0):
+        raise ValueError(f"{uid}: depth_scale {meta.get('depth_scale')!r} must be a finite number > 0")
+    W, H, c2w_all, K_all = read_cameras(_field(raw, "cameras.npz"), spec.max_side, uid)
     V = len(c2w_all)
-    if c2w_all.shape != (V, 4, 4) or K_all.shape != (V, 3, 3):
-        raise ValueError(f"{uid}: cameras.npz shapes {c2w_all.shape} {K_all.shape}")
     if input_idx is None or sup_idx is None:
         need = spec.input_views + spec.sup_views
         if V < need:
@@ -231,7 +233,7 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
 
     S = spec.input_size
     for k, i in enumerate(input_idx):
-        name = view_name(i, V, "rgba")
+        name = view_name(i, "rgba", V)
         px = _rgba(_field(raw, name), (W, H), name)  # [H,W,4] u8
         if S == W == H:
             _composite(px, bg, npo["input_rgb"][k], npo["input_mask"][k])
@@ -246,11 +248,11 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
     s, p = spec.sup_size, spec.patch or spec.sup_size
     Ks = []
     for k, i in enumerate(sup_idx):
-        name = view_name(i, V, "rgba")
+        name = view_name(i, "rgba", V)
         px = _rgba(_field(raw, name), (W, H), name)
         d = None
         if spec.depths:
-            dname = view_name(i, V, "depth")
+            dname = view_name(i, "depth", V)
             d = _depth_int(_field(raw, dname), (W, H), dname)  # [H,W]
         y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2)) if spec.patch else (0, 0)
         mask_out = npo["sup_mask"][k] if spec.masks else np.empty((1, p, p), np.float32)
@@ -275,6 +277,31 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
     return {"uid": uid, "background": bg, "input_c2w": c2w_all[input_idx], "input_K": input_K,
             "sup_c2w": c2w_all[sup_idx], "sup_K": np.stack(Ks) if Ks else np.zeros((0, 3, 3), np.float32),
             "input_views": input_idx, "sup_views": sup_idx}
+
+
+def read_cameras(data: bytes, max_side: int, uid: str = "?") -> tuple[int, int, np.ndarray, np.ndarray]:
+    """cameras.npz bytes -> (W, H, c2w [V,4,4] float32, K [V,3,3] float32), every bound checked first:
+    unpacked size (read_npz), 1 <= V <= MAX_VIEWS, W == H in [1, max_side], finite poses."""
+    z = read_npz(data, MAX_CAMERAS_BYTES, f"{uid}: cameras.npz")
+    for k in ("c2w", "K", "width", "height"):
+        if k not in z:
+            raise ValueError(f"{uid}: cameras.npz has no {k!r}")
+    c2w, K = z["c2w"], z["K"]
+    V = len(c2w) if c2w.ndim else 0
+    if c2w.shape != (V, 4, 4) or K.shape != (V, 3, 3) or not 1 <= V <= MAX_VIEWS:
+        raise ValueError(f"{uid}: cameras.npz shapes c2w {c2w.shape}, K {K.shape} (want [V,4,4], [V,3,3], "
+                         f"1 <= V <= {MAX_VIEWS})")
+    if z["width"].size != 1 or z["height"].size != 1 or z["width"].dtype.kind not in "iu" \
+            or z["height"].dtype.kind not in "iu":
+        raise ValueError(f"{uid}: cameras.npz width/height must be integer scalars")
+    W, H = int(z["width"].reshape(())), int(z["height"].reshape(()))
+    if W != H or not 1 <= W <= max_side:
+        raise ValueError(f"{uid}: views are {W}x{H}; the loader takes square views of side 1..{max_side} "
+                         "(loader.max_side)")
+    c2w, K = c2w.astype(np.float32), K.astype(np.float32)
+    if not (np.isfinite(c2w).all() and np.isfinite(K).all()):
+        raise ValueError(f"{uid}: non-finite camera values")
+    return W, H, c2w, K
 
 
 def assemble(out: dict[str, torch.Tensor], infos: list[dict[str, Any]]) -> dict[str, Any]:
@@ -333,6 +360,9 @@ def decode_batches(src: Iterator[Mapping[str, Any]], spec: ViewSpec, rng: np.ran
             if handler(e):
                 continue
             raise
+        ok = getattr(handler, "ok", None)
+        if ok is not None:
+            ok()  # a run of failures is over (SkipCounter raises after too many in a row)
         if len(infos) == batch_size:
             yield assemble(out, infos)
             out, infos = None, []
@@ -380,8 +410,7 @@ def load_render_folder(folder: str | Path, input_views: Sequence[int], sup_views
     """
     raw = RenderFolder(folder, uid)
     if spec is None:
-        with np.load(io.BytesIO(raw["cameras.npz"]), allow_pickle=False) as z:
-            side = int(z["width"])
+        side = read_cameras(raw["cameras.npz"], ViewSpec.max_side, raw.uid)[0]
         spec = ViewSpec(len(input_views), len(sup_views), side, side, 0, "white", True, True)
     return decode_sample(raw, spec, np.random.default_rng(0), list(input_views), list(sup_views))
 
@@ -412,13 +441,15 @@ class SampleStream(torch.utils.data.IterableDataset):
     """The per-process pipeline; built inside each DataLoader worker so it knows its own worker id."""
 
     def __init__(self, urls: list[str], spec: ViewSpec, batch_size: int, *, resampled: bool, seed: int,
-                 rank: int, world_size: int, shuffle_buffer: int, batches_per_epoch: int = 0):
+                 rank: int, world_size: int, shuffle_buffer: int, batches_per_epoch: int = 0,
+                 max_consecutive_failures: int = 100):
         super().__init__()
         if not urls:
             raise ValueError("no shard URLs")
         self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
         self.resampled, self.seed, self.rank, self.world_size = resampled, seed, rank, world_size
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
+        self.max_consecutive_failures = max_consecutive_failures
         self.epoch = 0
 
     def node_shards(self) -> list[str]:
@@ -449,7 +480,9 @@ class SampleStream(torch.utils.data.IterableDataset):
         ss = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
         rng = np.random.default_rng(ss)
         py_rng = random.Random(int(ss.generate_state(1)[0]))
-        handler = SkipCounter()
+        # A resampled stream never ends: a systematic failure must raise instead of warning forever. A
+        # finite pass (resampled=False) just skips what is bad and ends.
+        handler = SkipCounter(max_consecutive=self.max_consecutive_failures if self.resampled else 0)
 
         def tagged(batches: Iterator[dict]) -> Iterator[dict]:
             for b in batches:
@@ -528,7 +561,8 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
             n = -(-_indexed_samples(shard_list) // (world_size * max(1, workers)))
         per_epoch = max(1, n // batch_size)
     stream = SampleStream(shard_list, spec, batch_size, resampled=resampled, seed=seed, rank=rank,
-                          world_size=world_size, shuffle_buffer=lc.shuffle_buffer, batches_per_epoch=per_epoch)
+                          world_size=world_size, shuffle_buffer=lc.shuffle_buffer, batches_per_epoch=per_epoch,
+                          max_consecutive_failures=lc.max_consecutive_failures)
     return ShardLoader(stream, workers)
 
 

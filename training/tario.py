@@ -1,34 +1,85 @@
 """Shard reading for the loader: shard URLs -> raw samples {"__key__", field: bytes}, nothing decoded.
 
 A small streaming tar reader (Python's `tarfile` is slower than decoding the picked PNGs at demo size) that
-keeps only the members a sample needs, URL expansion and opening (local, `pipe:`, http(s), fsspec), and
-the handler that skips and counts corrupt shards and samples. `training/data.py` builds its pipeline on it.
+keeps only the members a sample needs, URL expansion and opening (local, `pipe:`, http(s), fsspec), the
+handler that skips and counts corrupt shards and samples, and a bounded `.npz` reader. `training/data.py`
+builds its pipeline on it.
+
+Shards are untrusted input (they may come from anywhere by URL), so memory is bounded before anything is
+read: a member over MAX_FIELD_BYTES, a sample with more than MAX_FIELDS members or MAX_SAMPLE_BYTES of kept
+data, a field name outside DESIGN's (FIELD_RE), a key that is not a uid (pipelines.shards.UID_RE: no `/`, no
+`..`), a duplicate field, or a member that is not a regular file (symlink, hard link, device, folder) makes
+the sample skipped and counted; its members are never extracted anywhere. `.npz` members are sized from the
+zip directory and the `.npy` headers before any array is allocated (no zip or shape bombs).
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import math
+import re
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
+from pipelines.shards import UID_RE
+
 MAX_FIELD_BYTES = 64 << 20  # a single PNG / npz larger than this is not a render of ours
+MAX_VIEWS = 1000  # views per asset (the paper renders 32); bounds field names and camera arrays
+MAX_FIELDS = 3 + len(("rgba", "depth", "normal")) * MAX_VIEWS  # members of one sample, kept or not
+MAX_SAMPLE_BYTES = 512 << 20  # kept (read) bytes of one sample
+MAX_HEADER_RECORD = 64 << 10  # a pax / GNU long-name record; ours are a few hundred bytes
+SKIP_CHUNK = 1 << 20  # skipping a member on a stream reads it in pieces of this size, never at once
+FIELD_RE = re.compile(r"^(meta\.json|cameras\.npz|geometry\.npz|(\d+)\.(rgba|depth|normal)\.png)$")
+
+
+class Rejected:
+    """`tar_members`' data for a member that must not be read (not a regular file, or oversize)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Rejected({self.reason!r})"
+
+
+class DataStalled(RuntimeError):
+    """Too many shards/samples in a row failed: the data (or the config asking it) is broken, not one sample."""
 
 
 class SkipCounter:
-    """A WebDataset handler: warn about a corrupt shard or sample, count it, keep going."""
+    """A WebDataset handler: warn about a corrupt shard or sample, count it, keep going.
 
-    def __init__(self, max_warnings: int = 20):
+    With `max_consecutive` > 0, that many failures in a row with no good sample between them (`ok()` resets
+    the run) raise DataStalled naming the last reason: a resampled stream is infinite, so a systematic error
+    (every sample fails, e.g. more views asked than rendered, or every shard URL unreachable) would otherwise
+    loop forever printing warnings.
+    """
+
+    def __init__(self, max_warnings: int = 20, max_consecutive: int = 0):
         self.count = 0
+        self.consecutive = 0
         self.max_warnings = max_warnings
+        self.max_consecutive = max_consecutive
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
+        self.consecutive += 1
         if self.count <= self.max_warnings:
             warnings.warn(f"skipping corrupt shard/sample ({type(exn).__name__}: {str(exn)[:300]})", stacklevel=2)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise DataStalled(f"{self.consecutive} shards/samples in a row failed and none decoded; the last: "
+                              f"{type(exn).__name__}: {str(exn)[:500]}") from exn
         return True
+
+    def ok(self) -> None:
+        """A sample decoded: the run of failures is over."""
+        self.consecutive = 0
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -78,28 +129,37 @@ def _read_exact(f: Any, n: int) -> bytes:
 
 
 def _skip_bytes(f: Any, n: int) -> None:
-    """Move n bytes on: a seek on local files (unread members never leave the disk cache), a read on
-    streams (pipes, HTTP). Seeking past the end is caught by the next header read (truncated tar)."""
+    """Move n bytes on: a seek on local files (unread members never leave the disk cache), a read in
+    SKIP_CHUNK pieces on streams (pipes, HTTP). Seeking past the end is caught by the next header read."""
     if n <= 0:
         return
     seekable = getattr(f, "seekable", None)
     if seekable is not None and seekable():
         f.seek(n, io.SEEK_CUR)
-    else:
-        _read_exact(f, n)
+        return
+    while n > 0:
+        n -= len(_read_exact(f, min(n, SKIP_CHUNK)))
 
 
-def _octal(field: bytes) -> int:
+def _number(field: bytes) -> int:
+    """A tar numeric field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80, as tarfile reads it)."""
+    if field[:1] and field[0] & 0x80:
+        if field[0] == 0xFF:
+            raise ValueError("negative base-256 number in a tar header")
+        return int.from_bytes(field[1:], "big")
     text = field.replace(b"\0", b" ").strip()
     return int(text, 8) if text else 0
 
 
 def tar_members(f: Any, skip: Any = None) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data) of the regular files of a tar stream; data is None where `skip(name)` is true.
+    """(name, data) of the members of a tar stream: data is the bytes of a regular file, None where
+    `skip(name)` is true (not read), or a `Rejected` for a member that is never read (not a regular file:
+    symlink, hard link, device, folder; or over MAX_FIELD_BYTES). Callers decide what a rejection means.
 
     A small ustar/pax/GNU-longname reader: Python's `tarfile` spends ~0.3 ms per member building TarInfo
     objects, which at ~100 members per sample costs more than decoding the 8 picked PNGs at demo size.
-    Checksums are verified; a member over MAX_FIELD_BYTES or a short read raises (the handler skips the shard).
+    Checksums are verified; a short read, a bad checksum or an oversize pax record raises (the handler
+    skips the rest of the shard).
     """
     long_name: str | None = None
     while True:
@@ -110,16 +170,16 @@ def tar_members(f: Any, skip: Any = None) -> Iterator[tuple[str, bytes | None]]:
             hdr += _read_exact(f, 512 - len(hdr))
         if hdr == bytes(512):
             return
-        if _octal(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+        if _number(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
             raise ValueError("tar header checksum mismatch (corrupt shard)")
-        size, kind = _octal(hdr[124:136]), hdr[156:157]
-        if size > MAX_FIELD_BYTES:
-            raise ValueError(f"tar member of {size} bytes exceeds {MAX_FIELD_BYTES}")
+        size, kind = _number(hdr[124:136]), hdr[156:157]
         padded = -(-size // 512) * 512
         name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
         if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
             name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
         if kind in (b"x", b"L", b"g"):  # pax / GNU long-name records describe the next member
+            if size > MAX_HEADER_RECORD:
+                raise ValueError(f"tar {kind.decode()} record of {size} bytes exceeds {MAX_HEADER_RECORD}")
             data = _read_exact(f, padded)[:size]
             if kind == b"L":
                 long_name = data.rstrip(b"\0").decode("utf-8")
@@ -129,43 +189,167 @@ def tar_members(f: Any, skip: Any = None) -> Iterator[tuple[str, bytes | None]]:
                         long_name = rec.split(" path=", 1)[1]
             continue
         name, long_name = long_name or name, None
-        if kind not in (b"0", b"\0") or (skip is not None and skip(name)):
+        regular = kind in (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
+        if not regular or size > MAX_FIELD_BYTES:
             _skip_bytes(f, padded)
-            if kind in (b"0", b"\0"):
-                yield name, None
+            why = (f"member of {size} bytes exceeds {MAX_FIELD_BYTES}" if regular
+                   else f"not a regular file (tar type {kind!r})")
+            yield name, Rejected(why)
+            continue
+        if skip is not None and skip(name):
+            _skip_bytes(f, padded)
+            yield name, None
             continue
         data = _read_exact(f, size)  # exactly the member: slicing off the padding would copy it again
         _skip_bytes(f, padded - size)
         yield name, data
 
 
+def _split_name(name: str) -> tuple[str, str]:
+    """Member name -> (key, field), split at the first dot as WebDataset does (the key keeps any folder)."""
+    key, _, field = name.partition(".")
+    return key, field
+
+
+def check_member(key: str, field: str) -> str | None:
+    """Why a member may not be part of a sample (None if it may): key a uid, field one of DESIGN's names."""
+    if not UID_RE.match(key):
+        return f"key {key[:80]!r} is not a uid ([A-Za-z0-9_-]{{1,64}}: no '/', no '..')"
+    m = FIELD_RE.match(field)
+    if m is None:
+        return f"field {field[:80]!r} is not one of DESIGN's sample fields"
+    if m.group(2) is not None and int(m.group(2)) >= MAX_VIEWS:
+        return f"view index {m.group(2)} >= {MAX_VIEWS}"
+    return None
+
+
+class _Sample:
+    """The sample being assembled from consecutive members of one key, with its bounds."""
+
+    def __init__(self, key: str, url: str):
+        self.fields: dict[str, Any] = {"__key__": key, "__url__": url}
+        self.key, self.url = key, url
+        self.bad: str | None = None
+        self.members, self.bytes = 0, 0
+        self.seen: set[str] = set()
+
+    def add(self, field: str, data: bytes | Rejected | None) -> None:
+        self.members += 1
+        if self.bad is not None:
+            return
+        why = check_member(self.key, field)
+        if why is None and isinstance(data, Rejected):
+            why = f"{field}: {data.reason}"
+        elif why is None and field in self.seen:
+            why = f"field {field} appears twice"
+        elif why is None and self.members > MAX_FIELDS:
+            why = f"more than {MAX_FIELDS} members"
+        elif why is None and data is not None:
+            self.bytes += len(data)
+            if self.bytes > MAX_SAMPLE_BYTES:
+                why = f"more than {MAX_SAMPLE_BYTES} bytes of fields"
+        if why is not None:
+            self.bad = why
+            self.fields = {"__key__": self.key, "__url__": self.url}  # drop what was kept: free it now
+            return
+        self.seen.add(field)
+        if data is not None:
+            self.fields[field] = data
+
+    def finish(self, handler: SkipCounter) -> dict | None:
+        """The sample's fields, or None after handing a bad sample to `handler`."""
+        if self.bad is None:
+            return self.fields
+        handler(ValueError(f"sample {self.key[:80]!r} in {self.url}: {self.bad}"))
+        return None
+
+
+def _shard_samples(stream: Any, url: str, handler: SkipCounter, skip: Any) -> Iterator[dict]:
+    cur: _Sample | None = None
+
+    def skip_member(name: str) -> bool:
+        key, field = _split_name(name)
+        if cur is not None and key == cur.key and cur.bad is not None:
+            return True  # the sample is already lost: read nothing more of it
+        if check_member(key, field) is not None:
+            return True  # never read a foreign member; its sample is rejected in _Sample.add
+        return skip is not None and skip(name)
+
+    for name, data in tar_members(stream, skip_member):
+        key, field = _split_name(name)
+        if key.startswith("__") and "/" not in key:
+            continue  # WebDataset's own bookkeeping members (e.g. __index__) are not samples
+        if cur is not None and key != cur.key:
+            done = cur.finish(handler)
+            if done is not None:
+                yield done
+            cur = None
+        if cur is None:
+            cur = _Sample(key, url)
+        cur.add(field, data)
+    if cur is not None:
+        done = cur.finish(handler)
+        if done is not None:
+            yield done
+
+
 def tar_samples(src: Iterator[dict], handler: SkipCounter, skip: Any = None) -> Iterator[dict]:
     """Opened shards -> samples {"__key__", "__url__", field: bytes}, consecutive members grouped by key.
 
-    Keys split at the first dot of the base name, as WebDataset does. A shard that breaks mid-way yields
-    the samples before the break and drops the incomplete one.
+    Keys split at the first dot of the name, as WebDataset does. A sample breaking a bound (module
+    docstring) is dropped and handed to `handler`; members after the breach are not read. A shard that
+    breaks mid-way yields the samples before the break and drops the incomplete one.
     """
     for s in src:
-        cur: dict | None = None
         try:
-            for name, data in tar_members(s["stream"], skip):
-                folder, _, base = name.rpartition("/")
-                stem, dot, field = base.partition(".")
-                if not dot or stem.startswith("__"):
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                if cur is not None and key != cur["__key__"]:
-                    yield cur
-                    cur = None
-                if cur is None:
-                    cur = {"__key__": key, "__url__": s["url"]}
-                if data is not None:
-                    cur[field] = data
-            if cur is not None:
-                yield cur
+            yield from _shard_samples(s["stream"], s["url"], handler, skip)
+        except DataStalled:
+            raise
         except Exception as e:
             handler(e)
         finally:
             close = getattr(s["stream"], "close", None)
             if close:
                 close()
+
+
+def _npy(buf: bytes, name: str) -> np.ndarray:
+    """One `.npy` image -> array, its header checked against the bytes there before anything is allocated."""
+    f = io.BytesIO(buf)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{name}: unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ValueError(f"{name}: object arrays are not data")
+    count = math.prod(shape)  # Python ints: no overflow on a crafted shape
+    if count * dtype.itemsize != len(buf) - f.tell():
+        raise ValueError(f"{name}: header says {shape} {dtype}, {len(buf) - f.tell()} bytes follow")
+    return np.frombuffer(buf, dtype, count=count, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+
+
+def read_npz(data: bytes, limit: int, name: str = "npz", max_members: int = 16) -> dict[str, np.ndarray]:
+    """An `.npz` (zip of `.npy`) from untrusted bytes -> {key: read-only array}, at most `limit` bytes unpacked.
+
+    The zip directory's uncompressed sizes are summed before anything is inflated (a zip bomb is refused
+    from its directory), zipfile never returns more than a member's declared size (a lying directory fails
+    its CRC), and each `.npy` header must match its data exactly; no pickles.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            if len(infos) > max_members:
+                raise ValueError(f"{name}: {len(infos)} members, at most {max_members}")
+            total = sum(i.file_size for i in infos)
+            if total > limit:
+                raise ValueError(f"{name}: {total} bytes uncompressed, above the {limit}-byte bound")
+            out = {}
+            for info in infos:
+                key = info.filename.removesuffix(".npy")
+                out[key] = _npy(zf.read(info), f"{name}:{info.filename}")
+            return out
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{name}: not a readable npz ({e})") from None

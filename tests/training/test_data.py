@@ -7,7 +7,9 @@ are computed here with numpy from those arrays (compositing, depth scale, K shif
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from pipelines.config import Config
 from pipelines.shards import pack, shard_urls
 from render.cameras import project
 from tests.fake_renders import write_renders
-from training.data import load_render_folder, make_loader
+from training.data import ViewSpec, decode_sample, load_render_folder, make_loader, view_spec
+from training.tario import DataStalled
 
 UIDS = [f"asset{i:02d}" for i in range(9)]
 SIZE, VIEWS = 32, 6
@@ -280,3 +283,105 @@ def test_worker_batches_equal_in_process_batches(packed):
             if isinstance(val, torch.Tensor):
                 assert torch.equal(val, y[key]), key
     assert a[-1]["input_rgb"].shape[0] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Crafted samples: refused with a reason before anything large is allocated or decoded.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _raw(tmp_path, uid="crafted", views=VIEWS) -> dict:
+    write_renders(tmp_path, [uid], views=views, size=SIZE)
+    folder = tmp_path / "renders" / uid
+    return {"__key__": uid, **{p.name: p.read_bytes() for p in folder.iterdir()}}
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _spec(**kw) -> ViewSpec:
+    return ViewSpec(2, 2, SIZE, SIZE, 0, "white", True, True, **kw)
+
+
+def _cams(V=VIEWS, side=SIZE, **over) -> dict:
+    c = {"c2w": np.tile(np.eye(4, dtype=np.float32), (V, 1, 1)), "K": np.tile(np.eye(3, dtype=np.float32), (V, 1, 1)),
+         "width": np.int32(side), "height": np.int32(side)}
+    c.update(over)
+    return c
+
+
+def test_oversized_or_non_square_views_are_refused_before_decoding(tmp_path):
+    raw = _raw(tmp_path)
+    assert decode_sample(raw, _spec(), np.random.default_rng(0))["input_rgb"].shape == (2, 3, SIZE, SIZE)
+    for cams, why in ((_cams(side=100000), "max_side"), (_cams(width=np.int32(SIZE), height=np.int32(SIZE * 2)), "max_side"),
+                      (_cams(side=0), "max_side"), (_cams(width=np.float32(32.0)), "integer")):
+        with pytest.raises(ValueError, match=why):
+            decode_sample({**raw, "cameras.npz": _npz(**cams)}, _spec(), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="max_side"):  # the config bound is the one used
+        decode_sample(raw, _spec(max_side=SIZE - 1), np.random.default_rng(0))
+    cfg = _cfg(tmp_path)
+    cfg.loader.max_side = 16
+    assert view_spec(cfg, "nerf").max_side == 16
+
+
+def test_camera_arrays_are_bounded_before_they_are_allocated(tmp_path):
+    raw = _raw(tmp_path)
+    rng = np.random.default_rng(0)
+    # a zip bomb: 8 MB of zeros compressed to a few kB; refused from the zip directory
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, **_cams(), pad=np.zeros(8 << 20, np.uint8))
+    assert len(bomb.getvalue()) < 100_000
+    with pytest.raises(ValueError, match="uncompressed"):
+        decode_sample({**raw, "cameras.npz": bomb.getvalue()}, _spec(), rng)
+    # a .npy header claiming 10^12 floats over 64 bytes of data: refused from the header
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 4, 4)})
+    lie = io.BytesIO()
+    with zipfile.ZipFile(lie, "w") as z:
+        z.writestr("c2w.npy", head.getvalue() + bytes(64))
+        for k, v in _cams().items():
+            if k != "c2w":
+                b = io.BytesIO()
+                np.save(b, v)
+                z.writestr(f"{k}.npy", b.getvalue())
+    with pytest.raises(ValueError, match="header says"):
+        decode_sample({**raw, "cameras.npz": lie.getvalue()}, _spec(), rng)
+    with pytest.raises(ValueError, match="1 <= V <= 1000"):  # too many views
+        decode_sample({**raw, "cameras.npz": _npz(**_cams(V=1001))}, _spec(), rng)
+    with pytest.raises(ValueError, match="Object arrays|object arrays|pickle"):  # pickles stay data
+        decode_sample({**raw, "cameras.npz": _npz(**_cams(), extra=np.array([{"a": 1}], dtype=object))}, _spec(), rng)
+
+
+@pytest.mark.parametrize("scale", [0, -10000.0, "nan", float("inf")])
+def test_depth_scale_must_be_positive(tmp_path, scale):
+    raw = _raw(tmp_path)
+    meta = json.loads(raw["meta.json"])
+    meta["depth_scale"] = scale
+    with pytest.raises(ValueError, match="depth_scale"):
+        decode_sample({**raw, "meta.json": json.dumps(meta).encode()}, _spec(), np.random.default_rng(0))
+
+
+def test_depth_png_must_be_16_bit(tmp_path):
+    raw = _raw(tmp_path)
+    eight = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE), 200, np.uint8)).save(eight, "PNG")  # mode L: depths 256x off
+    bad = {**raw, **{f"{i:02d}.depth.png": eight.getvalue() for i in range(VIEWS)}}
+    with pytest.raises(ValueError, match="16-bit"):
+        decode_sample(bad, _spec(), np.random.default_rng(0))
+
+
+def test_resampled_stream_raises_on_a_systematic_decode_error(tmp_path):
+    """Asking for more views than were rendered fails every sample; a resampled (infinite) stream must stop
+    with that reason instead of warning forever."""
+    write_renders(tmp_path, ["few"], views=3, size=SIZE)
+    cfg = _cfg(tmp_path)
+    pack(cfg)
+    cfg.loader.max_consecutive_failures = 20
+    loader = make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=1, resampled=True, epoch_samples=10,
+                         workers=0)  # needs 2 + 3 views, has 3
+    with pytest.warns(UserWarning), pytest.raises(DataStalled, match=r"20 shards/samples in a row.*need 5"):
+        next(iter(loader))
+    shutil.rmtree(tmp_path / "renders")

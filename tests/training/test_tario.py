@@ -1,4 +1,5 @@
-"""training/tario.py: the streaming tar reader against Python's own `tarfile` (an independent reader)."""
+"""training/tario.py: the streaming tar reader against Python's own `tarfile` (an independent reader), and
+hostile shards built with `tarfile` (oversize, too many members, bad keys/fields, links, base-256 sizes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from training.tario import tar_members
+from training import tario
+from training.tario import DataStalled, SkipCounter, tar_members, tar_samples
 
 
 def test_tar_reader_matches_tarfile_on_pax_and_long_names(tmp_path):
@@ -32,3 +34,200 @@ def test_tar_reader_matches_tarfile_on_pax_and_long_names(tmp_path):
     data[10] ^= 1
     with pytest.raises(ValueError, match="checksum"):
         list(tar_members(io.BytesIO(bytes(data))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile shards: every case is skipped and counted, the good samples around it survive, nothing is written.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _member(t: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type, ti.linkname = (len(data) if kind == tarfile.REGTYPE else 0), kind, link
+    t.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _good(t: tarfile.TarFile, key: str) -> None:
+    _member(t, f"{key}.meta.json", b'{"uid": "%s"}' % key.encode())
+    _member(t, f"{key}.00.rgba.png", b"png bytes of " + key.encode())
+
+
+def _tar(tmp_path, build) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        build(t)
+    return buf.getvalue()
+
+
+class CountingStream(io.BytesIO):
+    """A seekable stream that counts the bytes handed out by read() (seeks past members are not reads)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = super().read(n)
+        self.bytes_read += len(out)
+        return out
+
+
+def _samples(data: bytes, stream_cls=io.BytesIO, max_consecutive: int = 0):
+    handler = SkipCounter(max_warnings=0, max_consecutive=max_consecutive)
+    stream = stream_cls(data)
+    got = list(tar_samples(iter([{"url": "mem.tar", "stream": stream}]), handler))
+    return got, handler, stream
+
+
+def _keys(samples) -> list[str]:
+    return [s["__key__"] for s in samples]
+
+
+def test_oversize_member_skips_its_sample_without_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tario, "MAX_FIELD_BYTES", 1000)
+    big = bytes(5000)
+
+    def build(t):
+        _good(t, "a")
+        _member(t, "b.meta.json", b"{}")
+        _member(t, "b.00.rgba.png", big)
+        _good(t, "c")
+
+    data = _tar(tmp_path, build)
+    for cls in (CountingStream, NonSeekable):  # local file (seek) and pipe/HTTP (chunked read) paths
+        got, handler, stream = _samples(data, cls)
+        assert _keys(got) == ["a", "c"] and handler.count == 1
+        assert got[1]["00.rgba.png"] == b"png bytes of c"
+    got, handler, stream = _samples(data, CountingStream)
+    assert stream.bytes_read < len(data) - len(big)  # the oversize member was seeked over, never read
+
+
+class NonSeekable(io.RawIOBase):
+    def __init__(self, data: bytes):
+        self._b = io.BytesIO(data)
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        out = self._b.read(n)
+        self.bytes_read += len(out)
+        return out
+
+
+def test_too_many_members_per_sample_stops_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tario, "MAX_FIELDS", 10)
+    payload = bytes(range(256)) * 8
+
+    def build(t):
+        _good(t, "a")
+        for i in range(40):
+            _member(t, f"many.{i:02d}.rgba.png", payload)
+        _good(t, "z")
+
+    data = _tar(tmp_path, build)
+    got, handler, stream = _samples(data, CountingStream)
+    assert _keys(got) == ["a", "z"] and handler.count == 1
+    # at most the first 10 members of "many" were read; the other 30 were seeked over
+    assert stream.bytes_read < len(data) - 30 * len(payload)
+
+
+@pytest.mark.parametrize("names", [
+    ["../evil.meta.json", "../evil.00.rgba.png"],
+    ["a/b.meta.json", "a/b.00.rgba.png"],
+    ["x/../../etc/passwd.meta.json"],
+    ["/abs.meta.json"],
+    ["ok.script.py"],  # a field name DESIGN does not have
+    ["ok.00.rgba.png", "ok.00.rgba.png"],  # a duplicate field
+    ["ok.1000.rgba.png"],  # view index beyond MAX_VIEWS
+])
+def test_bad_keys_and_field_names_are_skipped_and_never_written(tmp_path, monkeypatch, names):
+    monkeypatch.chdir(tmp_path)
+
+    def build(t):
+        _good(t, "a")
+        for n in names:
+            _member(t, n, b"payload")
+        _good(t, "c")
+
+    data = _tar(tmp_path, build)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    got, handler, _ = _samples(data)
+    assert _keys(got) == ["a", "c"] and handler.count >= 1
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing extracted anywhere
+    assert not (tmp_path.parent / "evil.meta.json").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.DIRTYPE])
+def test_link_and_special_members_reject_their_sample(tmp_path, kind):
+    target = tmp_path / "secret.txt"
+    target.write_text("secret")
+
+    def build(t):
+        _good(t, "a")
+        _member(t, "b.meta.json", b"{}")
+        _member(t, "b.00.rgba.png", kind=kind, link=str(target))
+        _good(t, "c")
+
+    data = _tar(tmp_path, build)
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:  # the independent reader sees the link member
+        assert [m.type for m in t.getmembers() if m.name == "b.00.rgba.png"] == [kind]
+    got, handler, _ = _samples(data)
+    assert _keys(got) == ["a", "c"] and handler.count == 1
+    assert all(b"secret" not in v for s in got for k, v in s.items() if not k.startswith("__"))
+
+
+def _base256_size(data: bytes, member_index: int, size: int) -> bytes:
+    """Rewrite the size field of the member_index-th header as GNU base-256, fixing the checksum."""
+    buf = bytearray(data)
+    off = 0
+    for _ in range(member_index):
+        old = tarfile.TarInfo.frombuf(bytes(buf[off:off + 512]), "utf-8", "surrogateescape")
+        off += 512 + -(-old.size // 512) * 512
+    buf[off + 124:off + 136] = b"\x80" + size.to_bytes(11, "big")
+    buf[off + 148:off + 156] = b" " * 8
+    buf[off + 148:off + 155] = b"%06o\0" % sum(buf[off:off + 512])
+    return bytes(buf)
+
+
+def test_base256_size_fields_read_as_tarfile_reads_them(tmp_path):
+    def build(t):
+        _good(t, "a")
+        _good(t, "c")
+
+    data = _tar(tmp_path, build)
+    # a small size in base-256 (legal): both readers agree on the member
+    same = _base256_size(data, 1, len(b"png bytes of a"))
+    with tarfile.open(fileobj=io.BytesIO(same)) as t:
+        want = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    assert list(tar_members(io.BytesIO(same))) == want
+    # a huge one (2**40 bytes): tarfile agrees on the size; ours refuses to read it, the sample is lost and
+    # the shard ends there (the data it claims is not there), counted
+    huge = _base256_size(data, 1, 2**40)
+    hdr = huge[512 + 512:512 + 1024]  # member 1 follows member 0's header and one data block
+    assert tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape").size == 2**40
+    got, handler, _ = _samples(huge)
+    assert _keys(got) == [] and handler.count >= 1
+
+
+def test_systematic_failures_raise_instead_of_looping(tmp_path):
+    def build(t):
+        for i in range(8):
+            _member(t, f"k{i}.bogus.txt", b"x")
+
+    got, handler, _ = _samples(_tar(tmp_path, build))
+    assert got == [] and handler.count == 8  # finite pass: all counted, no error
+    with pytest.raises(DataStalled, match="5 shards/samples in a row.*bogus.txt"):
+        _samples(_tar(tmp_path, build), max_consecutive=5)
+    h = SkipCounter(max_warnings=0, max_consecutive=3)
+    h(ValueError("1"))
+    h(ValueError("2"))
+    h.ok()  # a good sample in between resets the run
+    h(ValueError("3"))
+    h(ValueError("4"))
+    with pytest.raises(DataStalled, match="ValueError: 5"):
+        h(ValueError("5"))
