@@ -144,8 +144,12 @@ def _render_set(job: dict, settings: dict, resolution: int, views: int, tmp: Pat
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    """PSNR of two [H,W,3] images in [0,1] (training.metrics.psnr, uncapped: +inf when identical)."""
+    import torch
+
+    from training.metrics import psnr as image_psnr
+
+    return float(image_psnr(torch.from_numpy(a)[None], torch.from_numpy(b)[None], max_db=None)[0])
 
 
 def quality_study(jobs: list[dict], resolution: int, views: int, tmp: Path) -> list[dict[str, Any]]:

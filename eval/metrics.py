@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from training.metrics import psnr as shared_psnr
+
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # skimage: int(truncate 3.5 * σ 1.5 + 0.5) -> an 11-tap window
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -50,10 +52,11 @@ def composite_on_white(rgba: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def psnr(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per image 10·log10(range² / MSE) over all pixels and channels; identical images give +inf. -> [B]."""
+    """Per image 10·log10(range² / MSE) over all pixels and channels; identical images give +inf. -> [B].
+
+    training.metrics.psnr without its 100 dB cap (the one implementation; float64 inside)."""
     _check_pair(pred, gt)
-    mse = ((pred.double() - gt.double()) ** 2).flatten(1).mean(1)
-    return (10.0 * torch.log10(data_range ** 2 / mse)).float()
+    return shared_psnr(pred, gt, data_range, max_db=None)
 
 
 @functools.lru_cache(maxsize=4)

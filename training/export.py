@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.io import atomic_write_bytes
+from training.cameras import ZUP_TO_YUP
 
-# Rows of the rotation our frame -> glTF's frame (Y up): (x, y, z) -> (x, z, -y).
-CANONICAL_TO_GLTF = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+# Rows of the rotation our frame -> glTF's frame (Y up): (x, y, z) -> (x, z, -y). The same axis change as
+# into the released model's frame, so it is that one matrix (training.cameras.ZUP_TO_YUP), as float64 numpy.
+CANONICAL_TO_GLTF = ZUP_TO_YUP.double().numpy().copy()
+CANONICAL_TO_GLTF.setflags(write=False)
 
 # A colour function: points [N,3] float32 (canonical frame) -> colours [N,3] in [0,1] (anything array-like).
 ColorFn = Callable[[np.ndarray], np.ndarray]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.metrics import psnr  # noqa: F401 - the one PSNR (100 dB cap), imported by the objectives
 from training.model.renderer import ray_box
 
 
@@ -39,12 +40,6 @@ def depth_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tens
         fg = fg & (mask > 0.5)
     fg = fg.to(pred.dtype)
     return (((pred - target) ** 2) * fg).sum() / fg.sum().clamp_min(1.0)
-
-
-def psnr(pred: Tensor, target: Tensor) -> Tensor:
-    """PSNR in dB for [0,1] images, per image ([N, ...] -> [N]); mean it yourself."""
-    err = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-    return -10.0 * torch.log10(err.clamp_min(1e-10))
 
 
 class LPIPSLoss(torch.nn.Module):

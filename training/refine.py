@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pipelines.config import RefineConfig
 from training.cameras import opencv_to_clip
+from training.metrics import psnr as image_psnr
 from training.ops.raster import Rasterizer, make_rasterizer
 
 TUNES = ("both", "color", "triplane")
@@ -102,9 +103,9 @@ def shade(model: nn.Module, planes: Tensor, surface: Surface, color_mlp: nn.Modu
 
 
 def psnr(pred: Tensor, target: Tensor) -> float:
-    """PSNR in dB of images in [0,1] (mean over all pixels and views)."""
-    mse = torch.mean((pred.clamp(0, 1) - target) ** 2).item()
-    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+    """PSNR in dB of images in [0,1] over all pixels and views together (one MSE), +inf when identical:
+    training.metrics.psnr of the whole stack as one image."""
+    return float(image_psnr(pred.clamp(0, 1).reshape(1, -1), target.reshape(1, -1), max_db=None)[0])
 
 
 @dataclass
