@@ -103,8 +103,11 @@ class MeshObjective(nn.Module):
         dev = planes.device
         terms: dict[str, Tensor] = {"empty_meshes": torch.tensor(float(len(outs) - len(keep)), device=dev)}
         if not keep:
-            # Nothing to rasterize: a zero loss still tied to the graph, so every rank steps in lock-step.
-            return planes.sum() * 0.0, terms
+            # Nothing to rasterize: a zero loss tied to every trainable parameter, not just the planes. With
+            # planes alone f_d / f_c would get no gradient, and DDP (find_unused_parameters=False) raises on
+            # the next step because their all-reduce never ran; a zero grad for each keeps ranks in step.
+            zero = sum((p.sum() for p in self.parameters() if p.requires_grad), planes.sum()) * 0.0
+            return zero, terms
         pred = {k: torch.cat([outs[i][k] for i in keep]).float() for k in ("rgb", "depth", "mask")}
         gt_rgb = torch.cat([batch["sup_rgb"][i] for i in keep]).float()  # [N,3,h,w]
         gt_mask = torch.cat([batch["sup_mask"][i] for i in keep]).float()
