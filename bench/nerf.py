@@ -6,13 +6,15 @@ the numbers are the model + loss + optimizer step alone. Compared in the same ru
 - ours: `training.loop.train_step` (autocast choice, non-finite guard, clipping, AdamW) on `NerfObjective`;
 - baseline "plain step": the loop people write by hand — forward, backward, AdamW step, no guard/clipping —
   on the same objective, so the ratio is the overhead of our machinery (≈ 1.0 is the goal);
-- the LPIPS term's share: the same step with λ_p = 0 (the VGG forward/backward is a large part on CPU).
+- the LPIPS term's share: the same step with λ_p = 0, and with the other LPIPS trunk (demo: AlexNet; paper: VGG,
+  whose forward/backward is most of a demo step on CPU).
 
     python -m bench.nerf [--config configs/demo.yaml] [key=value ...]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,15 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
     objective.cfg.lpips_weight = 0.0
     t_mse = timeit(plain, repeat=3, warmup=1)
     objective.cfg.lpips_weight = weight
+    # The demo's LPIPS trunk (AlexNet) against the paper's (VGG) on the same step: why the demo uses alex.
+    other = "vgg" if cfg.nerf.lpips_net == "alex" else "alex"
+    alt = NerfObjective(objective.model, dataclasses.replace(cfg.nerf, lpips_net=other))
+    alt_opt = make_optimizer(alt, s)
+
+    def alt_step() -> None:
+        train_step(alt, alt_opt, batch, s, cpu, None)
+
+    t_alt = timeit(alt_step, repeat=3, warmup=1)
     B = cfg.nerf.batch_size
     rays = B * cfg.nerf.sup_views * (cfg.nerf.patch_size or cfg.nerf.render_size) ** 2
     note = (f"demo config on CPU, batch {B}, {rays} rays x {cfg.model.samples_per_ray} samples, "
@@ -84,6 +95,8 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
                higher_is_better=True),
         result("nerf step time without LPIPS", t_mse, t_ours, "with LPIPS (our step)", "s",
                "λ_p = 0: the share the VGG LPIPS term costs on CPU"),
+        result(f"nerf step time, LPIPS {cfg.nerf.lpips_net}", t_ours, t_alt, f"LPIPS {other} (our step)", "s",
+               f"the LPIPS trunk's cost: {cfg.nerf.lpips_net} (this config) vs {other}"),
         result("nerf peak memory (RSS)", peak_rss_mb(), None, "", "MiB", "process peak after the steps"),
     ]
 

@@ -69,7 +69,8 @@ def model_config_from_official(sizes: dict[str, Any]) -> ModelConfig:
         depth=g["num_layers"], heads=g["num_heads"], head_dim=g["num_head_channels"], ffn="geglu", ffn_mult=4,
         attn_bias=False, plane_res=g["plane_resolution"], plane_channels=g["out_channels"],
         upsample=g["upsample_factor"], mlp_hidden=f["layer_width"], density_layers=f["num_layers_sigma"],
-        color_layers=f["num_layers_color"], scene_box=float(hi), official_frame=False)
+        color_layers=f["num_layers_color"], scene_box=float(hi), official_frame=False,
+        density_bias=0.0)  # the released f_d is softplus(x): no extra bias, whatever the demo default
 
 
 def _ours(key: str) -> str | None:

@@ -30,19 +30,19 @@ def build_shards(cfg: Config, assets: int) -> dict:
     return pack(cfg, executor="local")
 
 
-# The demo config, shrunk to train in minutes on 2 shared cores: 64² renders/inputs, 32² supervision views in
-# 16² windows, 24 samples per ray; a lighter LPIPS weight (0.1: on 16² windows its gradient is mostly noise)
-# and the mask term, so that 120 steps move PSNR. The model and optimiser are the demo's.
+# The demo config as it is (model, optimiser, loss weights, 32² whole supervision views), on 3 assets rendered
+# at 64² (inputs 64²) and STEPS steps. The reference is independent of the trainer: the untrained model on
+# the same fixed batch of whole training views (the demo starts with an empty field, so that is close to the
+# all-white image). Measured on the shared 2-core machine (see docs/training.md, "The demo"): PSNR_BEFORE dB before,
+# PSNR_AFTER dB after STEPS steps, ~RUNTIME in all.
+STEPS = 150
 TEST_ARGS = ["render.resolution=64", "render.views=12", "render.samples=4", "loader.input_size=64",
-             "nerf.render_size=32", "nerf.patch_size=16", "model.samples_per_ray=24", "nerf.steps=120",
-             "nerf.warmup_steps=10", "nerf.lr=0.003", "nerf.lpips_weight=0.1", "nerf.mask_weight=0.5",
-             "nerf.log_every=10", "nerf.image_every=60", "nerf.ckpt_every=60", "shards.val_fraction=0.0"]
+             f"nerf.steps={STEPS}", "nerf.log_every=10", f"nerf.image_every={STEPS // 2}",
+             f"nerf.ckpt_every={STEPS // 2}", "shards.val_fraction=0.0"]
 
 
 @pytest.mark.slow
 @pytest.mark.blender
-@pytest.mark.xfail(strict=False, reason="NOT YET MET: measured 17.86 -> 18.53 dB whole-view training PSNR after "
-                   "120 steps (~5 min on 2 loaded cores); the +2 dB bar needs more steps or tuning (open)")
 def test_demo_training_raises_training_view_psnr(tmp_path):
     pytest.importorskip("bpy")
     import torch
@@ -66,4 +66,4 @@ def test_demo_training_raises_training_view_psnr(tmp_path):
     assert after > before + 2.0, (before, result.val)
     run_dir = tmp_path / "runs" / "nerf"
     assert (run_dir / "config.yaml").is_file() and (run_dir / f"images/step-{cfg.nerf.steps}.png").is_file()
-    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-120", "step-60"]
+    assert sorted(p.name for p in run_dir.glob("step-*")) == [f"step-{STEPS}", f"step-{STEPS // 2}"]

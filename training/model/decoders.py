@@ -19,6 +19,14 @@ class MLP(nn.Module):
             raise ValueError(f"an MLP needs at least one layer, got {layers}")
         dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        # He init for the layers followed by GELU (≈ ReLU gain), zero biases: PyTorch's default Linear init
+        # (variance 1/(3·fan_in)) shrinks the features ~2.5x per layer, so f_d's output starts ~0.05 and
+        # needs hundreds of Adam steps to reach the densities (>10, the mesh level) an opaque surface needs.
+        # The output layer keeps the default (small) init: the field starts near softplus(bias) everywhere.
+        # Only the starting point changes; converted/released weights overwrite all of it.
+        for layer in self.layers[:-1]:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
