@@ -90,7 +90,7 @@ def plan(cfg: Config, eval_mode: bool) -> tuple[list[dict], list[dict]]:
     """(jobs to render, rows of assets already complete) from the download manifest."""
     from render.blender import output_hash
 
-    want = output_hash(cfg.render)
+    want = output_hash(cfg.render, eval_mode)
     root = render_root(cfg, eval_mode)
     src = mf.manifest_path(cfg.out, "download")
     if not src.exists():
@@ -131,7 +131,11 @@ def render_local(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
 
     threads = threads_per_renderer(cfg, 1)
     for job in jobs:
-        on_row(job, render_asset(job, job["dest"], cfg, view_sets(job["uid"], cfg, eval_mode), threads))
+        row = render_asset(job, job["dest"], cfg, view_sets(job["uid"], cfg, eval_mode), threads)
+        on_row(job, row)
+        if _reset_failed(row):  # one bpy per process here: the next asset's own reset is the retry
+            print(f"render: warning: scene reset failed after {job['uid']} ({row.get('reset_reason', '')}); "
+                  "the next asset resets again", file=sys.stderr)
 
 
 class RenderActor:
@@ -158,12 +162,15 @@ class RenderActor:
 
 def run_actor_pool(items: Sequence[Any], make_actor: Callable[[], Any], submit: Callable[[Any, Any], Any],
                    on_result: Callable[[Any, Any, str | None], None], actors: int, timeout_s: float,
-                   ping: Callable[[Any], Any] | None = None, start_timeout_s: float = 300.0) -> None:
+                   ping: Callable[[Any], Any] | None = None, start_timeout_s: float = 300.0,
+                   retire: Callable[[Any], bool] | None = None) -> None:
     """Feed `items` one at a time to `actors` Ray actors; `on_result(item, result, error)` for each.
 
     An item running longer than `timeout_s`, or whose actor dies, gets `error` set; that actor is killed
     and replaced and the job goes on. `ping(actor)` (an object ref) is awaited before an actor gets work,
-    so its start (importing bpy) does not count against the first item's timeout. An exception raised
+    so its start (importing bpy) does not count against the first item's timeout. An actor whose result
+    makes `retire(result)` true (its renderer could not reset) is killed and replaced after reporting the
+    result, instead of getting the next item. An exception raised
     inside the method (a bug, since the step catches per-asset errors itself) propagates after every actor
     is killed.
     """
@@ -197,7 +204,10 @@ def run_actor_pool(items: Sequence[Any], make_actor: Callable[[], Any], submit: 
                     replace(actor)
                     continue
                 on_result(item, result, None)
-                idle.append(actor)
+                if retire is not None and retire(result):
+                    replace(actor)
+                else:
+                    idle.append(actor)
             now = time.monotonic()
             for ref, (actor, item, t0) in list(running.items()):
                 if now - t0 > timeout_s:
@@ -229,7 +239,13 @@ def render_ray(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
                                                  "seconds": cfg.timeout_s if error.startswith("timeout") else 0.0})
 
     run_actor_pool(jobs, lambda: actor_cls.remote(cfg_dict, threads, eval_mode),
-                   lambda a, job: a.render.remote(job), result, n, cfg.timeout_s, ping=lambda a: a.ready.remote())
+                   lambda a, job: a.render.remote(job), result, n, cfg.timeout_s, ping=lambda a: a.ready.remote(),
+                   retire=_reset_failed)
+
+
+def _reset_failed(row: Any) -> bool:
+    """A renderer whose bpy could not reset after its asset holds unknown state: do not give it another."""
+    return isinstance(row, dict) and bool(row.get("reset_failed"))
 
 
 # ----------------------------------------------------------------------------------------------------------

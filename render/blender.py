@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -25,7 +26,15 @@ import numpy as np
 
 from pipelines.config import RenderConfig
 from pipelines.io import atomic_dir
-from render.cameras import intrinsics, opencv_to_blender, uid_seed
+from render.cameras import VIEW_KINDS, intrinsics, opencv_to_blender, uid_seed, view_name
+from render.files import (  # noqa: F401 - srgb_encode, encode_view: part of this module's API
+    asset_folder,
+    count_nonfinite_vertices,
+    encode_view,
+    header_size,
+    save_png,
+    srgb_encode,
+)
 from render.quality import assess
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
@@ -33,18 +42,24 @@ FORMATS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".fbx", ".blend")
 
 
 # Settings that change what is written; a folder rendered with other values is stale (scheduling knobs such
-# as actors, threads or timeouts are not among them).
-OUTPUT_FIELDS = ("resolution", "views", "fov_deg", "distance_min", "distance_max", "elevation_min_deg",
-                 "elevation_max_deg", "samples", "adaptive_threshold", "denoise", "max_bounces", "depth_scale",
-                 "light_strength", "world_strength", "eval_orbit_views", "eval_distance",
-                 "eval_input_elevation_deg")
+# as actors, threads or timeouts are not among them). Per mode: training folders (renders/) depend on the
+# random-view settings, evaluation folders (renders_eval/) on the orbit/input settings, both on the common
+# ones, so changing render.views does not re-render renders_eval and changing eval_distance not renders/.
+COMMON_OUTPUT_FIELDS = ("resolution", "fov_deg", "samples", "adaptive_threshold", "denoise", "max_bounces",
+                        "depth_scale", "light_strength", "world_strength")
+OUTPUT_FIELDS = {
+    "train": COMMON_OUTPUT_FIELDS + ("views", "distance_min", "distance_max", "elevation_min_deg",
+                                     "elevation_max_deg"),
+    "eval": COMMON_OUTPUT_FIELDS + ("eval_orbit_views", "eval_distance", "eval_input_elevation_deg"),
+}
 
 
-def output_hash(cfg: RenderConfig) -> str:
-    """Short stable hash of the settings that determine the rendered files (stored in meta.json)."""
+def output_hash(cfg: RenderConfig, eval_mode: bool = False) -> str:
+    """Short stable hash of the settings that determine the rendered files of one mode (stored in meta.json)."""
     import hashlib
 
-    blob = json.dumps({k: getattr(cfg, k) for k in OUTPUT_FIELDS}, sort_keys=True).encode()
+    mode = "eval" if eval_mode else "train"
+    blob = json.dumps({"mode": mode, **{k: getattr(cfg, k) for k in OUTPUT_FIELDS[mode]}}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -123,29 +138,6 @@ def import_asset(path: str | Path, fmt: str | None = None) -> None:
     except Exception as e:  # importers raise RuntimeError with Blender's report text
         msg = str(e).strip().splitlines()
         raise RenderError(f"import failed ({ext}): {msg[-1] if msg else type(e).__name__}") from None
-
-
-def count_nonfinite_vertices(path: str | Path, ext: str) -> int:
-    """Non-finite vertex coordinates in the file itself, read with trimesh (no Blender).
-
-    Blender's importers validate meshes and silently zero NaN/inf coordinates, which turns a broken asset
-    into spikes towards the origin; so the file is checked before import. Formats trimesh cannot read (FBX,
-    .blend) or files it fails on return 0 and are left to Blender's own checks.
-    """
-    if ext not in (".glb", ".gltf", ".obj", ".ply", ".stl"):
-        return 0
-    import trimesh
-
-    try:
-        loaded = trimesh.load(str(path), file_type=ext[1:], force="scene", process=False, skip_materials=True)
-        geoms = loaded.geometry.values()
-    except Exception:  # noqa: BLE001 - trimesh is only a pre-check; Blender decides whether it imports
-        return 0
-    n = 0
-    for g in geoms:
-        v = np.asarray(getattr(g, "vertices", np.zeros((0, 3))), dtype=np.float64)
-        n += int((~np.isfinite(v)).any(axis=1).sum())
-    return n
 
 
 def _match_viewport_to_render() -> None:
@@ -232,21 +224,44 @@ def normalise_scene() -> tuple[np.ndarray, float]:
     return center, scale
 
 
-def check_textures(max_pixels: int) -> list[str]:
-    """Names/paths of textures that could not be found or read; raises if one exceeds `max_pixels`."""
+def check_textures(max_pixels: int, folder: str | Path | None = None) -> list[str]:
+    """Textures that could not be used: not found, unreadable, or (with `folder`) outside `folder`.
+
+    A glTF `uri` or an MTL `map_Kd` can name any file on disk (`/home/u/secret.png`, `../../x.png`);
+    Blender would load it. Every file-backed image that is not packed is resolved (symlinks too), and
+    one outside `folder` is recorded as missing (`outside the asset folder: <path>`) and removed from the
+    scene before anything renders, so no pixel of it reaches the output. Sizes come from the file header
+    (PIL) before `img.size`, which decodes the whole image; raises RenderError above `max_pixels`.
+    """
     bpy = _bpy()
+    root = Path(folder).resolve() if folder is not None else None
     missing = []
-    for img in bpy.data.images:
+    for img in list(bpy.data.images):  # a copy: outside images are removed while iterating
         if img.source not in ("FILE", "TILED") or img.type not in ("IMAGE", "UV_TEST"):  # UV_TEST: failed load
             continue
+        label = img.filepath or img.name
         if img.packed_file is None:
             fp = bpy.path.abspath(img.filepath, library=img.library)
-            if not fp or not os.path.isfile(fp):
-                missing.append(img.filepath or img.name)
+            real = Path(fp).resolve() if fp else None
+            if root is not None and real is not None and not real.is_relative_to(root):
+                missing.append(f"outside the asset folder: {label}")
+                bpy.data.images.remove(img)
                 continue
-        w, h = img.size  # loads the image
+            if real is None or not real.is_file():
+                missing.append(label)
+                continue
+            source: str | bytes = str(real)
+        else:
+            source = bytes(img.packed_file.data)
+        try:
+            head = header_size(source)
+        except ValueError as e:
+            raise RenderError(f"texture '{img.name}': {e}") from None
+        if head is not None and head[0] * head[1] > max_pixels:
+            raise RenderError(f"texture '{img.name}' is {head[0]}x{head[1]}, above the {max_pixels}-pixel bound")
+        w, h = img.size  # decodes the image: only after the header said its size is within bounds
         if w * h == 0:
-            missing.append(img.filepath or img.name)
+            missing.append(label)
         elif w * h > max_pixels:
             raise RenderError(f"texture '{img.name}' is {w}x{h}, above the {max_pixels}-pixel bound")
     return missing
@@ -404,36 +419,6 @@ def read_passes(exr_path: str | Path) -> dict[str, np.ndarray]:
     return {"rgba": rgba, "depth": get("Depth.Z"), "normal": normal}
 
 
-def srgb_encode(linear: np.ndarray) -> np.ndarray:
-    """Linear [0,1] -> sRGB-encoded [0,1] (Blender's 'Standard' view transform)."""
-    x = np.clip(linear, 0.0, 1.0)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
-
-
-def encode_view(passes: dict[str, np.ndarray], depth_scale: float) -> dict[str, np.ndarray]:
-    """Passes -> DESIGN's 8-bit straight-alpha RGBA, 16-bit depth (0 = no hit) and 8-bit (n+1)/2 normals."""
-    rgba = passes["rgba"]
-    alpha = np.clip(rgba[..., 3], 0.0, 1.0)
-    straight = np.where(alpha[..., None] > 1e-6, rgba[..., :3] / np.maximum(alpha[..., None], 1e-6), 0.0)
-    rgb8 = np.round(srgb_encode(straight) * 255.0)
-    rgba8 = np.concatenate([rgb8, np.round(alpha * 255.0)[..., None]], -1).astype(np.uint8)
-    z = passes["depth"]
-    hit = np.isfinite(z) & (z > 0) & (z < 1e5)  # Cycles writes ~1e10 where a ray escapes
-    depth16 = np.where(hit, np.clip(np.round(z * depth_scale), 1, 65535), 0).astype(np.uint16)
-    n = passes["normal"]
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    # The pass averages samples (background adds zero), so edge pixels are shorter: renormalise.
-    n = np.where(norm > 1e-6, n / np.maximum(norm, 1e-6), 0.0)
-    normal8 = np.round((n + 1.0) * 0.5 * 255.0).astype(np.uint8)
-    return {"rgba": rgba8, "depth": depth16, "normal": normal8}
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(arr).save(path, compress_level=1)
-
-
 def render_views(cam: Any, c2w: np.ndarray, out: Path, width: int, depth_scale: float,
                  tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     """Render each OpenCV pose c2w [V,4,4] once and write NN.{rgba,depth,normal}.png into `out`.
@@ -445,7 +430,6 @@ def render_views(cam: Any, c2w: np.ndarray, out: Path, width: int, depth_scale: 
 
     scene = bpy.context.scene
     V = len(c2w)
-    digits = max(2, len(str(V - 1)))
     rgbs = np.zeros((V, width, width, 3), np.float32)
     alphas = np.zeros((V, width, width), np.float32)
     exr = tmp / "view.exr"
@@ -455,10 +439,8 @@ def render_views(cam: Any, c2w: np.ndarray, out: Path, width: int, depth_scale: 
         bpy.ops.render.render(write_still=True)
         enc = encode_view(read_passes(exr), depth_scale)
         exr.unlink()
-        stem = f"{i:0{digits}d}"
-        _save_png(out / f"{stem}.rgba.png", enc["rgba"])
-        _save_png(out / f"{stem}.depth.png", enc["depth"])
-        _save_png(out / f"{stem}.normal.png", enc["normal"])
+        for kind in VIEW_KINDS:
+            save_png(out / view_name(i, kind, V), enc[kind])
         rgbs[i] = enc["rgba"][..., :3] / 255.0
         alphas[i] = enc["rgba"][..., 3] / 255.0
     return rgbs, alphas
@@ -486,8 +468,11 @@ def _quiet(fn, *args, **kwargs):
         os.close(devnull)
 
 
-def prepare_scene(path: str | Path, fmt: str | None, cfg: RenderConfig) -> dict[str, Any]:
-    """Reset, import, check bounds, normalise. Returns normalisation, geometry and missing textures."""
+def prepare_scene(path: str | Path, fmt: str | None, cfg: RenderConfig, folder: str | Path | None = None
+                  ) -> dict[str, Any]:
+    """Reset, import, check bounds, normalise. Returns normalisation, geometry and missing textures.
+
+    Textures outside `folder` (default: the file's own folder) are not loaded (`check_textures`)."""
     size = Path(path).stat().st_size if Path(path).is_file() else 0
     if size > cfg.max_file_bytes:
         raise RenderError(f"file is {size} bytes, above the {cfg.max_file_bytes}-byte bound")
@@ -501,7 +486,7 @@ def prepare_scene(path: str | Path, fmt: str | None, cfg: RenderConfig) -> dict[
     faces = raw_face_count()
     if faces > cfg.max_faces:
         raise RenderError(f"too many faces: {faces} > {cfg.max_faces}")
-    missing = check_textures(cfg.max_texture_pixels)
+    missing = check_textures(cfg.max_texture_pixels, folder if folder is not None else Path(path).resolve().parent)
     center, scale = normalise_scene()
     v, f = scene_geometry(max_triangles=4 * cfg.max_faces)
     if len(f) > 2 * cfg.max_faces:  # after triangulation (quads count twice)
@@ -511,7 +496,7 @@ def prepare_scene(path: str | Path, fmt: str | None, cfg: RenderConfig) -> dict[
 
 
 def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scene_info: dict,
-                  settings: dict, light: dict, cam: Any, tmp: Path) -> dict[str, Any]:
+                  settings: dict, light: dict, cam: Any, tmp: Path, eval_mode: bool = False) -> dict[str, Any]:
     """One DESIGN render folder for one set of views; returns its quality verdict."""
     out.mkdir(parents=True, exist_ok=True)
     width = cfg.resolution
@@ -525,7 +510,8 @@ def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scen
         "uid": job["uid"], "source": job.get("source", ""), "license": job.get("license", ""),
         "attribution": job.get("attribution", ""), "name": job.get("name", ""),
         "normalization": {"center": [float(x) for x in scene_info["center"]], "scale": float(scene_info["scale"])},
-        "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w), "output_hash": output_hash(cfg)},
+        "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w),
+                                                          "output_hash": output_hash(cfg, eval_mode)},
         "lighting": light, "missing_textures": scene_info["missing_textures"],
         "quality": {"ok": quality["ok"], "flags": quality["flags"], "stats": quality["stats"]},
         "geometry": {"vertices": int(len(scene_info["vertices"])), "faces": int(len(scene_info["faces"]))},
@@ -535,22 +521,41 @@ def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scen
     return quality
 
 
+def _unexpected(uid: str, what: str, e: BaseException) -> str:
+    """Print the whole traceback to stderr (Ray forwards actor stderr to the driver) and return a short
+    reason: the exception's last line plus where it was raised."""
+    tb = traceback.format_exc()
+    sys.stderr.write(f"render: {what} of asset {uid} raised:\n{tb}")
+    sys.stderr.flush()
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" [at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}]" if frames else ""
+    last = (str(e).strip().splitlines() or [""])[-1]
+    return f"{type(e).__name__}: {last}".strip().rstrip(":")[:400] + where
+
+
 def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
-                 view_sets: dict[str, np.ndarray], threads: int = 0, quiet: bool = True) -> dict[str, Any]:
+                 view_sets: dict[str, np.ndarray], threads: int = 0, quiet: bool = True,
+                 eval_mode: bool | None = None) -> dict[str, Any]:
     """Render asset `job` (uid, path, format, source, license, attribution, name) into folder `dest`.
 
-    `view_sets` maps a subfolder ("" for the folder itself, or "orbit"/"inputs") to OpenCV poses [V,4,4].
+    `view_sets` maps a subfolder ("" for the folder itself, or "orbit"/"inputs") to OpenCV poses [V,4,4];
+    `eval_mode` (default: any subfolder other than "") picks which output settings the stored hash covers.
     The folder is written under a temporary name and renamed when complete. Returns a manifest row.
+    Textures may come only from the asset's folder (`asset_folder`). An unexpected exception's traceback
+    goes to stderr and its last line (with where it was raised) into `reason`. If the scene reset after
+    the asset fails, the row carries `reset_failed: True`: this bpy is in an unknown state, and the Ray
+    actor pool replaces the actor (pipelines.render) instead of giving it the next asset.
     """
     t0 = time.time()
     uid = job["uid"]
+    eval_mode = set(view_sets) != {""} if eval_mode is None else eval_mode
     row: dict[str, Any] = {"uid": uid, "status": "failed", "reason": "", "seconds": 0.0, "views": 0,
                            "faces": 0, "vertices": 0, "missing_textures": 0, "quality_ok": False,
                            "quality_flags": "", "device": ""}
     tmp = Path(tempfile.mkdtemp(prefix="gtr-render-"))
     try:
         call = _quiet if quiet else (lambda fn, *a, **k: fn(*a, **k))
-        info = call(prepare_scene, job["path"], job.get("format") or None, cfg)
+        info = call(prepare_scene, job["path"], job.get("format") or None, cfg, asset_folder(job["path"], uid))
         settings = setup_render(cfg, cfg.resolution, threads)
         light = lighting_for(uid, cfg)
         apply_lighting(light)
@@ -559,7 +564,7 @@ def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
         with atomic_dir(dest, overwrite=True) as d:
             for sub, c2w in view_sets.items():
                 q = call(_write_folder, Path(d) / sub if sub else Path(d), job, cfg, np.asarray(c2w), info,
-                         settings, light, cam, tmp)
+                         settings, light, cam, tmp, eval_mode)
                 flags += [f for f in q["flags"] if f not in flags]
         row.update(status="ok", views=sum(len(v) for v in view_sets.values()), faces=int(len(info["faces"])),
                    vertices=int(len(info["vertices"])), missing_textures=len(info["missing_textures"]),
@@ -567,14 +572,13 @@ def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
     except RenderError as e:
         row["reason"] = str(e)
     except Exception as e:  # Blender on an unknown file can fail anywhere; the row keeps the cause
-        row["reason"] = f"{type(e).__name__}: {e}".strip()[:500]
-        row["traceback"] = traceback.format_exc()[-2000:]
+        row["reason"] = _unexpected(uid, "rendering", e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             reset_scene()  # free the asset's memory now, not when the next one arrives
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 - reported, and the caller replaces this renderer
+            row["reset_failed"] = True
+            row["reset_reason"] = _unexpected(uid, "the scene reset after rendering", e)
     row["seconds"] = round(time.time() - t0, 3)
-    row.pop("traceback", None)
     return row

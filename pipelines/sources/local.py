@@ -5,7 +5,10 @@ the same folder gives the same uids on any machine. Single-file formats are hard
 `OUT/assets/<uid>.<ext>`; an .obj or .gltf with companions becomes a folder `OUT/assets/<uid>/` holding
 the main file and the files it references (MTL `mtllib` and `map_*`, glTF `buffers`/`images` URIs),
 in their relative layout. References that leave `<dir>` (`../../etc/passwd`, absolute paths) are not
-followed: the files stay data and the renderer reports the missing texture.
+copied, but the MTL/glTF still names them; what keeps them unread is the renderer: `render.blender`
+resolves every texture Blender would load and drops (records in `missing_textures`, removes before
+rendering) any outside the asset's folder (`OUT/assets/<uid>/`, or the file's own folder for a
+single-file asset), so a reference anywhere on disk never reaches a pixel.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ trimesh = pytest.importorskip("trimesh")
 
 from pipelines.config import RenderConfig  # noqa: E402
 from render import blender as rb  # noqa: E402
-from render.cameras import orbit_views, project, random_views, unproject_depth  # noqa: E402
+from render.cameras import (  # noqa: E402
+    look_at,
+    orbit_views,
+    project,
+    random_views,
+    spherical_position,
+    unproject_depth,
+)
 
 pytestmark = pytest.mark.blender
 
@@ -270,6 +277,109 @@ def test_missing_texture_is_recorded_not_silent(tmp_path):
     assert json.loads((dest_ok / "meta.json").read_text())["missing_textures"] == []
     assert row_miss["status"] == "ok" and row_miss["missing_textures"] == 1
     assert "nowhere.png" in json.loads((dest_miss / "meta.json").read_text())["missing_textures"][0]
+
+
+def _green_fraction(dest: Path) -> float:
+    """Fraction of foreground pixels whose colour is clearly green (G well above R and B)."""
+    px = np.asarray(Image.open(dest / "00.rgba.png")).astype(np.float64)
+    fg = px[..., 3] > 200
+    assert fg.sum() > 20  # the camera sees the textured quad
+    rgb = px[fg][:, :3]
+    return float(np.mean((rgb[:, 1] > rgb[:, 0] + 60) & (rgb[:, 1] > rgb[:, 2] + 60)))
+
+
+def test_textures_outside_the_asset_folder_are_not_loaded(tmp_path):
+    secret = tmp_path / "home" / "secret.png"
+    secret.parent.mkdir()
+    Image.fromarray(np.tile(np.array([0, 255, 0], np.uint8), (8, 8, 1))).save(secret)
+    cfg = small_cfg(resolution=32, views=1)
+    c2w = look_at(spherical_position(-90.0, 70.0, 2.6))[None]  # from above: the quad in z=0 fills the view
+    inside = write_textured_obj(tmp_path / "inside", None)
+    (inside.parent / "m.mtl").write_text("newmtl mat\nKd 1 1 1\nmap_Kd green.png\n")
+    Image.open(secret).save(inside.parent / "green.png")
+    row, dest = render(tmp_path, inside, cfg, c2w, uid="inside")
+    assert row["status"] == "ok" and row["missing_textures"] == 0, row
+    assert _green_fraction(dest) > 0.9  # control: the same texture inside the folder shows
+
+    for uid, ref in (("absolute", str(secret)), ("relative", "../home/secret.png")):
+        obj = write_textured_obj(tmp_path / uid, None)
+        (obj.parent / "m.mtl").write_text(f"newmtl mat\nKd 1 1 1\nmap_Kd {ref}\n")
+        assert (obj.parent / ref).resolve() == secret.resolve()  # Blender would find it
+        row, dest = render(tmp_path, obj, cfg, c2w, uid=uid)
+        assert row["status"] == "ok" and row["missing_textures"] == 1, row
+        missing = json.loads((dest / "meta.json").read_text())["missing_textures"]
+        assert len(missing) == 1 and missing[0].startswith("outside the asset folder") and "secret.png" in missing[0]
+        assert _green_fraction(dest) == 0.0  # not one pixel of the outside file
+
+
+def test_asset_folder_is_the_uid_folder_or_the_files_folder(tmp_path):
+    assert rb.asset_folder(tmp_path / "assets" / "u1" / "meshes" / "model.obj", "u1") == (tmp_path / "assets" / "u1").resolve()
+    assert rb.asset_folder(tmp_path / "assets" / "u1.glb", "u1") == (tmp_path / "assets").resolve()
+
+
+def test_texture_size_comes_from_the_header_before_blender_decodes(tmp_path):
+    """A PNG whose header says 200x200 but whose pixel data is garbage: the bound applies from the header
+    (Blender would decode it first, or fail to and call the texture missing)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    obj = write_textured_obj(tmp_path / "hdr", None)
+    (obj.parent / "m.mtl").write_text("newmtl mat\nKd 1 1 1\nmap_Kd big.png\n")
+    (obj.parent / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 200, 200, 8, 2, 0, 0, 0))
+                                         + chunk(b"IDAT", b"not zlib at all") + chunk(b"IEND", b""))
+    assert Image.open(obj.parent / "big.png").size == (200, 200)  # PIL's header reader agrees
+    row, dest = render(tmp_path, obj, small_cfg(resolution=32, views=1, max_texture_pixels=100 * 100),
+                       random_views("h", 1)["c2w"], uid="hdr")
+    assert row["status"] == "failed" and "200x200, above the 10000-pixel bound" in row["reason"], row
+    assert not dest.exists()
+
+
+def test_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, capfd):
+    def broken(*a, **k):
+        return {}["no such key"]
+
+    monkeypatch.setattr(rb, "setup_render", broken)
+    obj = write_textured_obj(tmp_path / "t", "tex.png")
+    row, dest = render(tmp_path, obj, small_cfg(resolution=32, views=1), random_views("t", 1)["c2w"], uid="tb")
+    err = capfd.readouterr().err
+    assert row["status"] == "failed" and row["reason"].startswith("KeyError: 'no such key'"), row
+    assert "[at test_blender.py:" in row["reason"] and "in broken]" in row["reason"]
+    assert "Traceback (most recent call last)" in err and "asset tb" in err and "def broken" not in row["reason"]
+    assert "reset_failed" not in row and not dest.exists()
+
+
+def test_failed_reset_is_signalled(tmp_path, monkeypatch, capfd):
+    def no_prepare(*a, **k):
+        raise rb.RenderError("refused")
+
+    def broken_reset():
+        raise RuntimeError("reset broke")
+
+    monkeypatch.setattr(rb, "prepare_scene", no_prepare)
+    monkeypatch.setattr(rb, "reset_scene", broken_reset)
+    row = rb.render_asset({"uid": "r", "path": str(tmp_path / "x.glb")}, tmp_path / "out", small_cfg(),
+                          {"": random_views("r", 1)["c2w"]})
+    assert row["status"] == "failed" and row["reason"] == "refused"
+    assert row["reset_failed"] is True and "RuntimeError: reset broke" in row["reset_reason"]
+    assert "reset broke" in capfd.readouterr().err
+
+
+def test_output_hash_per_mode():
+    """Training folders depend on the random-view settings, eval folders on the orbit/input settings."""
+    base = small_cfg()
+    train, ev = rb.output_hash(base, False), rb.output_hash(base, True)
+    assert train != ev
+    for field, value, changes_train, changes_eval in (
+            ("views", 7, True, False), ("distance_max", 3.0, True, False), ("elevation_min_deg", -10.0, True, False),
+            ("eval_orbit_views", 8, False, True), ("eval_distance", 3.0, False, True),
+            ("eval_input_elevation_deg", 10.0, False, True),
+            ("samples", 99, True, True), ("resolution", 48, True, True), ("depth_scale", 5000.0, True, True),
+            ("actors", 9, False, False), ("timeout_s", 5.0, False, False), ("threads", 1, False, False)):
+        cfg = small_cfg(**{field: value})
+        assert (rb.output_hash(cfg, False) != train) == changes_train, field
+        assert (rb.output_hash(cfg, True) != ev) == changes_eval, field
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -106,6 +106,50 @@ def test_actor_pool_replaces_hung_and_crashed_actors(ray_local):
     assert len({results[it][0][1] for it in "abcd"}) >= 2  # work moved on to replacement actors
 
 
+class Poisoned:
+    """A stand-in actor whose result says its renderer could not reset (render_asset's `reset_failed`)."""
+
+    def work(self, item: str) -> dict:
+        return {"item": item, "pid": os.getpid(), "reset_failed": item == "poison"}
+
+    def ready(self) -> int:
+        return os.getpid()
+
+
+@pytest.mark.ray
+def test_actor_pool_retires_an_actor_whose_reset_failed(ray_local):
+    from pipelines.render import _reset_failed
+
+    ray = ray_local
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cls = ray.remote(num_cpus=0)(Poisoned)
+    got: dict[str, dict] = {}
+    run_actor_pool(["a", "b", "poison", "c"], cls.remote, lambda a, it: a.work.remote(it),
+                   lambda it, res, err: got.__setitem__(it, res), actors=1, timeout_s=60.0,
+                   ping=lambda a: a.ready.remote(), retire=_reset_failed)
+    assert got["a"]["pid"] == got["b"]["pid"] == got["poison"]["pid"]  # one actor, reused while healthy
+    assert got["c"]["pid"] != got["poison"]["pid"]  # ... and replaced after its reset failed
+    assert got["poison"]["reset_failed"] and not got["c"]["reset_failed"]
+
+
+def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
+    """plan() compares each mode's own hash: render.views touches renders/ only, eval_distance renders_eval/ only."""
+    from pipelines.render import plan
+    from render.blender import output_hash
+
+    make_assets(tmp_path, 1, bad=False)
+    cfg = small(tmp_path)
+    for eval_mode, folder in ((False, tmp_path / "renders" / "asset0"), (True, tmp_path / "renders_eval" / "asset0" / "orbit")):
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"render": {"output_hash": output_hash(cfg.render, eval_mode)}}))
+    assert [len(x) for x in plan(cfg, False)] == [0, 1] and [len(x) for x in plan(cfg, True)] == [0, 1]
+    more_views = small(tmp_path, views=5)
+    assert [len(x) for x in plan(more_views, True)] == [0, 1]  # eval renders stay done
+    assert [len(x) for x in plan(more_views, False)] == [1, 0]  # training renders are stale
+    farther = small(tmp_path, eval_distance=3.0)
+    assert [len(x) for x in plan(farther, False)] == [0, 1] and [len(x) for x in plan(farther, True)] == [1, 0]
+
+
 @pytest.mark.ray
 @pytest.mark.blender
 def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
