@@ -131,7 +131,8 @@ def render_local(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
 
     threads = threads_per_renderer(cfg, 1)
     for job in jobs:
-        row = render_asset(job, job["dest"], cfg, view_sets(job["uid"], cfg, eval_mode), threads)
+        row = render_asset(job, job["dest"], cfg, view_sets(job["uid"], cfg, eval_mode), threads,
+                           eval_mode=eval_mode)
         on_row(job, row)
         if _reset_failed(row):  # one bpy per process here: the next asset's own reset is the retry
             print(f"render: warning: scene reset failed after {job['uid']} ({row.get('reset_reason', '')}); "
@@ -148,7 +149,7 @@ class RenderActor:
         from render.blender import render_asset
 
         return render_asset(job, job["dest"], self.cfg, view_sets(job["uid"], self.cfg, self.eval_mode),
-                            self.threads)
+                            self.threads, eval_mode=self.eval_mode)
 
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
