@@ -30,11 +30,12 @@ def build_shards(cfg: Config, assets: int) -> dict:
     return pack(cfg, executor="local")
 
 
-# The demo config as it is (model, optimiser, loss weights, 32² whole supervision views), on 3 assets rendered
-# at 64² (inputs 64²) and STEPS steps. The reference is independent of the trainer: the untrained model on
-# the same fixed batch of whole training views (the demo starts with an empty field, so that is close to the
-# all-white image). Measured on the shared 2-core machine (see docs/training.md, "The demo"): PSNR_BEFORE dB before,
-# PSNR_AFTER dB after STEPS steps, ~RUNTIME in all.
+# The demo config as it is (model, optimiser, loss weights, 4 assets x 1 whole 32² supervision view), on 3
+# assets rendered at 64² (inputs 64²), for STEPS steps. The reference is independent of the trainer: the
+# untrained model on the same fixed batch of whole training views. Measured on the shared 2-core machine
+# (docs/training.md, "The demo"): 12.90 dB before, 19.98 dB after 75 steps, 20.72 dB after 150; the test took
+# 3 min 04 s in all (Blender renders included) while another training run shared the cores. The bar, +5 dB,
+# leaves room for seeds and thread timing; the untrained model stays below 13 dB.
 STEPS = 150
 TEST_ARGS = ["render.resolution=64", "render.views=12", "render.samples=4", "loader.input_size=64",
              f"nerf.steps={STEPS}", "nerf.log_every=10", f"nerf.image_every={STEPS // 2}",
@@ -63,7 +64,7 @@ def test_demo_training_raises_training_view_psnr(tmp_path):
     after = result.val[cfg.nerf.steps]["psnr"]
     print(f"training-view PSNR: {before:.2f} dB before, {result.val} after {cfg.nerf.steps} steps")
     assert result.step == cfg.nerf.steps and result.skipped == 0
-    assert after > before + 2.0, (before, result.val)
+    assert after > before + 5.0, (before, result.val)
     run_dir = tmp_path / "runs" / "nerf"
     assert (run_dir / "config.yaml").is_file() and (run_dir / f"images/step-{cfg.nerf.steps}.png").is_file()
     assert sorted(p.name for p in run_dir.glob("step-*")) == [f"step-{STEPS}", f"step-{STEPS // 2}"]
