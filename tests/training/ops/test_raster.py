@@ -195,25 +195,31 @@ def test_twin_matches_nvdiffrast() -> None:
     pos = torch.cat([verts, torch.ones(len(verts), 1, device="cuda")], 1) @ mvp.transpose(-1, -2)
     nv, tw = make_rasterizer("nvdiffrast", "cuda"), make_rasterizer("torch", "cuda")
     attr = torch.rand(1, len(verts), 3, device="cuda")
+    with torch.no_grad():  # which pixels both rasterizers give to the same triangle
+        ids = [r.rasterize(pos, faces, (H, W))[0][..., 3] for r in (nv, tw)]
+        same = (ids[0] == ids[1]) & (ids[0] > 0)
     outs = {}
     for name, r in (("nv", nv), ("tw", tw)):
         p = pos.clone().requires_grad_(True)
         rast, _ = r.rasterize(p, faces, (H, W))
         img, _ = r.interpolate(attr, rast, faces)
         aa = r.antialias(img, rast, p, faces)
-        img.sum().backward()
+        # Gradients from the pixels both assign to the same triangle: at edge ties the two pick different
+        # triangles and send gradient to different vertices, which says nothing about the derivatives.
+        (img * same[..., None]).sum().backward()
         outs[name] = (rast.detach(), img.detach(), aa.detach(), p.grad)
     (r1, i1, a1, g1), (r2, i2, a2, g2) = outs["nv"], outs["tw"]
     c1, c2 = r1[..., 3] > 0, r2[..., 3] > 0
     assert (c1 ^ c2).float().sum() / (c1 | c2).float().sum() < 1e-3  # coverage: ties on edges only
-    same = r1[..., 3] == r2[..., 3]
-    same &= c1
     # Barycentrics and interpolated values agree where both chose the same triangle. nvdiffrast's CUDA
     # rasterizer sets its edge functions up in fixed point (snapped vertex positions), which moved one
     # barycentric of 132,726 by 1.0002e-4 on an H200 (2026-11-28); 3e-4 allows that rounding, while a
     # wrong triangle, perspective correction or vertex order is off by more than 1e-2.
     torch.testing.assert_close(r1[same][:, :3], r2[same][:, :3], rtol=0, atol=3e-4)
     torch.testing.assert_close(i1[same], i2[same], rtol=0, atol=3e-4)
-    assert torch.nn.functional.cosine_similarity(g1.flatten(), g2.flatten(), dim=0) > 0.99
+    cos = float(torch.nn.functional.cosine_similarity(g1.flatten(), g2.flatten(), dim=0))
+    rel = float((g1 - g2).norm() / g1.norm())
+    # Same derivatives up to the fixed-point barycentric rounding above.
+    assert cos > 0.999 and rel < 0.05, f"vertex gradients differ: cosine {cos:.5f}, relative L2 {rel:.4f}"
     # Antialiasing is approximate in the twin (silhouettes against empty pixels only).
     assert (a1 - a2).abs().mean() < 0.01
