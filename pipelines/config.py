@@ -187,7 +187,7 @@ class NerfConfig:
 
 @dataclass
 class MeshConfig:
-    steps: int = 100  # optimisation steps
+    steps: int = 300  # optimisation steps (paper 50k); demo 300: ~95 s on 2 CPU cores (docs/training.md, "The demo")
     batch_size: int = 1  # assets per step (paper 192)
     sup_views: int = 4  # supervision views per asset (paper 8); demo 4: half the CPU rasterization per step
     render_size: int = 64  # rasterization / supervision side (paper 512)
