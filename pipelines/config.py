@@ -169,7 +169,7 @@ class NerfConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     lpips_weight: float = 0.2  # λ_p (paper 0.5); demo 0.2 (not tuned further): on 32² views LPIPS is coarse (AlexNet's
     # deepest maps are 1x1), so MSE and the mask carry most of the signal; LPIPS stays on, as in the paper
-    lpips_net: str = "alex"  # vgg | alex (paper vgg); demo alex: VGG's forward+backward was ~2/3 of a CPU step
+    lpips_net: str = "alex"  # vgg | alex (paper vgg); demo alex: the demo step with VGG takes 1.5x as long (bench.nerf)
     mask_weight: float = 1.0  # optional mask (opacity) MSE (paper 0); demo 1: silhouettes, and opacity -> 1 inside, drive
     # the density above the mesh level (10) that stage 2 needs
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
