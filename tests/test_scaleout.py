@@ -157,7 +157,8 @@ def test_data_job_runs_on_both_nodes_of_a_cluster(cluster, tmp_path: Path):
     # Ray's own task table: every download batch is a finished `_call` task; together they used both nodes.
     from ray.util.state import list_tasks
 
-    tasks = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_call")], limit=1000,
+    tasks = [t for t in list_tasks(address=cluster["address"],  # never "the" local instance: others may run
+                                   filters=[("func_or_class_name", "=", "_call")], limit=1000,
                                    raise_on_missing_output=False)]
     assert len(tasks) == 4, [(t.name, t.state) for t in tasks]  # download_batch=1: one task per asset
     assert {t.node_id for t in tasks} == node_ids
