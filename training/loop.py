@@ -278,3 +278,24 @@ def checkpoint(run_dir: Path, state: TrainState, objective: torch.nn.Module, opt
                                extra_meta={"total_steps": s.steps})
     D.barrier()
     return path
+
+
+def stage_main(doc: str, run: Callable[..., LoopResult], summary: Callable[[Any, LoopResult], str],
+               argv: list[str] | None = None) -> int:
+    """The command line of a training stage: shared CLI + `--stop-at`, run, shut the process group down,
+    print `summary(cfg, result)` on rank 0."""
+    from pipelines.cli import config_from_args, stage_parser
+    from training import distributed as D
+
+    p = stage_parser(doc)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (checkpointed) without changing the schedule; rerun to continue")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        result = run(cfg, stop_at=args.stop_at)
+    finally:
+        D.shutdown()
+    if D.is_main():
+        print(summary(cfg, result))
+    return 0

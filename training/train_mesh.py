@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipelines.cli import config_from_args, save_resolved, stage_parser
+from pipelines.cli import save_resolved
 from pipelines.config import Config, MeshConfig, save_config, to_dict
 from training import distributed as D
 from training.cameras import camera_rays
 from training.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from training.data import expand_urls, make_loader
-from training.loop import LoopSettings, epoch_stream, train
+from training.loop import LoopSettings, epoch_stream, stage_main, train
 from training.losses import (
     LPIPSLoss,
     bin_length,
@@ -201,19 +201,8 @@ def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = stage_parser(__doc__)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (checkpointed) without changing the schedule; rerun to continue")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        result = run(cfg, stop_at=args.stop_at)
-    finally:
-        D.shutdown()
-    if D.is_main():
-        print(f"mesh: step {result.step}/{cfg.mesh.steps}, {result.skipped} skipped, "
-              f"checkpoint {result.checkpoint or Path(cfg.out) / 'runs/mesh'}")
-    return 0
+    return stage_main(__doc__, run, lambda cfg, r: f"mesh: step {r.step}/{cfg.mesh.steps}, {r.skipped} skipped, "
+                      f"checkpoint {r.checkpoint or Path(cfg.out) / 'runs/mesh'}", argv)
 
 
 if __name__ == "__main__":

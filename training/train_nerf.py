@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines.cli import config_from_args, save_resolved, stage_parser
+from pipelines.cli import save_resolved
 from pipelines.config import Config, save_config, to_dict
 from training import distributed as D
 from training.data import expand_urls, make_loader
-from training.loop import LoopSettings, epoch_stream, train
+from training.loop import LoopSettings, epoch_stream, stage_main, train
 from training.model import GTR
 from training.nerf_objective import NerfObjective
 
@@ -62,22 +62,15 @@ def run(cfg: Config, stop_at: int | None = None):
                  val_batch=val, config=to_dict(cfg), stop_at=stop_at)
 
 
+def _summary(cfg: Config, r) -> str:
+    last = r.val.get(max(r.val)) if r.val else {}
+    return (f"nerf: step {r.step}/{cfg.nerf.steps}, {r.skipped} skipped, "
+            f"checkpoint {r.checkpoint or Path(cfg.out) / 'runs/nerf'}"
+            + (f", val psnr {last.get('psnr', float('nan')):.2f} dB" if last else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = stage_parser(__doc__)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (checkpointed) without changing the schedule; rerun to continue")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        result = run(cfg, stop_at=args.stop_at)
-    finally:
-        D.shutdown()
-    if D.is_main():
-        last = result.val.get(max(result.val)) if result.val else {}
-        print(f"nerf: step {result.step}/{cfg.nerf.steps}, {result.skipped} skipped, "
-              f"checkpoint {result.checkpoint or Path(cfg.out) / 'runs/nerf'}"
-              + (f", val psnr {last.get('psnr', float('nan')):.2f} dB" if last else ""))
-    return 0
+    return stage_main(__doc__, run, _summary, argv)
 
 
 if __name__ == "__main__":
