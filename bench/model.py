@@ -122,7 +122,7 @@ def run(cfg: Config, out_dir: Path, repeat: int = 3) -> list[dict]:
 
     m = asdict(cfg.model)
     B, V, size = cfg.nerf.batch_size, cfg.loader.input_views, cfg.loader.input_size
-    sup, patch = cfg.nerf.sup_views, cfg.nerf.patch_size
+    sup, patch = cfg.nerf.sup_views, cfg.nerf.patch_size or cfg.nerf.render_size  # 0 = the whole view
     base = {"model": m, "B": B, "V": V, "size": size, "sup": sup, "patch": patch, "repeat": repeat}
     ours = _spawn({**base, "kind": "step"})
     hand = _spawn({**base, "kind": "step", "manual_attention": True})
