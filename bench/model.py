@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import queue
 import resource
 import sys
 import time
@@ -109,7 +110,13 @@ def _spawn(case: dict[str, Any]) -> dict[str, float]:
     q = ctx.Queue()
     p = ctx.Process(target=_cpu_case, args=(q, case))
     p.start()
-    out = q.get(timeout=1800)
+    while True:  # poll, so a case that dies (exception, OOM kill) fails here instead of hanging the bench
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"benchmark case died with exit code {p.exitcode}: {case.get('kind')}") from None
     p.join(timeout=60)
     return out
 
