@@ -94,8 +94,8 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
         result("nerf samples/s", B / t_ours, B / t_plain, "plain fwd/bwd/AdamW step", "assets/s", note,
                higher_is_better=True),
         result("nerf step time without LPIPS", t_mse, t_ours, "with LPIPS (our step)", "s",
-               "λ_p = 0: the share the VGG LPIPS term costs on CPU"),
-        result(f"nerf step time, LPIPS {cfg.nerf.lpips_net}", t_ours, t_alt, f"LPIPS {other} (our step)", "s",
+               f"λ_p = 0: the share the {cfg.nerf.lpips_net} LPIPS term costs on CPU"),
+        result(f"nerf step time, LPIPS {cfg.nerf.lpips_net}", t_ours, t_alt, f"same step with the LPIPS {other} trunk", "s",
                f"the LPIPS trunk's cost: {cfg.nerf.lpips_net} (this config) vs {other}"),
         result("nerf peak memory (RSS)", peak_rss_mb(), None, "", "MiB", "process peak after the steps"),
     ]
