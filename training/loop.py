@@ -299,3 +299,15 @@ def stage_main(doc: str, run: Callable[..., LoopResult], summary: Callable[[Any,
     if D.is_main():
         print(summary(cfg, result))
     return 0
+
+
+def stage_shards(out: str | Path, shards: str, val_shards: str, key: str) -> tuple[str, str]:
+    """(train, validation) shard patterns of a stage section (`key` = nerf | mesh): the section's own, else
+    OUT/shards/{train,val}-*.tar; validation falls back to the training shards when none exist."""
+    from training.data import expand_urls
+
+    train_urls = shards or str(Path(out) / "shards" / "train-*.tar")
+    val_urls = val_shards or str(Path(out) / "shards" / "val-*.tar")
+    if not expand_urls(train_urls):
+        raise SystemExit(f"error: no training shards match {train_urls} (run `make shards` first, or set {key}.shards)")
+    return train_urls, val_urls if expand_urls(val_urls) else train_urls

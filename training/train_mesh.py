@@ -23,8 +23,8 @@ from pipelines.config import Config, MeshConfig, save_config, to_dict
 from training import distributed as D
 from training.cameras import camera_rays
 from training.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from training.data import expand_urls, make_loader
-from training.loop import LoopSettings, epoch_stream, stage_main, train
+from training.data import make_loader
+from training.loop import LoopSettings, epoch_stream, stage_main, stage_shards, train
 from training.losses import (
     LPIPSLoss,
     bin_length,
@@ -167,19 +167,11 @@ def init_weights(cfg: Config, model: nn.Module, run_dir: Path) -> Path | None:
                          f"or set mesh.init=<run or step folder>") from None
 
 
-def shard_urls(cfg: Config) -> tuple[str, str]:
-    train_urls = cfg.mesh.shards or str(cfg.out_path / "shards" / "train-*.tar")
-    val_urls = cfg.mesh.val_shards or str(cfg.out_path / "shards" / "val-*.tar")
-    if not expand_urls(train_urls):
-        raise SystemExit(f"error: no training shards match {train_urls} (run `make shards` first, or set mesh.shards)")
-    return train_urls, val_urls if expand_urls(val_urls) else train_urls
-
-
 def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None = None):
     """Build loader, model (from stage 1) and objective from `cfg` and train; resumes OUT/runs/mesh."""
     run_dir = cfg.out_path / "runs" / "mesh"
     D.init()
-    train_urls, val_urls = shard_urls(cfg)
+    train_urls, val_urls = stage_shards(cfg.out, cfg.mesh.shards, cfg.mesh.val_shards, "mesh")
     torch.manual_seed(cfg.seed)
     if objective is None:
         model = GTR(cfg.model)

@@ -17,19 +17,10 @@ import torch
 from pipelines.cli import save_resolved
 from pipelines.config import Config, save_config, to_dict
 from training import distributed as D
-from training.data import expand_urls, make_loader
-from training.loop import LoopSettings, epoch_stream, stage_main, train
+from training.data import make_loader
+from training.loop import LoopSettings, epoch_stream, stage_main, stage_shards, train
 from training.model import GTR
 from training.nerf_objective import NerfObjective
-
-
-def shard_urls(cfg: Config) -> tuple[str, str]:
-    """(train, validation) shard patterns; validation falls back to the training shards when none exist."""
-    train_urls = cfg.nerf.shards or str(cfg.out_path / "shards" / "train-*.tar")
-    val_urls = cfg.nerf.val_shards or str(cfg.out_path / "shards" / "val-*.tar")
-    if not expand_urls(train_urls):
-        raise SystemExit(f"error: no training shards match {train_urls} (run `make shards` first, or set nerf.shards)")
-    return train_urls, val_urls if expand_urls(val_urls) else train_urls
 
 
 def fixed_val_batch(cfg: Config, urls: str) -> dict:
@@ -44,7 +35,7 @@ def run(cfg: Config, stop_at: int | None = None):
     """Build loader, model and objective from `cfg` and train (resuming if OUT/runs/nerf has checkpoints)."""
     run_dir = cfg.out_path / "runs" / "nerf"
     D.init()  # before the loader: its node splitting reads rank / world size
-    train_urls, val_urls = shard_urls(cfg)
+    train_urls, val_urls = stage_shards(cfg.out, cfg.nerf.shards, cfg.nerf.val_shards, "nerf")
     if D.is_main():
         save_config(cfg, run_dir / "config.yaml")
         save_resolved(cfg, "train_nerf")
