@@ -335,7 +335,7 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
         cfg_s, kind = make_bench_data(out_dir, assets, size)
         root = cfg_s.out_path
         spec = {"input_views": 4, "sup_views": 4, "input_size": size, "sup_size": size, "patch": 0,
-                "background": "white", "masks": True, "depths": False}
+                "background": "white", "depths": False}
         ratios_b = []
         for workers in (1, n_workers):
             label = f"{size}², 4+4 views, {workers} worker{'s' if workers > 1 else ''}"

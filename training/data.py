@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -45,6 +46,12 @@ from training.tario import (  # noqa: F401 - expand_urls, tar_members: part of t
     tar_samples,
 )
 
+try:  # libspng: the fast path for the render stage's 8-bit RGBA PNGs (optional; PIL decodes everything)
+    import pyspng
+except ImportError:  # pragma: no cover - pinned in requirements.txt; the GPU machine may lack it
+    pyspng = None
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_META_BYTES = 1 << 20
 MAX_CAMERAS_BYTES = 1 << 20  # cameras.npz unpacked: c2w + K of MAX_VIEWS views in float64 is ~0.8 MB
 BACKGROUNDS = ("white", "black", "random")
@@ -60,7 +67,6 @@ class ViewSpec:
     sup_size: int = 64
     patch: int = 0
     background: str = "white"
-    masks: bool = True  # sup_mask
     depths: bool = False  # sup_depth
     max_side: int = 4096  # stored views larger than max_side² are refused before decoding (loader.max_side)
 
@@ -69,10 +75,10 @@ def view_spec(cfg: Config, stage: str = "nerf", **overrides: Any) -> ViewSpec:
     """The stage's ViewSpec from the config: NeRF = patches of the render, mesh = full views with depth."""
     if stage == "nerf":
         s = ViewSpec(cfg.loader.input_views, cfg.nerf.sup_views, cfg.loader.input_size, cfg.nerf.render_size,
-                     cfg.nerf.patch_size, cfg.loader.background, masks=True, depths=False)
+                     cfg.nerf.patch_size, cfg.loader.background, depths=False)
     elif stage == "mesh":
         s = ViewSpec(cfg.loader.input_views, cfg.mesh.sup_views, cfg.loader.input_size, cfg.mesh.render_size,
-                     0, cfg.loader.background, masks=True, depths=True)
+                     0, cfg.loader.background, depths=True)
     else:
         raise ValueError(f"stage must be 'nerf' or 'mesh', got {stage!r}")
     s = replace(s, max_side=cfg.loader.max_side)
@@ -98,16 +104,36 @@ def _field(raw: Mapping[str, bytes], name: str, limit: int = MAX_FIELD_BYTES) ->
     return data  # no copy: PIL and np.load read it through a BytesIO
 
 
+def png_header(data: bytes, size: tuple[int, int], name: str) -> tuple[int, int]:
+    """(bit depth, colour type) from a PNG's IHDR chunk, whose size must be `size` (W, H): checked before
+    anything is decoded, so no decompression bombs."""
+    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError(f"{name}: not a PNG (no signature / IHDR)")
+    w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    if (w, h) != size:
+        raise ValueError(f"{name}: PNG {(w, h)}, expected PNG {size}")
+    return depth, ctype
+
+
 def _png(data: bytes, size: tuple[int, int], name: str) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    if im.format != "PNG" or im.size != size:  # checked before decoding: no decompression bombs
-        raise ValueError(f"{name}: {im.format} {im.size}, expected PNG {size}")
+    png_header(data, size, name)
+    im = Image.open(io.BytesIO(data), formats=["PNG"])
+    if im.size != size:
+        raise ValueError(f"{name}: PNG {im.size}, expected PNG {size}")
     im.load()
     return im
 
 
 def _rgba(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
-    """-> [H,W,4] uint8, read-only, straight alpha (an RGB file counts as fully opaque)."""
+    """-> [H,W,4] uint8, straight alpha (an RGB file counts as fully opaque).
+
+    8-bit RGBA (what the render stage writes) decodes with libspng (`pyspng`) where it is installed: 1.6x
+    PIL's time at 512² and no copy out of PIL. Every other PNG, or no pyspng, goes through PIL."""
+    if pyspng is not None and png_header(data, size, name) == (8, 6):
+        px = pyspng.load(data)
+        if px.shape != (size[1], size[0], 4) or px.dtype != np.uint8:
+            raise ValueError(f"{name}: decoded to {px.dtype} {px.shape}, expected uint8 {(size[1], size[0], 4)}")
+        return px
     im = _png(data, size, name)
     return np.asarray(im if im.mode == "RGBA" else im.convert("RGBA"))  # one copy out of PIL, no float image
 
@@ -163,52 +189,82 @@ def _background(spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
 
 IMAGE_KEYS = ("input_rgb", "input_mask", "sup_rgb", "sup_mask", "sup_depth")
 CAMERA_KEYS = ("input_c2w", "input_K", "sup_c2w", "sup_K")
+RAW_KEYS = ("input_rgba8", "sup_rgba8")  # [B,V,h,w,4] uint8 straight alpha, as stored; finish_batch composites
 
 
-def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """float32 tensor; in shared memory when `shared` (a DataLoader worker then sends it without a copy)."""
-    n = int(np.prod(shape))
-    if shared and n:
+def _empty(nbytes: int, shared: bool) -> torch.Tensor:
+    """uint8 tensor of `nbytes`; in shared memory when `shared` (a DataLoader worker then sends it without a copy)."""
+    if shared and nbytes:
         try:  # the same private call torch's default_collate makes for the same reason
-            proto = torch.empty(0)
-            return proto.new(proto._typed_storage()._new_shared(n, device="cpu")).resize_(shape)
+            proto = torch.empty(0, dtype=torch.uint8)
+            return proto.new(proto._typed_storage()._new_shared(nbytes, device="cpu")).resize_(nbytes)
         except Exception:  # noqa: BLE001 - an older/newer torch without it: a plain tensor still works
             pass
-    return torch.empty(shape)
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def batch_buffers(spec: ViewSpec, batch_size: int, shared: bool = False) -> dict[str, torch.Tensor]:
+def raw_mode(spec: ViewSpec, width: int, height: int) -> tuple[bool, bool]:
+    """Whether (input, supervision) views travel as the stored uint8 RGBA: yes when they need no resize."""
+    return spec.input_size == width == height, spec.sup_size == width == height
+
+
+def batch_buffers(spec: ViewSpec, batch_size: int, shared: bool = False,
+                  raw: tuple[bool, bool] = (False, False)) -> dict[str, torch.Tensor]:
     """Uninitialised image tensors of one batch, filled slot by slot by `decode_into`.
 
-    input_rgb [B,Vi,3,S,S], input_mask [B,Vi,1,S,S], sup_rgb [B,Vs,3,s,s], sup_mask [B,Vs,1,s,s] (when
-    masks), sup_depth [B,Vs,1,s,s] (when depths); S = input_size, s = patch or sup_size.
+    Per view group g (input, sup) with S = input_size, s = patch or sup_size: when `raw` says so,
+    `g_rgba8` [B,V,S|s,S|s,4] uint8 as stored (straight alpha; `finish_batch` composites it, on the GPU in
+    training, so a worker only decodes and copies bytes); otherwise `g_rgb` [B,V,3,..] and `g_mask`
+    [B,V,1,..] float32, composited and resized here. sup_depth [B,Vs,1,s,s] float32 when depths.
     """
     B, Vi, Vs, S, s = batch_size, spec.input_views, spec.sup_views, spec.input_size, spec.patch or spec.sup_size
-    shapes = {"input_rgb": (B, Vi, 3, S, S), "input_mask": (B, Vi, 1, S, S), "sup_rgb": (B, Vs, 3, s, s)}
-    if spec.masks:
-        shapes["sup_mask"] = (B, Vs, 1, s, s)
+    f32, u8 = torch.float32, torch.uint8
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for g, V, n, as_u8 in (("input", Vi, S, raw[0]), ("sup", Vs, s, raw[1])):
+        if as_u8:
+            shapes[f"{g}_rgba8"] = ((B, V, n, n, 4), u8)
+        else:
+            shapes[f"{g}_rgb"], shapes[f"{g}_mask"] = ((B, V, 3, n, n), f32), ((B, V, 1, n, n), f32)
     if spec.depths:
-        shapes["sup_depth"] = (B, Vs, 1, s, s)
+        shapes["sup_depth"] = ((B, Vs, 1, s, s), f32)
     # One storage for the whole batch: a worker passes one shared-memory segment per batch, not one per key.
-    sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
-    flat = _empty((sum(sizes.values()),), shared)
+    # Every block's byte size is a multiple of 4 (RGBA, float32), so each float32 view starts aligned.
+    nbytes = {k: int(np.prod(shape)) * dt.itemsize for k, (shape, dt) in shapes.items()}
+    flat = _empty(sum(nbytes.values()), shared)
     out, at = {}, 0
-    for k, v in shapes.items():
-        out[k] = flat[at:at + sizes[k]].view(v)
-        at += sizes[k]
+    for k, (shape, dt) in shapes.items():
+        out[k] = flat[at:at + nbytes[k]].view(dt).view(shape)
+        at += nbytes[k]
     return out
 
 
-def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator, out: dict[str, torch.Tensor],
-                slot: int, input_idx: Sequence[int] | None = None,
-                sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
-    """Decode one sample's picked views into `out[key][slot]` (buffers from `batch_buffers`).
+def finish_batch(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """A loader batch -> the float batch of docs/ARCHITECTURE.md, on `device` (None: where it is).
 
-    Views are drawn from `rng` unless given; only their PNGs are decoded. Each view is composited straight
-    into its slot; a NeRF patch is cut from the uint8 image before compositing when no resize is needed.
-    Returns the sample's small fields: uid, background [3], input_c2w [Vi,4,4], input_K [Vi,3,3], sup_c2w,
-    sup_K (float32 numpy) and the view indices. Raises on anything malformed (the stream's handler skips it).
-    """
+    Tensors move (non-blocking); uint8 RGBA views (RAW_KEYS) are then composited there on the batch's
+    backgrounds: g_rgb = rgb·a + bg·(1-a), g_mask = a, float32. Training calls this on the GPU, where it costs
+    nothing, and ships a quarter of the bytes a float batch has. A finished batch only moves."""
+    dev = None if device is None else torch.device(device)
+    out = {k: v.to(dev, non_blocking=True) if dev is not None and isinstance(v, torch.Tensor) else v
+           for k, v in batch.items()}
+    for g in ("input", "sup"):
+        x = out.pop(f"{g}_rgba8", None)
+        if x is None:
+            continue
+        B, V, h, w, _ = x.shape
+        xc = x.permute(0, 1, 4, 2, 3)  # [B,V,4,h,w], a view: the copies below convert and transpose at once
+        mask = torch.empty((B, V, 1, h, w), device=x.device).copy_(xc[:, :, 3:]).mul_(1.0 / 255.0)
+        bg = out["background"].to(x.device, torch.float32)[:, None, :, None, None]
+        rgb = torch.empty((B, V, 3, h, w), device=x.device).copy_(xc[:, :, :3]).mul_(1.0 / 255.0)
+        out[f"{g}_rgb"] = rgb.sub_(bg).mul_(mask).add_(bg)  # (rgb - bg)·a + bg == rgb·a + bg·(1-a)
+        out[f"{g}_mask"] = mask
+    return out
+
+
+def read_header(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
+                input_idx: Sequence[int] | None = None, sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
+    """A sample's small fields, checked: uid, depth_scale, stored size W x H, cameras, the picked views
+    (drawn from `rng` unless given) and the background colour. Raises on anything malformed."""
     uid = raw.get("__key__", "?")
     meta = json.loads(_field(raw, "meta.json", MAX_META_BYTES))
     if not isinstance(meta, dict):
@@ -228,16 +284,29 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
     if (len(input_idx) != spec.input_views or len(sup_idx) != spec.sup_views or set(input_idx) & set(sup_idx)
             or max([*input_idx, *sup_idx], default=0) >= V or min([*input_idx, *sup_idx], default=0) < 0):
         raise ValueError(f"{uid}: bad view choice {input_idx} / {sup_idx} of {V}")
-    bg = _background(spec, rng)
-    npo = {k: v[slot].numpy() for k, v in out.items()}  # [V,C,h,w] numpy views of this sample's slot
+    return {"uid": uid, "depth_scale": depth_scale, "W": W, "H": H, "c2w": c2w_all, "K": K_all,
+            "input_idx": input_idx, "sup_idx": sup_idx, "background": _background(spec, rng)}
 
+
+def decode_into(head: dict[str, Any], raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
+                out: dict[str, torch.Tensor], slot: int) -> dict[str, Any]:
+    """Decode the picked views of one sample (its `read_header`) into `out[key][slot]` (`batch_buffers`).
+
+    Only the picked views' PNGs are decoded. A view group in raw buffers gets the stored uint8 RGBA (a NeRF
+    patch cut from it); otherwise it is composited in float32 and resized (antialiased bilinear; compositing
+    after a uint8 resize would blend background in). Returns the sample's small fields: uid, background [3],
+    input_c2w [Vi,4,4], input_K [Vi,3,3], sup_c2w, sup_K (float32 numpy) and the view indices.
+    """
+    uid, W, H, c2w_all, K_all = head["uid"], head["W"], head["H"], head["c2w"], head["K"]
+    input_idx, sup_idx, bg, V = head["input_idx"], head["sup_idx"], head["background"], len(head["c2w"])
+    npo = {k: v[slot].numpy() for k, v in out.items()}  # numpy views of this sample's slot
     S = spec.input_size
     for k, i in enumerate(input_idx):
         name = view_name(i, "rgba", V)
         px = _rgba(_field(raw, name), (W, H), name)  # [H,W,4] u8
-        if S == W == H:
-            _composite(px, bg, npo["input_rgb"][k], npo["input_mask"][k])
-        else:  # resize the composited float image: compositing after a uint8 resize would blend background in
+        if "input_rgba8" in out:
+            npo["input_rgba8"][k] = px  # raw_mode: stored size == input size
+        else:
             full = np.empty((4, H, W), np.float32)
             _composite(px, bg, full[:3], full[3:])
             x = _resize(torch.from_numpy(full), S, "bilinear")
@@ -255,20 +324,18 @@ def decode_into(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator
             dname = view_name(i, "depth", V)
             d = _depth_int(_field(raw, dname), (W, H), dname)  # [H,W]
         y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2)) if spec.patch else (0, 0)
-        mask_out = npo["sup_mask"][k] if spec.masks else np.empty((1, p, p), np.float32)
-        if s == W == H:  # crop the uint8 image first: only the patch is composited / converted
-            _composite(px[y0:y0 + p, x0:x0 + p], bg, npo["sup_rgb"][k], mask_out)
+        if "sup_rgba8" in out:  # raw_mode: stored size == sup size; only the patch is copied
+            npo["sup_rgba8"][k] = px[y0:y0 + p, x0:x0 + p]
             if d is not None:
-                np.divide(d[y0:y0 + p, x0:x0 + p], depth_scale, out=npo["sup_depth"][k][0], dtype=np.float32)
+                np.divide(d[y0:y0 + p, x0:x0 + p], head["depth_scale"], out=npo["sup_depth"][k][0], dtype=np.float32)
         else:
             full = np.empty((4, H, W), np.float32)
             _composite(px, bg, full[:3], full[3:])
             x = _resize(torch.from_numpy(full), s, "bilinear")[:, y0:y0 + p, x0:x0 + p]
             out["sup_rgb"][slot, k] = x[:3]
-            if spec.masks:
-                out["sup_mask"][slot, k] = x[3:]
+            out["sup_mask"][slot, k] = x[3:]
             if d is not None:
-                dz = torch.from_numpy(np.divide(d, depth_scale, dtype=np.float32))[None]
+                dz = torch.from_numpy(np.divide(d, head["depth_scale"], dtype=np.float32))[None]
                 out["sup_depth"][slot, k] = _resize(dz, s, "nearest")[:, y0:y0 + p, x0:x0 + p]
         K = _scale_K(K_all[i], s / W, s / H)
         K[0, 2] -= x0  # the patch's pixel (0, 0) is the view's (x0, y0)
@@ -320,7 +387,7 @@ def assemble(out: dict[str, torch.Tensor], infos: list[dict[str, Any]]) -> dict[
 
 def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generator,
                   input_idx: Sequence[int] | None = None, sup_idx: Sequence[int] | None = None) -> dict[str, Any]:
-    """One sample of raw field bytes -> unbatched tensors (the batch dict without the B axis).
+    """One sample of raw field bytes -> unbatched float tensors (the finished batch dict without the B axis).
 
     Views are drawn from `rng` unless given. Only the picked views' PNGs are decoded. Shapes:
     input_rgb [Vi,3,S,S], input_mask [Vi,1,S,S], input_c2w [Vi,4,4], input_K [Vi,3,3] (S = input_size);
@@ -329,8 +396,9 @@ def decode_sample(raw: Mapping[str, Any], spec: ViewSpec, rng: np.random.Generat
     """
     if input_idx is not None and sup_idx is not None:
         spec = replace(spec, input_views=len(input_idx), sup_views=len(sup_idx))
-    out = batch_buffers(spec, 1)
-    b = assemble(out, [decode_into(raw, spec, rng, out, 0, input_idx, sup_idx)])
+    head = read_header(raw, spec, rng, input_idx, sup_idx)
+    out = batch_buffers(spec, 1, raw=raw_mode(spec, head["W"], head["H"]))
+    b = finish_batch(assemble(out, [decode_into(head, raw, spec, rng, out, 0)]))
     return {k: v[0] for k, v in b.items()}
 
 
@@ -348,14 +416,29 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def decode_batches(src: Iterator[Mapping[str, Any]], spec: ViewSpec, rng: np.random.Generator, batch_size: int,
                    handler: Any, partial: bool = True, shared: bool = False) -> Iterator[dict[str, Any]]:
     """Raw samples -> batch dicts, each sample decoded straight into its batch slot (no per-sample tensors,
-    no stacking copy). A sample that fails is handed to `handler` (True = skip it) and its slot reused."""
+    no stacking copy). A sample that fails is handed to `handler` (True = skip it) and its slot reused.
+
+    A batch's buffers are laid out for its first sample's stored size (`raw_mode`); a sample stored at a
+    size that needs the other layout closes the batch early (shards of mixed resolutions)."""
     out: dict[str, torch.Tensor] | None = None
+    mode: tuple[bool, bool] | None = None
     infos: list[dict[str, Any]] = []
     for raw in src:
-        if out is None:
-            out = batch_buffers(spec, batch_size, shared)
         try:
-            infos.append(decode_into(raw, spec, rng, out, len(infos)))
+            head = read_header(raw, spec, rng)
+            m = raw_mode(spec, head["W"], head["H"])
+        except Exception as e:
+            if handler(e):
+                continue
+            raise
+        if out is not None and m != mode:
+            if infos:
+                yield assemble(out, infos)
+            out, infos = None, []
+        if out is None:
+            out, mode = batch_buffers(spec, batch_size, shared, m), m
+        try:
+            infos.append(decode_into(head, raw, spec, rng, out, len(infos)))
         except Exception as e:
             if handler(e):
                 continue
@@ -406,12 +489,12 @@ def load_render_folder(folder: str | Path, input_views: Sequence[int], sup_views
                        spec: ViewSpec | None = None, uid: str | None = None) -> dict[str, Any]:
     """Read chosen views of one render folder into the per-sample dict `decode_sample` gives.
 
-    `spec` sets sizes and background (default: the stored size, white, masks and depths, no patch).
+    `spec` sets sizes and background (default: the stored size, white, depths, no patch).
     """
     raw = RenderFolder(folder, uid)
     if spec is None:
         side = read_cameras(raw["cameras.npz"], ViewSpec.max_side, raw.uid)[0]
-        spec = ViewSpec(len(input_views), len(sup_views), side, side, 0, "white", True, True)
+        spec = ViewSpec(len(input_views), len(sup_views), side, side, 0, "white", True)
     return decode_sample(raw, spec, np.random.default_rng(0), list(input_views), list(sup_views))
 
 
@@ -507,10 +590,14 @@ class SampleStream(torch.utils.data.IterableDataset):
 
 
 class ShardLoader:
-    """Iterable of batches (dicts, see docs/ARCHITECTURE.md). `set_epoch(e)` reseeds; `skipped` counts skips."""
+    """Iterable of batches (dicts, see docs/ARCHITECTURE.md). `set_epoch(e)` reseeds; `skipped` counts skips.
 
-    def __init__(self, stream: SampleStream, workers: int):
-        self.stream, self.workers = stream, workers
+    `raw=True` leaves views that need no resize as uint8 RGBA (RAW_KEYS) for `finish_batch(b, device)` to
+    composite on the GPU (batches are then pinned when CUDA is there); otherwise batches come finished, float32
+    on the CPU, composited in this process."""
+
+    def __init__(self, stream: SampleStream, workers: int, raw: bool = False):
+        self.stream, self.workers, self.raw = stream, workers, raw
         self._skipped: dict[int, int] = {}
 
     @property
@@ -525,19 +612,20 @@ class ShardLoader:
         self._skipped = {}
         if self.workers > 0:
             it: Any = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                                  persistent_workers=False)
+                                                  persistent_workers=False,
+                                                  pin_memory=self.raw and torch.cuda.is_available())
         else:
             it = self.stream
         for b in it:
             self._skipped[b.pop("_worker")] = b.pop("_skipped")
-            yield b
+            yield b if self.raw else finish_batch(b)
 
 
 def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, batch_size: int | None = None,
                 resampled: bool | None = None, epoch_samples: int | None = None, workers: int | None = None,
                 seed: int | None = None, rank: int | None = None, world_size: int | None = None,
-                **spec_overrides: Any) -> ShardLoader:
-    """Batches for `stage` ("nerf" | "mesh") from shard `urls`.
+                raw: bool = False, **spec_overrides: Any) -> ShardLoader:
+    """Batches for `stage` ("nerf" | "mesh") from shard `urls` (`raw`: see ShardLoader).
 
     Arguments left None come from the config (`loader.*`, the stage's `batch_size`); rank/world size from
     torch.distributed or RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
@@ -563,7 +651,7 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
     stream = SampleStream(shard_list, spec, batch_size, resampled=resampled, seed=seed, rank=rank,
                           world_size=world_size, shuffle_buffer=lc.shuffle_buffer, batches_per_epoch=per_epoch,
                           max_consecutive_failures=lc.max_consecutive_failures)
-    return ShardLoader(stream, workers)
+    return ShardLoader(stream, workers, raw)
 
 
 def _indexed_samples(urls: list[str]) -> int:

@@ -29,6 +29,7 @@ import torch.utils.checkpoint
 
 from training import distributed as D
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from training.data import RAW_KEYS, finish_batch
 from training.logging import Logger
 
 
@@ -135,6 +136,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of `batch` (nested dicts, lists) on `device`; a raw loader batch is composited there."""
+    if isinstance(batch, dict) and any(k in batch for k in RAW_KEYS):
+        return to_device(finish_batch(batch, device), device)
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -180,7 +180,7 @@ def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None
     if D.is_main():
         save_config(cfg, run_dir / "config.yaml")
         save_resolved(cfg, "train_mesh")
-    loader = make_loader(cfg, train_urls, "mesh")
+    loader = make_loader(cfg, train_urls, "mesh", raw=True)  # composited on the training device
     per_epoch = loader.stream.batches_per_epoch
     val = None
     if D.is_main():

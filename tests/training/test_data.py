@@ -21,7 +21,7 @@ from pipelines.config import Config
 from pipelines.shards import pack, shard_urls
 from render.cameras import project
 from tests.fake_renders import write_renders
-from training.data import ViewSpec, decode_sample, load_render_folder, make_loader, view_spec
+from training.data import RAW_KEYS, ViewSpec, decode_sample, finish_batch, load_render_folder, make_loader, view_spec
 from training.tario import DataStalled
 
 UIDS = [f"asset{i:02d}" for i in range(9)]
@@ -285,6 +285,114 @@ def test_worker_batches_equal_in_process_batches(packed):
     assert a[-1]["input_rgb"].shape[0] == 1
 
 
+def test_raw_batches_carry_the_stored_bytes_and_finish_like_the_reference(packed):
+    """raw=True (what training uses): uint8 RGBA exactly as rendered, patch cut from it, workers included;
+    finish_batch composites them to the numpy reference and equals a finished loader's batch."""
+    cfg, written = packed
+    torch.set_num_threads(1)
+    P = 8
+
+    def run(raw, workers):
+        return list(make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=2, resampled=False, workers=workers,
+                                seed=4, background="random", patch=P, raw=raw))
+
+    raw0, raw1, fin = run(True, 0), run(True, 1), run(False, 0)
+    assert len(raw0) == len(raw1) == len(fin) == 5
+    for r, r1, f in zip(raw0, raw1, fin):
+        assert "input_rgb" not in r and r["input_rgba8"].dtype == torch.uint8 and r["uid"] == r1["uid"] == f["uid"]
+        assert torch.equal(r["input_rgba8"], r1["input_rgba8"]) and torch.equal(r["sup_rgba8"], r1["sup_rgba8"])
+        for j, uid in enumerate(r["uid"]):
+            for k, v in enumerate(r["input_views"][j]):
+                np.testing.assert_array_equal(r["input_rgba8"][j, k].numpy(), written[uid]["rgba"][v])
+            for k, v in enumerate(r["sup_views"][j]):
+                K = r["sup_K"][j, k].numpy()
+                x0, y0 = (int(written[uid]["K"][v][i, 2] - K[i, 2]) for i in (0, 1))
+                np.testing.assert_array_equal(r["sup_rgba8"][j, k].numpy(),
+                                              written[uid]["rgba"][v][y0:y0 + P, x0:x0 + P])
+        done = finish_batch(r, "cpu")
+        assert done.keys() == f.keys() and not set(RAW_KEYS) & done.keys()
+        for key, val in f.items():
+            if isinstance(val, torch.Tensor):
+                assert torch.equal(val, done[key]), key
+        for j, uid in enumerate(r["uid"]):
+            bg = r["background"][j].numpy()
+            for k, v in enumerate(r["input_views"][j]):
+                rgb, a = _composite(written[uid]["rgba"][v], bg)
+                np.testing.assert_allclose(done["input_rgb"][j, k].numpy(), rgb, atol=1e-6)
+                np.testing.assert_allclose(done["input_mask"][j, k].numpy(), a, atol=1e-6)
+
+
+def test_training_loop_composites_raw_batches_on_its_device(packed):
+    from training.loop import to_device
+
+    cfg, _ = packed
+    r = next(iter(make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=2, resampled=False, raw=True)))
+    f = next(iter(make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=2, resampled=False)))
+    done = to_device(r, torch.device("cpu"))
+    assert torch.equal(done["sup_rgb"], f["sup_rgb"]) and torch.equal(done["input_mask"], f["input_mask"])
+
+
+def test_mixed_stored_sizes_close_a_batch_early(tmp_path):
+    """Shards holding views of two sizes: native-size samples travel raw, the others are resized; a batch
+    never mixes the two layouts, every sample is read once and comes out right."""
+    small, big = ["s0", "s1", "s2"], ["b0", "b1", "b2"]
+    w = {**write_renders(tmp_path, big, views=VIEWS, size=SIZE),
+         **write_renders(tmp_path, small, views=VIEWS, size=SIZE // 2)}
+    cfg = _cfg(tmp_path)
+    cfg.shards.max_count = 6
+    pack(cfg)
+    batches = list(make_loader(cfg, shard_urls(cfg.out), "nerf", batch_size=4, resampled=False, raw=True,
+                               background="black"))
+    assert sorted(u for b in batches for u in b["uid"]) == sorted(small + big)
+    assert len(batches) >= 2 and all(len(b["uid"]) <= 4 for b in batches)
+    for b in batches:
+        assert {u[0] for u in b["uid"]} in ({"s"}, {"b"})  # one layout per batch
+        assert ("input_rgba8" in b) == (b["uid"][0][0] == "b")
+        done = finish_batch(b)
+        for j, uid in enumerate(b["uid"]):
+            v = b["input_views"][j][0]
+            rgb, _ = _composite(w[uid]["rgba"][v], np.zeros(3))
+            if uid[0] == "b":
+                np.testing.assert_allclose(done["input_rgb"][j, 0].numpy(), rgb, atol=1e-6)
+            else:  # upsampled 2x: the same picture, smoothed
+                assert done["input_rgb"].shape[-1] == SIZE
+                np.testing.assert_allclose(done["input_rgb"][j, 0, :, ::2, ::2].mean().item(), rgb.mean(), atol=0.02)
+
+
+def test_png_decoding_matches_pil_for_every_kind_of_png(monkeypatch):
+    """The libspng fast path (8-bit RGBA) and the PIL fallback give PIL's own pixels (RGB/grey/palette/16-bit
+    RGBA as PIL converts them), and the header is checked before either decodes."""
+    import training.data as D
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+    px[..., 3] = np.where(rng.random((24, 24)) < 0.3, 0, px[..., 3])
+    pngs = {}
+    for mode in ("RGBA", "RGB", "LA", "L", "P"):
+        for level in (0, 9):
+            buf = io.BytesIO()
+            Image.fromarray(px, "RGBA").convert(mode).save(buf, "PNG", compress_level=level)
+            pngs[f"{mode}{level}"] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(px, "RGBA").save(buf, "PNG", optimize=True)
+    pngs["RGBA-opt"] = buf.getvalue()
+    for backend in ("pyspng", "pil"):
+        if backend == "pil":
+            monkeypatch.setattr(D, "pyspng", None)
+        elif D.pyspng is None:
+            continue
+        for name, data in pngs.items():
+            ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+            got = D._rgba(data, (24, 24), name)
+            assert got.dtype == np.uint8 and np.array_equal(got, ref), (backend, name)
+        with pytest.raises(ValueError, match="expected PNG"):
+            D._rgba(pngs["RGBA9"], (24, 25), "wrong size")  # refused from the header, nothing decoded
+        with pytest.raises(ValueError, match="PNG"):
+            D._rgba(b"GIF89a" + b"\0" * 64, (24, 24), "not a png")
+        with pytest.raises(Exception):  # noqa: B017 - either decoder's own error; the stream's handler skips it
+            D._rgba(pngs["RGBA9"][:len(pngs["RGBA9"]) // 2], (24, 24), "truncated")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Crafted samples: refused with a reason before anything large is allocated or decoded.
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +411,7 @@ def _npz(**arrays) -> bytes:
 
 
 def _spec(**kw) -> ViewSpec:
-    return ViewSpec(2, 2, SIZE, SIZE, 0, "white", True, True, **kw)
+    return ViewSpec(2, 2, SIZE, SIZE, 0, "white", True, **kw)
 
 
 def _cams(V=VIEWS, side=SIZE, **over) -> dict:
