@@ -21,7 +21,15 @@ from pipelines.config import Config
 from pipelines.shards import pack, shard_urls
 from render.cameras import project
 from tests.fake_renders import write_renders
-from training.data import RAW_KEYS, ViewSpec, decode_sample, finish_batch, load_render_folder, make_loader, view_spec
+from training.data import (
+    RAW_KEYS,
+    ViewSpec,
+    decode_sample,
+    finish_batch,
+    load_render_folder,
+    make_loader,
+    view_spec,
+)
 from training.tario import DataStalled
 
 UIDS = [f"asset{i:02d}" for i in range(9)]
