@@ -5,7 +5,10 @@ Data: real renders. The procedural demo assets are rendered by the render stage 
 upsampled with PIL (bicubic colour/normals, bilinear depth, no added noise), K scaled. Without Blender it
 falls back to synthetic folders (noted in every row). Compared in the same run, 4 input + 4 supervision
 views per sample at full size, composited on white, batches of 2:
-- ours: `training.data.make_loader` over the shards (decodes only the 8 picked RGBA PNGs);
+- ours: `training.data.make_loader(raw=True)` over the shards, as the trainers use it: decodes only the 8
+  picked RGBA PNGs (libspng) and hands uint8 RGBA to the trainer, which composites on the GPU
+  (`finish_batch`, not timed here: no GPU; on one it is a few elementwise ops on the batch);
+- ours, CPU composite: the same loader finishing float32 batches in the loading process (CPU training);
 - (a) per-asset PNG folders, a map-style Dataset that opens the 8 picked PNGs and composites them the way
   InstantMesh's `load_im` does (float32 numpy, then torch), torch's default collate;
 - (b) a plain WebDataset pipeline, `wds.WebDataset(urls).decode("pilrgba")` (every field of the sample
@@ -154,19 +157,24 @@ def make_bench_data(out_dir: Path, assets: int, size: int) -> tuple[Config, str]
 
 
 def decode_costs(root: Path) -> dict[str, float]:
-    """Median ms to decode one PNG of each kind (PIL, in this process), over one packed asset's views."""
+    """Median ms to decode one PNG of each kind with PIL (what (b) uses), and one RGBA PNG with the loader's
+    own decoder (`rgba_ours`), in this process, over one packed asset's views."""
     from PIL import Image
 
     from pipelines.shards import read_index
+    from training.data import _rgba
 
     uid = read_index(root)[0]["uids"][0]
     costs = {}
-    for kind in ("rgba", "depth", "normal"):
+    for kind, fn in (("rgba", None), ("depth", None), ("normal", None), ("rgba_ours", _rgba)):
         times = []
-        for p in sorted((root / "renders" / uid).glob(f"*.{kind}.png")):
+        for p in sorted((root / "renders" / uid).glob(f"*.{kind.removesuffix('_ours')}.png")):
             data = p.read_bytes()
             t0 = time.perf_counter()
-            Image.open(io.BytesIO(data)).load()
+            if fn is None:
+                np.asarray(Image.open(io.BytesIO(data)))
+            else:
+                fn(data, Image.open(io.BytesIO(data)).size, p.name)
             times.append(time.perf_counter() - t0)
         costs[kind] = float(np.median(times) * 1e3)
     return costs
@@ -261,9 +269,9 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: 
     cfg.loader.shuffle_buffer = 8
     index = read_index(root)
     urls = [str(Path(root) / "shards" / r["shard"]) for r in index if r["split"] == "train"]
-    if method == "ours":
+    if method in ("ours", "ours_cpu"):
         it = make_loader(cfg, urls, "nerf", batch_size=BATCH, resampled=True, epoch_samples=10 ** 6,
-                         workers=workers, seed=0, **spec_kw)
+                         workers=workers, seed=0, raw=method == "ours", **spec_kw)
     elif method == "folders":
         folders = [str(Path(root) / "renders" / u) for r in index for u in r["uids"]]
         ds = FolderDataset(folders, spec)
@@ -324,15 +332,45 @@ def gpu_feed_estimate(per_worker_sps: float) -> dict[str, float]:
     return {"train_flops": train, "gpu_sps": gpu_sps, "workers": math.ceil(gpu_sps / per_worker_sps)}
 
 
+def existing_renders(src: Path, out_dir: Path) -> tuple[Config, str, int]:
+    """Bench data from a finished render stage's OUT (`renders/` + `manifest/render.parquet`), packed into
+    shards under out_dir (the user's OUT is only read). -> (config, data kind, view side)."""
+    import shutil
+
+    from pipelines import manifest
+    from pipelines.shards import pack
+
+    src = Path(src).resolve()
+    rows = [r for r in manifest.read_rows(manifest.manifest_path(src, "render")) if r["status"] == manifest.OK]
+    if not rows:
+        raise FileNotFoundError(f"{src}: no rendered assets in manifest/render.parquet")
+    root = out_dir / f"renders-{src.name}"
+    (root / "manifest").mkdir(parents=True, exist_ok=True)
+    if not (root / "renders").exists():
+        (root / "renders").symlink_to(src / "renders", target_is_directory=True)
+    shutil.copyfile(manifest.manifest_path(src, "render"), manifest.manifest_path(root, "render"))
+    with np.load(src / "renders" / rows[0]["uid"] / "cameras.npz") as z:
+        side = int(z["width"])
+    cfg = Config(out=str(root))
+    cfg.shards.val_fraction = 0.0
+    cfg.shards.max_count = 1
+    pack(cfg)
+    return cfg, f"renders of {src} ({len(rows)} assets)", side
+
+
 def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | None = None,
-        max_workers: int | None = None, samples: int = 12) -> list[dict]:
+        max_workers: int | None = None, samples: int = 12, renders: Path | None = None) -> list[dict]:
+    """The loader table. `renders`: measure on that OUT's renders (at their size) instead of bench data."""
     out_dir = Path(out_dir)
     sizes = sizes or (512, cfg.render.resolution)
     n_workers = max_workers or max(2, min(4, os.cpu_count() or 1))
     rows: list[dict] = []
     per_worker_512 = None
+    if renders is not None:
+        data = [existing_renders(renders, out_dir)]
+        sizes = (data[0][2],)
     for size in sizes:
-        cfg_s, kind = make_bench_data(out_dir, assets, size)
+        cfg_s, kind = data[0][:2] if renders is not None else make_bench_data(out_dir, assets, size)
         root = cfg_s.out_path
         spec = {"input_views": 4, "sup_views": 4, "input_size": size, "sup_size": size, "patch": 0,
                 "background": "white", "depths": False}
@@ -341,13 +379,17 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
             label = f"{size}², 4+4 views, {workers} worker{'s' if workers > 1 else ''}"
             r: dict[str, dict] = {}
             for _ in range(ROUNDS):  # interleaved, so a burst of load from other users hits every method alike
-                for m in ("ours", "folders", "plain_wds"):
+                for m in ("ours", "ours_cpu", "folders", "plain_wds"):
                     x = measure(m, root, spec, workers, samples if m != "plain_wds" else max(2 * workers, samples // 3))
                     if m not in r or x["sps"] > r[m]["sps"]:
                         r[m] = x
             for m, name in (("folders", "(a) per-asset PNG folders"), ("plain_wds", "(b) WebDataset decode-all")):
                 rows.append(result(f"loader samples/s {label}", r["ours"]["sps"], r[m]["sps"], name, "samples/s",
-                                   higher_is_better=True, notes=f"data: {kind}"))
+                                   higher_is_better=True, notes=f"uint8 batches, composite on the GPU; data: {kind}"))
+            rows.append(result(f"loader samples/s {label}, CPU composite", r["ours_cpu"]["sps"], r["plain_wds"]["sps"],
+                               "(b) WebDataset decode-all", "samples/s", higher_is_better=True,
+                               notes=f"float32 batches finished in the loading process (CPU training); "
+                                     f"(a) {r['folders']['sps']:.1f} samples/s; data: {kind}"))
             ratios_b.append(r["ours"]["sps"] / r["plain_wds"]["sps"])
             rows.append(result(f"loader peak RSS {label}", r["ours"]["peak_mb"], r["folders"]["peak_mb"],
                                "(a) per-asset PNG folders", "MiB",
@@ -356,10 +398,10 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
                 per_worker_512 = r["ours"]["sps"]
         c = decode_costs(root)
         picked = spec["input_views"] + spec["sup_views"]
-        bound = VIEWS * (c["rgba"] + c["depth"] + c["normal"]) / (picked * c["rgba"])
+        bound = VIEWS * (c["rgba"] + c["depth"] + c["normal"]) / (picked * c["rgba_ours"])
         rows.append(result(f"decode-only bound of ours/(b) at {size}²", bound, None, "", "x",
-                           notes=f"{VIEWS}x(rgba {c['rgba']:.2f} + depth {c['depth']:.2f} + normal {c['normal']:.2f} ms) "
-                                 f"/ ({picked}x rgba) per sample; measured ratios "
+                           notes=f"{VIEWS}x(rgba {c['rgba']:.2f} + depth {c['depth']:.2f} + normal {c['normal']:.2f} ms, "
+                                 f"PIL) / ({picked}x rgba {c['rgba_ours']:.2f} ms, ours) per sample; measured ratios "
                                  f"{', '.join(f'{x:.1f}x' for x in ratios_b)}; data: {kind}"))
     if per_worker_512:
         g = gpu_feed_estimate(per_worker_512)
@@ -367,7 +409,7 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
                             notes=f"GPU {g['gpu_sps']:.1f} samples/s = {GPU_PEAK_TFLOPS:.0f} TFLOP/s x MFU {GPU_MFU} / "
                                   f"{g['train_flops'] / 1e12:.1f} TFLOP per sample (training.model.flops_per_sample, "
                                   f"4 inputs at 512², 4x128² patches x 256 samples); per worker {per_worker_512:.2f} "
-                                  f"samples/s at 512² (4+4 full views) on this CPU"))
+                                  f"samples/s at 512² (4+4 full views, uint8 batches) on this CPU"))
     return rows
 
 
@@ -379,10 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", type=int, default=4, help="procedural assets rendered (default: %(default)s)")
     p.add_argument("--samples", type=int, default=12, help="timed samples per configuration (default: %(default)s)")
     p.add_argument("--sizes", default="", help="comma-separated image sides (default: 512 and render.resolution)")
+    p.add_argument("--renders", default=None, metavar="RENDERED_OUT",
+                   help="measure on the renders of this OUT (a finished `make render`) instead of bench data")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s) or None
-    rows = run(cfg, cfg.out_path / "bench" / "shards", assets=args.assets, sizes=sizes, samples=args.samples)
+    rows = run(cfg, cfg.out_path / "bench" / "shards", assets=args.assets, sizes=sizes, samples=args.samples,
+               renders=Path(args.renders) if args.renders else None)
     print(format_table(rows))
     return 0
 
