@@ -231,3 +231,32 @@ def test_systematic_failures_raise_instead_of_looping(tmp_path):
     h(ValueError("4"))
     with pytest.raises(DataStalled, match="ValueError: 5"):
         h(ValueError("5"))
+
+
+def test_npz_reader_matches_numpy_on_every_header_form():
+    """read_npz (fast header path and numpy's fallback) returns what np.load returns: dtypes, byte orders,
+    Fortran order, scalars, empty and long shapes, .npy 2.0; object arrays and lying headers are refused."""
+    arrays = {"f4": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "big": np.arange(5, dtype=">f8"),
+              "scalar": np.int32(7), "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              "bool": np.array([True, False]), "empty": np.zeros((0, 4), np.uint16),
+              "long": np.zeros((1,) * 20, np.int8), "u": np.array(["ab", "c"])}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    got, ref = tario.read_npz(buf.getvalue(), 1 << 20), np.load(io.BytesIO(buf.getvalue()))
+    assert got.keys() == set(ref.files)
+    for k in ref.files:
+        assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape and np.array_equal(got[k], ref[k]), k
+        assert got[k].flags.f_contiguous == ref[k].flags.f_contiguous
+    v2 = io.BytesIO()
+    np.lib.format.write_array(v2, arrays["f4"], version=(2, 0))
+    assert np.array_equal(tario._npy(v2.getvalue(), "v2"), arrays["f4"])
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        tario._npy(pickled.getvalue(), "obj")
+    one = io.BytesIO()
+    np.save(one, arrays["f4"])
+    with pytest.raises(ValueError, match="header says"):
+        tario._npy(one.getvalue()[:-4], "short")
+    with pytest.raises(ValueError, match="not a .npy"):
+        tario._npy(b"\x93NUMPY\x03\x00" + one.getvalue()[8:], "v3")
