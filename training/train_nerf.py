@@ -45,7 +45,8 @@ def run(cfg: Config, stop_at: int | None = None):
     # One loader epoch = one checkpoint period, so resuming from a periodic checkpoint reads nothing twice.
     workers = max(1, cfg.loader.workers)
     per_worker = -(-cfg.nerf.ckpt_every // workers)
-    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size, raw=True)  # composited on the device
+    # raw: views arrive as uint8 RGBA and are composited on the training device (training.loop.to_device)
+    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size, raw=True)
     per_epoch = loader.stream.batches_per_epoch * workers
     val = fixed_val_batch(cfg, val_urls) if D.is_main() else None
     settings = LoopSettings.from_section(cfg.nerf, seed=cfg.seed)
