@@ -170,11 +170,12 @@ def decode_costs(root: Path) -> dict[str, float]:
         times = []
         for p in sorted((root / "renders" / uid).glob(f"*.{kind.removesuffix('_ours')}.png")):
             data = p.read_bytes()
+            size = Image.open(io.BytesIO(data)).size
             t0 = time.perf_counter()
             if fn is None:
                 np.asarray(Image.open(io.BytesIO(data)))
             else:
-                fn(data, Image.open(io.BytesIO(data)).size, p.name)
+                fn(data, size, p.name)
             times.append(time.perf_counter() - t0)
         costs[kind] = float(np.median(times) * 1e3)
     return costs
@@ -366,11 +367,11 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
     n_workers = max_workers or max(2, min(4, os.cpu_count() or 1))
     rows: list[dict] = []
     per_worker_512 = None
-    if renders is not None:
-        data = [existing_renders(renders, out_dir)]
-        sizes = (data[0][2],)
+    given = existing_renders(renders, out_dir) if renders is not None else None
+    if given is not None:
+        sizes = (given[2],)
     for size in sizes:
-        cfg_s, kind = data[0][:2] if renders is not None else make_bench_data(out_dir, assets, size)
+        cfg_s, kind = given[:2] if given is not None else make_bench_data(out_dir, assets, size)
         root = cfg_s.out_path
         spec = {"input_views": 4, "sup_views": 4, "input_size": size, "sup_size": size, "patch": 0,
                 "background": "white", "depths": False}
