@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import time
 from collections.abc import Callable
 from typing import Any
+
+
+def _call_in_child(q: Any, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        q.put({"result": fn(*args)})
+    except BaseException:  # the parent must see why, not wait for a result that never comes
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any, what: str = "benchmark case") -> Any:
+    """fn(*args) (a module-level function) in a fresh spawned process, so its peak RSS and imports are its own.
+
+    Returns its result; raises RuntimeError with the child's traceback, or its exit code when it died (an OOM
+    kill, a crash) — polled, so a dead child fails the bench instead of hanging it."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_call_in_child, args=(q, fn, args))
+    p.start()
+    try:
+        while True:
+            try:
+                r = q.get(timeout=5)
+                break
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"{what} died with exit code {p.exitcode}") from None
+    finally:
+        p.join(timeout=60)
+    if "error" in r:
+        raise RuntimeError(f"{what} failed:\n{r['error']}")
+    return r["result"]
 
 
 def machine() -> str:

@@ -14,15 +14,13 @@ CUDA memory, model FLOPs per sample (`training.model.flops_per_sample`) and util
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import queue
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, result
+from bench.common import format_table, in_fresh_process, result
 from pipelines.config import Config, ModelConfig, load_config
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s
@@ -71,7 +69,7 @@ def _step(model: Any, b: dict[str, Any], patch: int, dtype: Any = None) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def _cpu_case(q: Any, case: dict[str, Any]) -> None:
+def _cpu_case(case: dict[str, Any]) -> dict[str, float]:
     """One configuration in a fresh process: median step seconds and this process's peak RSS."""
     import torch
 
@@ -101,24 +99,12 @@ def _cpu_case(q: Any, case: dict[str, Any]) -> None:
                                    chunk=case["chunk"])
                 times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
-    q.put({"seconds": times[len(times) // 2], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "base_mb": rss0 / 1024})
+    return {"seconds": times[len(times) // 2], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "base_mb": rss0 / 1024}
 
 
 def _spawn(case: dict[str, Any]) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_cpu_case, args=(q, case))
-    p.start()
-    while True:  # poll, so a case that dies (exception, OOM kill) fails here instead of hanging the bench
-        try:
-            out = q.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"benchmark case died with exit code {p.exitcode}: {case.get('kind')}") from None
-    p.join(timeout=60)
-    return out
+    return in_fresh_process(_cpu_case, case, what=f"benchmark case {case.get('kind')}")
 
 
 def run(cfg: Config, out_dir: Path, repeat: int = 3) -> list[dict]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import format_table, result
+from bench.common import format_table, in_fresh_process, result
 from pipelines.config import Config, RenderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def quality_study(jobs: list[dict], resolution: int, views: int, tmp: Path) -> l
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _growth_child(jobs: list[dict[str, Any]], n: int, out: str, q: Any) -> None:
+def _growth_child(jobs: list[dict[str, Any]], n: int, out: str) -> list[float]:
     from render.blender import render_asset
     from render.cameras import random_views
 
@@ -187,19 +187,12 @@ def _growth_child(jobs: list[dict[str, Any]], n: int, out: str, q: Any) -> None:
         job = {**jobs[k % len(jobs)], "uid": f"g{k:03d}"}
         render_asset(job, Path(out) / job["uid"], cfg, {"": random_views(job["uid"], 2)["c2w"]}, threads=2)
         rss.append(rss_mb())
-    q.put(rss)
+    return rss
 
 
 def memory_growth(jobs: list[dict[str, Any]], n: int, out: Path) -> dict[str, float]:
     """RSS of one bpy process rendering n assets one after another (the actor's loop), in a fresh process."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_growth_child, args=(jobs, n, str(out), q))
-    p.start()
-    rss = q.get(timeout=1800)
-    p.join(timeout=60)
+    rss = in_fresh_process(_growth_child, jobs, n, str(out), what="bpy memory-growth run")
     return {"after_10": rss[min(9, n - 1)], "after_n": rss[-1], "max": max(rss)}
 
 

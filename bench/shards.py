@@ -24,9 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import resource
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import result
+from bench.common import in_fresh_process, result
 from pipelines.config import Config, load_config
 
 VIEWS = 32
@@ -249,15 +247,6 @@ class DecodeAllThenPick:
         return {"uid": s["__key__"], **picked_views([s[v] for v in views], cams["c2w"], cams["K"], self.spec, self.rng)}
 
 
-def _child(method: str, root: str, spec_kw: dict, workers: int, samples: int, q: Any) -> None:
-    try:
-        q.put(_measure_here(method, root, spec_kw, workers, samples))
-    except BaseException:  # the parent must see why, not wait for a result that never comes
-        import traceback
-
-        q.put({"error": traceback.format_exc()})
-
-
 def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: int) -> dict:
     import torch
 
@@ -301,22 +290,7 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: 
 
 def measure(method: str, root: Path, spec_kw: dict, workers: int, samples: int) -> dict:
     """samples/s and peak RSS (MiB: main, largest worker) of one loader configuration, in a fresh process."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(method, str(root), spec_kw, workers, samples, q))
-    p.start()
-    try:
-        while True:
-            try:
-                r = q.get(timeout=5)
-                break
-            except queue.Empty:
-                if not p.is_alive():
-                    raise RuntimeError(f"bench child {method} died with exit code {p.exitcode}") from None
-    finally:
-        p.join(timeout=60)
-    if "error" in r:
-        raise RuntimeError(f"bench child {method} failed:\n{r['error']}")
+    r = in_fresh_process(_measure_here, method, str(root), spec_kw, workers, samples, what=f"bench child {method}")
     r["peak_mb"] = r["main_mb"] + workers * r["worker_mb"]  # upper bound: every worker at the largest one's peak
     return r
 
