@@ -67,8 +67,9 @@ bench: setup  ## benchmarks: table printed, OUT/bench/results.json
 gpu-check:  ## CUDA tests + GPU benchmarks on a GPU machine (see README "GPU check")
 	bash bench/gpu_check.sh
 
-lint: setup
+lint: setup  ## ruff + the layer contracts (import-linter, pyproject [tool.importlinter])
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

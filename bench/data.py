@@ -104,7 +104,7 @@ def child(kind: str, n: int, repeat: int = REPEAT) -> dict[str, Any]:
     """
     import pyarrow.compute as pc
 
-    from pipelines.config import DataConfig
+    from core.config import DataConfig
     from pipelines.filter import annotations_to_table, filter_table
 
     cfg = DataConfig(max_assets=0, deny_categories=["weapons-military"])

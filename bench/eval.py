@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.common import format_table, result
-from pipelines.config import Config
+from core.config import Config
 
 WHOLE_EVAL_ASSETS = 10  # the "whole eval of 10 demo assets on CPU"
 
@@ -141,7 +141,7 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import config_from_args, stage_parser
+    from core.cli import config_from_args, stage_parser
 
     cfg = config_from_args(stage_parser(__doc__.split("\n\n")[0]).parse_args())
     print(format_table(run(cfg, cfg.out_path / "bench" / "eval")))

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     from bench.common import format_table
-    from pipelines.config import load_config
+    from core.config import load_config
 
     cfg = load_config(args.config)
     report["benchmarks"], report["bench_errors"] = [], {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.common import result, timeit
-from pipelines.config import Config, load_config
+from core.config import Config, load_config
 
 
 def _torus(n: int, device: str = "cpu") -> torch.Tensor:
@@ -27,7 +27,7 @@ def _torus(n: int, device: str = "cpu") -> torch.Tensor:
 def _views(n: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    from render.cameras import intrinsics, look_at, spherical_position
+    from core.cameras import intrinsics, look_at, spherical_position
 
     c2w = torch.tensor(np.stack([look_at(spherical_position(360.0 * i / n, 20.0, 2.6)) for i in range(n)]),
                        device=device)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import format_table, in_fresh_process, result
-from pipelines.config import Config, ModelConfig, load_config
+from core.config import Config, ModelConfig, load_config
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s
 
@@ -47,7 +47,7 @@ def _manual_attention(model: Any) -> None:
 def _batch(B: int, V: int, size: int, sup: int, patch: int, device: str) -> dict[str, Any]:
     import torch
 
-    from render import cameras as npcam
+    from core import cameras as npcam
 
     c2w = torch.stack([torch.from_numpy(npcam.random_views(f"bench{b}", V + sup)["c2w"]) for b in range(B)])
     K_in = torch.from_numpy(npcam.intrinsics(40.0, size)).expand(B, V, 3, 3).clone()
@@ -209,7 +209,7 @@ def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, rep
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import config_from_args, stage_parser
+    from core.cli import config_from_args, stage_parser
 
     p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="also run the paper-config GPU rows (needs CUDA)")

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from bench.common import format_table, peak_rss_mb, result, timeit
-from pipelines.cli import config_from_args, stage_parser
-from pipelines.config import Config
+from core.cli import config_from_args, stage_parser
+from core.config import Config
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, Any]:
     """A batch with the loader's keys and shapes (docs/ARCHITECTURE.md), cameras on DESIGN's sphere."""
-    from render.cameras import intrinsics, look_at, spherical_position
+    from core.cameras import intrinsics, look_at, spherical_position
 
     g = torch.Generator().manual_seed(seed)
     B, Vi, Vs = cfg.nerf.batch_size, cfg.loader.input_views, cfg.nerf.sup_views

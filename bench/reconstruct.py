@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.common import format_table, result
-from pipelines.config import Config
+from core.config import Config
 
 
 def _sphere_model(cfg: Config, device: str) -> torch.nn.Module:
@@ -124,7 +124,7 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import config_from_args, stage_parser
+    from core.cli import config_from_args, stage_parser
 
     args = stage_parser(__doc__).parse_args()
     c = config_from_args(args)

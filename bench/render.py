@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import format_table, in_fresh_process, result
-from pipelines.config import Config, RenderConfig
+from core.config import Config, RenderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {"samples": 128, "adaptive_threshold": 0.01, "denoise": True, "max_bounces": 12}  # Cycles defaults + 128
@@ -175,8 +175,8 @@ def quality_study(jobs: list[dict], resolution: int, views: int, tmp: Path) -> l
 
 
 def _growth_child(jobs: list[dict[str, Any]], n: int, out: str) -> list[float]:
+    from core.cameras import random_views
     from render.blender import render_asset
-    from render.cameras import random_views
 
     def rss_mb() -> float:
         with open("/proc/self/status") as f:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="work/bench/render")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    from pipelines.config import load_config
+    from core.config import load_config
 
     cfg = load_config(None, args.overrides)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

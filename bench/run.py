@@ -9,8 +9,8 @@ import time
 import traceback
 
 from bench.common import format_table, machine
-from pipelines.cli import config_from_args, stage_parser
-from pipelines.io import atomic_write_text
+from core.cli import config_from_args, stage_parser
+from core.io import atomic_write_text
 
 STAGES = ["data", "render", "shards", "model", "nerf", "mesh", "reconstruct", "eval"]
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import in_fresh_process, result
-from pipelines.config import Config, load_config
+from core.config import Config, load_config
 
 VIEWS = 32
 RENDER_SIZE = 128  # the size the render stage renders at here; larger sizes are upsampled from it
@@ -95,7 +95,7 @@ def write_synthetic_asset(renders: Path, uid: str, size: int, views: int = VIEWS
     """Stand-in without Blender: a textured, noisy blob on a transparent (RGB 0) background, bumpy depth."""
     from PIL import Image
 
-    from render.cameras import intrinsics, look_at, spherical_position
+    from core.cameras import intrinsics, look_at, spherical_position
 
     rng = np.random.default_rng([seed, int(uid[-4:], 16)])
     folder = renders / uid
@@ -124,7 +124,7 @@ def write_synthetic_asset(renders: Path, uid: str, size: int, views: int = VIEWS
 
 def make_bench_data(out_dir: Path, assets: int, size: int) -> tuple[Config, str]:
     """Render folders + manifest + shards for `size` under out_dir (reused when there). -> (config, data kind)."""
-    from pipelines import manifest
+    from core import manifest
     from pipelines.shards import pack
 
     base = out_dir / f"render{RENDER_SIZE}"
@@ -159,7 +159,7 @@ def decode_costs(root: Path) -> dict[str, float]:
     own decoder (`rgba_ours`), in this process, over one packed asset's views."""
     from PIL import Image
 
-    from pipelines.shards import read_index
+    from core.layout import read_index
     from training.data import _rgba
 
     uid = read_index(root)[0]["uids"][0]
@@ -251,7 +251,7 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: 
     import torch
 
     torch.set_num_threads(1)
-    from pipelines.shards import read_index
+    from core.layout import read_index
     from training.data import ViewSpec, make_loader
 
     spec = ViewSpec(**spec_kw)
@@ -312,7 +312,7 @@ def existing_renders(src: Path, out_dir: Path) -> tuple[Config, str, int]:
     shards under out_dir (the user's OUT is only read). -> (config, data kind, view side)."""
     import shutil
 
-    from pipelines import manifest
+    from core import manifest
     from pipelines.shards import pack
 
     src = Path(src).resolve()
@@ -390,7 +390,7 @@ def run(cfg: Config, out_dir: Path, assets: int = 4, sizes: tuple[int, ...] | No
 
 def main(argv: list[str] | None = None) -> int:
     from bench.common import format_table
-    from pipelines.cli import config_from_args, stage_parser
+    from core.cli import config_from_args, stage_parser
 
     p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--assets", type=int, default=4, help="procedural assets rendered (default: %(default)s)")

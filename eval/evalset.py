@@ -35,9 +35,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import manifest as mf
-from pipelines.config import Config
-from pipelines.io import atomic_write_text
+from core import manifest as mf
+from core.config import Config
+from core.io import atomic_write_text
+from core.layout import index_path, indexed_uids
 
 EVAL_KINDS = ("procedural", "val", "objaverse", "local", "gso")
 
@@ -115,10 +116,9 @@ def slug_for(kind: str, arg: str, uid_list: str = "") -> str:
 def training_uids(out: Path, split: str | None = "train") -> tuple[set[str], str]:
     """Uids training used and where they come from: the `split` shards of OUT/shards/index.parquet (None = all
     splits), else every ok row of OUT/manifest/download.parquet, else none."""
-    index = out / "shards" / "index.parquet"
+    index = index_path(out)
     if index.is_file():
-        rows = mf.read_rows(index)
-        return {u for r in rows if split is None or r["split"] == split for u in r["uids"]}, str(index)
+        return indexed_uids(out, split), str(index)
     down = mf.manifest_path(out, "download")
     if down.is_file():
         return set(mf.ok_uids(down)), str(down)
@@ -127,7 +127,7 @@ def training_uids(out: Path, split: str | None = "train") -> tuple[set[str], str
 
 def leak_check(cfg: Config, es: EvalSet) -> dict:
     """Eval uids found in OUT/shards/index.parquet (any split for held-out sets, the train split for `val`)."""
-    index = cfg.out_path / "shards" / "index.parquet"
+    index = index_path(cfg.out_path)
     if not index.is_file():
         return {"checked": False, "against": str(index), "overlap": [],
                 "note": "no shards index: nothing trained from shards under this OUT, nothing to check"}
@@ -165,7 +165,7 @@ def eval_config(cfg: Config, kind: str, arg: str, root: Path) -> Config:
 
 def _write_deny_list(cfg: Config, root: Path, train: set[str]) -> str:
     """Training uids (plus the user's data.uid_denylist) as one deny-list file for the filter."""
-    from pipelines.filter import read_uid_list
+    from core.layout import read_uid_list
 
     deny = set(train) | (read_uid_list(cfg.data.uid_denylist) if cfg.data.uid_denylist else set())
     path = root / "deny-training-uids.txt"
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     """`make render-eval`: build (fetch + render in eval mode) the eval set of SOURCE / eval.source, no scoring."""
     import sys
 
-    from pipelines.cli import config_from_args, save_resolved, stage_parser
+    from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
 
     p = stage_parser(main.__doc__ or "")
     args = p.parse_args(argv)
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = mf.read_rows(mf.manifest_path(es.root, "render_eval"))
     print(f"eval set {es.slug}: {len(es.uids)} assets, renders {mf.summary(rows)} -> {es.root / 'renders_eval'}")
-    return 0 if rows and all(r["status"] == mf.OK for r in rows) else 3
+    return 0 if rows and all(r["status"] == mf.OK for r in rows) else EXIT_PARTIAL
 
 
 if __name__ == "__main__":

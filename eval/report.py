@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ["psnr", "ssim", "lpips_vgg", "lpips_alex", "cd", "cd_l2", "iou", "fscore", "icp_residual"]
 METHOD_TITLES = {

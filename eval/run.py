@@ -34,12 +34,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from core.cli import config_from_args, save_resolved, stage_parser
+from core.config import Config
+from core.io import atomic_write_bytes, atomic_write_text
 from eval import geometry as G
 from eval.metrics import Lpips, composite_on_white, image_metrics, mean_finite
 from eval.report import contact_sheet, write_report
-from pipelines.cli import config_from_args, save_resolved, stage_parser
-from pipelines.config import Config
-from pipelines.io import atomic_write_bytes, atomic_write_text
 
 ABLATION = {"refined_color": "color", "refined_triplane": "triplane"}
 

@@ -20,13 +20,13 @@ import time
 
 import pyarrow as pa
 
-from pipelines import manifest
-from pipelines.cli import config_from_args, save_resolved, stage_parser
-from pipelines.config import Config
+from core import manifest
+from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
+from core.config import Config
+from core.layout import read_uid_list
 from pipelines.executor import BACKENDS
-from pipelines.filter import CANDIDATE_SCHEMA, filter_table, read_uid_list
+from pipelines.filter import CANDIDATE_SCHEMA, filter_table
 
-PARTIAL = 3  # finished, some items failed
 FILTER_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in [*listing_failed, *rows]:
         if r["status"] == manifest.FAILED:
             print(f"  failed {r['uid']} ({r.get('name') or ''}): {r['reason']}", file=sys.stderr)
-    return PARTIAL if n_failed else 0
+    return EXIT_PARTIAL if n_failed else 0
 
 
 if __name__ == "__main__":

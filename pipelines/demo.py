@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.cli import config_from_args, save_resolved, stage_parser
+from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
 
 # (title, module, extra arguments); exit code 3 means "finished, some items failed" and the chain goes on.
 STAGES: list[tuple[str, str, list[str]]] = [
@@ -23,7 +23,6 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("train-mesh: stage 2", "training.train_mesh", []),
     ("eval: orbit renders, reconstruction (feed-forward / refined), metrics, report", "eval.run", []),
 ]
-PARTIAL = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.call([sys.executable, "-m", module, *common, *extra])
         dt = time.perf_counter() - t0
         timings.append((module, dt, rc))
-        if rc not in (0, PARTIAL):
+        if rc not in (0, EXIT_PARTIAL):
             print(f"\ndemo stopped: {module} exited with {rc} after {dt:.0f} s. Fix the error above and rerun "
                   f"`make demo` (finished work is reused), or start there with ARGS='--from {module}'.",
                   file=sys.stderr)
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     print(f"\n=== demo finished in {(time.perf_counter() - t_all) / 60:.1f} min")
     for module, dt, rc in timings:
-        print(f"  {module:<22} {dt:7.1f} s{'  (some items failed: see OUT/manifest)' if rc == PARTIAL else ''}")
+        print(f"  {module:<22} {dt:7.1f} s{'  (some items failed: see OUT/manifest)' if rc == EXIT_PARTIAL else ''}")
     print(f"""
 Where to look:
   report         {out / 'eval' / 'report.md'}  (also report.csv, report.json)

@@ -12,7 +12,6 @@ that is not what its extension says, a size against the annotation) and `place_f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,9 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines import manifest
-from pipelines.config import Config
-from pipelines.io import atomic_dir, atomic_path, clean_temporaries
+from core import manifest
+from core.config import Config
+from core.io import atomic_dir, atomic_path, clean_temporaries, sha256_file
 
 DOWNLOAD_SCHEMA = pa.schema([
     ("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -128,14 +127,6 @@ def _obj_has_records(path: Path) -> bool:
             if has_v and has_f:
                 return True
     return False
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import DataConfig
+from core.config import DataConfig
 
 CANDIDATE_SCHEMA = pa.schema([
     ("uid", pa.string()), ("source", pa.string()), ("name", pa.string()), ("license", pa.string()),
@@ -34,17 +33,6 @@ CRITERIA = ("uid deny-list", "uid allow-list", "license", "min faces", "max face
             "archive size", "age restricted", "category", "tag", "name", "LVIS", "max_assets")
 
 
-def read_uid_list(path: str) -> set[str]:
-    """Uids of a list file: one per line, blank lines and `#` comments ignored, `.glb` suffix dropped."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"uid list not found: {path}")
-    out = set()
-    for line in p.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out.add(line.removesuffix(".glb"))
-    return out
 
 
 def candidate_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipelines import manifest as mf
-from pipelines.cli import config_from_args, save_resolved, stage_parser
-from pipelines.config import Config, RenderConfig
-from pipelines.io import clean_temporaries
-from render.cameras import eval_input_views, orbit_views, random_views
+from core import manifest as mf
+from core.cameras import eval_input_views, orbit_views, random_views
+from core.cli import config_from_args, save_resolved, stage_parser
+from core.config import Config, RenderConfig
+from core.io import clean_temporaries
 
 # Every row has exactly these columns (parquet needs one schema), in this order.
 ROW_DEFAULTS: dict[str, Any] = {

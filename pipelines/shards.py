@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import sys
 import tarfile
 import warnings
@@ -30,23 +29,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines import manifest
-from pipelines.config import Config
-from pipelines.io import atomic_path, clean_temporaries
-from render.cameras import VIEW_KINDS, view_name
+from core import manifest
+from core.config import Config
+from core.io import atomic_path, clean_temporaries, sha256_file
+from core.layout import (
+    MAX_META_BYTES,
+    SHARD_RE,
+    UID_RE,
+    VIEW_KINDS,
+    read_index,
+    read_uid_list,
+    view_name,
+    write_index,
+)
 
-UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots (WebDataset splits keys at the first dot), fits ustar names
-SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
-MAX_META_BYTES = 1 << 20  # meta.json is small; a larger one is not ours
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
 
-INDEX_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("split", pa.string()), ("uids", pa.list_(pa.string())), ("count", pa.int64()),
-    ("bytes", pa.int64()), ("sha256", pa.string()), ("licenses", pa.list_(pa.string())),
-    ("attributions", pa.list_(pa.string())),
-])
 MANIFEST_SCHEMA = pa.schema([
     ("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("split", pa.string()),
     ("shard", pa.string()), ("bytes", pa.int64()), ("views", pa.int64()), ("license", pa.string()),
@@ -94,14 +93,6 @@ def split_of(uid: str, val_fraction: float, forced_val: set[str] | frozenset[str
     return "val" if uid in forced_val or uid_fraction(uid) < val_fraction else "train"
 
 
-def read_uid_list(path: str | Path) -> set[str]:
-    """One uid per line; blank lines and `#` comments ignored."""
-    if not path:
-        return set()
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"shards.val_uids: {p} does not exist")
-    return {ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines()} - {""}
 
 
 def member_bytes(size: int) -> int:
@@ -202,7 +193,7 @@ def collect_assets(cfg: Config, packed: dict[str, dict[str, Any]] | None = None
     render_rows = manifest.read_rows(manifest.manifest_path(out, "render"))
     if not render_rows:
         raise FileNotFoundError(f"{manifest.manifest_path(out, 'render')} missing or empty: run `make render` first")
-    forced_val = read_uid_list(cfg.shards.val_uids)
+    forced_val = read_uid_list(cfg.shards.val_uids) if cfg.shards.val_uids else set()
     assets: list[Asset] = []
     rows: list[dict[str, Any]] = []
 
@@ -250,7 +241,6 @@ def collect_assets(cfg: Config, packed: dict[str, dict[str, Any]] | None = None
 def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[str, Any]:
     """Write `plan` to `shard_dir/plan.name` (temporary name, renamed when closed); return its index row."""
     path = Path(shard_dir) / plan.name
-    h = hashlib.sha256()
     with atomic_path(path) as tmp:
         # ustar (no pax headers) with fixed owner/group/mode/integer mtime: the archive depends on the bytes
         # only. Members of a sample are contiguous and sorted, as WebDataset's TarWriter writes them.
@@ -262,12 +252,10 @@ def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[st
                     ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
                     ti.uname = ti.gname = "gtr"
                     t.addfile(ti, io.BytesIO(data))
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        digest = sha256_file(tmp)
         size = tmp.stat().st_size
     return {"shard": plan.name, "split": plan.split, "uids": [a.uid for a in plan.assets],
-            "count": len(plan.assets), "bytes": size, "sha256": h.hexdigest(),
+            "count": len(plan.assets), "bytes": size, "sha256": digest,
             "licenses": [a.license for a in plan.assets], "attributions": [a.attribution for a in plan.assets]}
 
 
@@ -283,26 +271,11 @@ def scan_shard(path: Path) -> dict[str, Any]:
             if field == "meta.json" and m.size <= MAX_META_BYTES:
                 f = t.extractfile(m)
                 meta[key] = json.loads(f.read()) if f else {}
-    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    h = sha256_file(path)
     split = SHARD_RE.match(path.name).group(1)  # type: ignore[union-attr]
     return {"shard": path.name, "split": split, "uids": uids, "count": len(uids), "bytes": path.stat().st_size,
             "sha256": h, "licenses": [str(meta.get(u, {}).get("license", "")) for u in uids],
             "attributions": [str(meta.get(u, {}).get("attribution", "")) for u in uids]}
-
-
-def index_path(out: str | Path) -> Path:
-    return Path(out) / "shards" / "index.parquet"
-
-
-def read_index(out: str | Path) -> list[dict[str, Any]]:
-    p = index_path(out)
-    return pq.read_table(p).to_pylist() if p.exists() else []
-
-
-def write_index(out: str | Path, rows: list[dict[str, Any]]) -> None:
-    rows = sorted(rows, key=lambda r: (r["split"], r["shard"]))
-    with atomic_path(index_path(out)) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
 
 
 def reconcile_index(shard_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -371,7 +344,7 @@ def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     index = reconcile_index(shard_dir, read_index(out))
     done = {u: r for r in index for u in r["uids"]}
     assets, rows = collect_assets(cfg, done)
-    forced_val = read_uid_list(sc.val_uids)
+    forced_val = read_uid_list(sc.val_uids) if sc.val_uids else set()
     leaked = sorted(u for u in forced_val if u in done and done[u]["split"] == "train")
     if leaked:
         raise RuntimeError(f"forced-val uids already packed in train shards: {leaked[:5]}... ; remove "
@@ -421,13 +394,10 @@ _MANIFEST_DEFAULTS = {"uid": "", "status": manifest.FAILED, "reason": "", "split
                       "views": 0, "license": ""}
 
 
-def shard_urls(out: str | Path, split: str = "train") -> list[str]:
-    """Local paths of the closed shards of `split`, from the index (sorted)."""
-    return [str(Path(out) / "shards" / r["shard"]) for r in read_index(out) if r["split"] == split]
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from pipelines.cli import config_from_args, save_resolved, stage_parser
+    from core.cli import config_from_args, save_resolved, stage_parser
 
     p = stage_parser(__doc__.split("\n\n")[0] + "\n\n" + "Reads OUT/manifest/render.parquet and OUT/renders/; "
                      "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet.")

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import RenderConfig
-from pipelines.io import atomic_dir
-from render.cameras import VIEW_KINDS, intrinsics, opencv_to_blender, uid_seed, view_name
+from core.cameras import intrinsics, opencv_to_blender, uid_seed
+from core.config import RenderConfig
+from core.io import atomic_dir
+from core.layout import VIEW_KINDS, view_name
 from render.files import (  # noqa: F401 - srgb_encode, encode_view: part of this module's API
     asset_folder,
     count_nonfinite_vertices,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.io import atomic_path
+from core.io import atomic_path
 
 LABEL_W = 160  # pixels of the label column
 

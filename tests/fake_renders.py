@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines import manifest
-from render.cameras import intrinsics, look_at, spherical_position
+from core import manifest
+from core.cameras import intrinsics, look_at, spherical_position
 
 
 def view_name(i: int, views: int, kind: str) -> str:

@@ -182,7 +182,7 @@ def test_data_job_runs_on_both_nodes_of_a_cluster(cluster, tmp_path: Path):
 def test_torchrun_two_nodes_read_shards_by_url(tmp_path: Path):
     """Training across "machines": two torchrun launches (`--nnodes 2 --node_rank 0/1 --master_addr`), one
     process each, stage 1 for 2 steps on shards served over HTTP (a stand-in for object storage)."""
-    from pipelines.config import Config
+    from core.config import Config
     from pipelines.shards import pack
     from tests.fake_renders import write_renders
     from tests.training.test_distributed import SMALL

@@ -10,7 +10,7 @@ A checkpoint folder holds:
     meta.json           step, world size, counters; written last, names every file above
 
 The folder is built under a temporary name beside its final place and renamed when every file is closed
-and fsynced (`pipelines.io.atomic_dir`), so a write killed at any point leaves only a `.tmp-*` folder that
+and fsynced (`core.io.atomic_dir`), so a write killed at any point leaves only a `.tmp-*` folder that
 discovery ignores and `clean_temporaries` removes. Discovery also checks that `meta.json` names files that
 exist, so a folder damaged after the fact (e.g. a half-finished delete) is skipped, and the newest *valid*
 step wins. Keeping the last k deletes by renaming to a temporary name first, for the same reason.
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from pipelines.io import TMP_PREFIX, atomic_dir, clean_temporaries
+from core.io import TMP_PREFIX, atomic_dir, clean_temporaries
+from core.layout import MAX_META_BYTES
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "data.pt", "rng.pt")
 # Bound on what we read back: a checkpoint's json is tiny; anything larger is not ours.
-MAX_META_BYTES = 1 << 20
 
 
 class CheckpointError(RuntimeError):

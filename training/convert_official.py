@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipelines.config import ModelConfig
+from core.config import ModelConfig
 from training.model import GTR
 
 MAX_CKPT_BYTES = 8 << 30  # the real checkpoint is ~1.6 GB (411 M float32 parameters)
@@ -160,9 +160,9 @@ def load_official(path: str | Path, cfg: ModelConfig) -> GTR:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
-    from pipelines.cli import config_from_args, stage_parser
-    from pipelines.config import ConfigError, to_dict
-    from pipelines.io import atomic_path
+    from core.cli import config_from_args, stage_parser
+    from core.config import ConfigError, to_dict
+    from core.io import atomic_path
 
     p = stage_parser(__doc__.split("\n\n")[0])
     p.set_defaults(config="configs/official.yaml")

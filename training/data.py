@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.config import Config
-from render.cameras import VIEW_KINDS, view_name  # noqa: F401 - VIEW_KINDS: part of this module's API
+from core.config import Config
+from core.layout import MAX_META_BYTES, read_index_file, view_name
 from training.tario import (  # noqa: F401 - expand_urls, tar_members: part of this module's API
     MAX_FIELD_BYTES,
     MAX_VIEWS,
@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - pinned in requirements.txt; the GPU ma
     pyspng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_META_BYTES = 1 << 20
 MAX_CAMERAS_BYTES = 1 << 20  # cameras.npz unpacked: c2w + K of MAX_VIEWS views in float64 is ~0.8 MB
 BACKGROUNDS = ("white", "black", "random")
 
@@ -670,11 +669,9 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
 
 def _indexed_samples(urls: list[str]) -> int:
     """Samples in these shards according to the index.parquet beside them (local shards only)."""
-    import pyarrow.parquet as pq
-
     first = Path(urls[0].removeprefix("file:"))
     index = first.parent / "index.parquet"
     if urlparse(urls[0]).scheme not in ("", "file") or not index.is_file():
         raise ValueError("loader.epoch_samples=0 needs index.parquet beside local shards; set loader.epoch_samples")
     names = {Path(u.removeprefix("file:")).name for u in urls}
-    return sum(r["count"] for r in pq.read_table(index).to_pylist() if r["shard"] in names)
+    return sum(r["count"] for r in read_index_file(index) if r["shard"] in names)

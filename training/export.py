@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.io import atomic_write_bytes
+from core.io import atomic_write_bytes
 from training.cameras import ZUP_TO_YUP
 
 # Rows of the rotation our frame -> glTF's frame (Y up): (x, y, z) -> (x, z, -y). The same axis change as

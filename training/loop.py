@@ -288,7 +288,7 @@ def stage_main(doc: str, run: Callable[..., LoopResult], summary: Callable[[Any,
                argv: list[str] | None = None) -> int:
     """The command line of a training stage: shared CLI + `--stop-at`, run, shut the process group down,
     print `summary(cfg, result)` on rank 0."""
-    from pipelines.cli import config_from_args, stage_parser
+    from core.cli import config_from_args, stage_parser
     from training import distributed as D
 
     p = stage_parser(doc)

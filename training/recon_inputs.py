@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from render.cameras import eval_input_views, intrinsics, look_at, spherical_position
+from core.cameras import eval_input_views, intrinsics, look_at, spherical_position
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SIDE = 8192  # refuse larger images (bounded memory; PIL's bomb guard is per pixel count)

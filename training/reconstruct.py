@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipelines.config import Config, to_dict
+from core.config import Config, to_dict
 from training.recon_inputs import LAYOUTS, InputError, Views, read_views
 from training.refine import RefineResult, psnr, rasterize_surface, refine_texture, shade
 
@@ -245,7 +245,7 @@ def _to_uint8(img: Tensor) -> np.ndarray:
 def turntable_cameras(frames: int, size: int, elevation_deg: float = 20.0, distance: float = 2.6,
                       fov_deg: float = 40.0) -> tuple[Tensor, Tensor]:
     """`frames` cameras around the object (azimuth 360°·i/frames), c2w [T,4,4], K [T,3,3]."""
-    from render.cameras import intrinsics, look_at, spherical_position
+    from core.cameras import intrinsics, look_at, spherical_position
 
     c2w = np.stack([look_at(spherical_position(360.0 * i / frames, elevation_deg, distance)) for i in range(frames)])
     return torch.tensor(c2w), torch.tensor(np.stack([intrinsics(fov_deg, size)] * frames))
@@ -336,8 +336,8 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import config_from_args, stage_parser
-    from pipelines.io import atomic_dir, clean_temporaries
+    from core.cli import config_from_args, stage_parser
+    from core.io import atomic_dir, clean_temporaries
 
     p = stage_parser(__doc__)
     p.add_argument("--input", required=True, help="folder of posed images (see training/recon_inputs.py)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pipelines.config import RefineConfig
+from core.config import RefineConfig
 from training.cameras import opencv_to_clip
 from training.metrics import psnr as image_psnr
 from training.ops.raster import Rasterizer, make_rasterizer

@@ -7,7 +7,7 @@ builds its pipeline on it.
 
 Shards are untrusted input (they may come from anywhere by URL), so memory is bounded before anything is
 read: a member over MAX_FIELD_BYTES, a sample with more than MAX_FIELDS members or MAX_SAMPLE_BYTES of kept
-data, a field name outside DESIGN's (FIELD_RE), a key that is not a uid (pipelines.shards.UID_RE: no `/`, no
+data, a field name outside DESIGN's (FIELD_RE), a key that is not a uid (core.layout.UID_RE: no `/`, no
 `..`), a duplicate field, or a member that is not a regular file (symlink, hard link, device, folder) makes
 the sample skipped and counted; its members are never extracted anywhere. `.npz` members are sized from the
 zip directory and the `.npy` headers before any array is allocated (no zip or shape bombs).
@@ -27,15 +27,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pipelines.shards import UID_RE
+from core.layout import FIELD_RE, MAX_FIELD_BYTES, MAX_VIEWS, UID_RE
 
-MAX_FIELD_BYTES = 64 << 20  # a single PNG / npz larger than this is not a render of ours
-MAX_VIEWS = 1000  # views per asset (the paper renders 32); bounds field names and camera arrays
 MAX_FIELDS = 3 + len(("rgba", "depth", "normal")) * MAX_VIEWS  # members of one sample, kept or not
 MAX_SAMPLE_BYTES = 512 << 20  # kept (read) bytes of one sample
 MAX_HEADER_RECORD = 64 << 10  # a pax / GNU long-name record; ours are a few hundred bytes
 SKIP_CHUNK = 1 << 20  # skipping a member on a stream reads it in pieces of this size, never at once
-FIELD_RE = re.compile(r"^(meta\.json|cameras\.npz|geometry\.npz|(\d+)\.(rgba|depth|normal)\.png)$")
 
 
 class Rejected:

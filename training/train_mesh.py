@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipelines.cli import save_resolved
-from pipelines.config import Config, MeshConfig, save_config, to_dict
+from core.cli import save_resolved
+from core.config import Config, MeshConfig, save_config, to_dict
 from training import distributed as D
 from training.cameras import camera_rays
 from training.checkpoint import CheckpointError, latest_checkpoint, load_weights

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.cli import save_resolved
-from pipelines.config import Config, save_config, to_dict
+from core.cli import save_resolved
+from core.config import Config, save_config, to_dict
 from training import distributed as D
 from training.data import make_loader
 from training.loop import LoopSettings, epoch_stream, stage_main, stage_shards, train

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.config import Config
+from core.config import Config
 
 KINDS = ("procedural", "objaverse", "local", "gso")
 

@@ -21,7 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import DataConfig
+from core.config import DataConfig
 from pipelines.download import VerifyError, ok_row, place_file, place_folder, verify_file
 
 EXTENSIONS = {".glb": "glb", ".gltf": "gltf", ".obj": "obj", ".ply": "ply", ".stl": "stl", ".fbx": "fbx"}

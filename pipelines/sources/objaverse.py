@@ -31,9 +31,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.config import DataConfig
+from core.config import DataConfig
+from core.io import atomic_path
 from pipelines.download import VerifyError, ok_row, place_file, verify_file
-from pipelines.io import atomic_path
 
 HF_BASE = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 OBJECT_PATHS = "object-paths.json.gz"
@@ -138,7 +138,8 @@ def candidates(cfg: DataConfig) -> tuple[pa.Table, list[dict[str, Any]]]:
     """
     import objaverse
 
-    from pipelines.filter import annotations_to_table, read_uid_list
+    from core.layout import read_uid_list
+    from pipelines.filter import annotations_to_table
 
     configure(cfg.objaverse_cache)
     install_network(cfg.objaverse_mirror, cfg.download_timeout_s)

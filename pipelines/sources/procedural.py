@@ -19,7 +19,7 @@ import numpy as np
 import trimesh
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pipelines.io import atomic_write_bytes
+from core.io import atomic_write_bytes
 
 LICENSE = "cc0"
 ATTRIBUTION = "GTR toolkit procedural"

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import trimesh
 
+from core import manifest as mf
+from core.config import load_config
+from core.layout import INDEX_SCHEMA
 from eval import evalset as E
 from eval.report import markdown
-from pipelines import manifest as mf
-from pipelines.config import load_config
-from pipelines.shards import INDEX_SCHEMA
 from pipelines.sources import candidates
 from pipelines.sources.local import uid_for as local_uid
 

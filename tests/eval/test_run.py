@@ -20,10 +20,10 @@ import torch
 import trimesh
 from PIL import Image
 
+from core import manifest as mf
+from core.config import load_config
+from core.layout import INDEX_SCHEMA
 from eval import run as eval_run
-from pipelines import manifest as mf
-from pipelines.config import load_config
-from pipelines.shards import INDEX_SCHEMA
 from pipelines.sources.local import uid_for as local_uid
 from pipelines.sources.procedural import make_procedural_asset
 from training.model import GTR

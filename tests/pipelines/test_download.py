@@ -80,7 +80,8 @@ def test_resume_after_simulated_crash_redoes_only_what_is_not_ok(tmp_path):
     inodes = {u: os.stat(r["path"]).st_ino for u, r in first.items()}
     # the crash: one asset's file vanished, one row failed, and a half-written temporary is left behind
     uids = sorted(first)
-    Path(first[uids[1]]["path"]).unlink()
+    # moved away, not unlinked: an unlinked file's inode number is free for the redone file to reuse
+    Path(first[uids[1]]["path"]).rename(tmp_path / "vanished.glb")
     import pyarrow as pa
 
     from pipelines.download import DOWNLOAD_SCHEMA

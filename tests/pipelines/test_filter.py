@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from pipelines.config import DataConfig
-from pipelines.filter import annotations_to_table, candidate_table, filter_table, read_uid_list
+from core.config import DataConfig
+from core.layout import read_uid_list
+from pipelines.filter import annotations_to_table, candidate_table, filter_table
 
 
 def ann(uid, **kw):

@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import manifest
-from pipelines.config import Config
-from pipelines.shards import member_bytes, pack, read_index, split_of, tar_bytes, uid_fraction
+from core import manifest
+from core.config import Config
+from core.layout import read_index
+from pipelines.shards import member_bytes, pack, split_of, tar_bytes, uid_fraction
 from tests.fake_renders import view_name, write_renders
 
 UIDS = [f"asset{i:02d}" for i in range(9)]

@@ -14,9 +14,7 @@ from PIL import Image
 bpy = pytest.importorskip("bpy")
 trimesh = pytest.importorskip("trimesh")
 
-from pipelines.config import RenderConfig  # noqa: E402
-from render import blender as rb  # noqa: E402
-from render.cameras import (  # noqa: E402
+from core.cameras import (  # noqa: E402
     look_at,
     orbit_views,
     project,
@@ -24,6 +22,8 @@ from render.cameras import (  # noqa: E402
     spherical_position,
     unproject_depth,
 )
+from core.config import RenderConfig  # noqa: E402
+from render import blender as rb  # noqa: E402
 
 pytestmark = pytest.mark.blender
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.config import RenderConfig
+from core.config import RenderConfig
 from render.quality import assess
 
 H = 64

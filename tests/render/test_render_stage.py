@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import manifest as mf
-from pipelines.config import Config, RenderConfig
+from core import manifest as mf
+from core.cameras import look_at, random_views, spherical_position
+from core.config import Config, RenderConfig
 from pipelines.render import run, run_actor_pool
-from render.cameras import look_at, random_views, spherical_position
 
 ROOT = Path(__file__).resolve().parents[2]
 

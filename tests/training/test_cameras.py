@@ -1,4 +1,4 @@
-"""training/cameras.py against independent references: numpy projection (render/cameras.py), closed-form
+"""training/cameras.py against independent references: numpy projection (core/cameras.py), closed-form
 Plücker identities, and the released model's own input tensor (in test_convert_official)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from render import cameras as npcam
+from core import cameras as npcam
 from training import cameras
 
 

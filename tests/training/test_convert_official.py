@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.config import load_config
+from core.config import load_config
 from training import cameras
 from training.convert_official import (
     ConversionError,

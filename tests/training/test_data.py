@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.config import Config
-from pipelines.shards import pack, shard_urls
-from render.cameras import project
+from core.cameras import project
+from core.config import Config
+from core.layout import shard_urls
+from pipelines.shards import pack
 from tests.fake_renders import write_renders
 from training.data import (
     RAW_KEYS,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.config import Config
+from core.config import Config
 from pipelines.shards import pack
 from tests.fake_renders import write_renders
 from training import distributed as D

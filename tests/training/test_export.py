@@ -135,7 +135,7 @@ def test_blender_imports_the_glb_in_our_frame_and_renders_its_texture(tmp_path):
     bpy = pytest.importorskip("bpy")
     from PIL import Image
 
-    from render.cameras import intrinsics, look_at, opencv_to_blender, spherical_position
+    from core.cameras import intrinsics, look_at, opencv_to_blender, spherical_position
 
     verts, faces = ellipsoid()
     export_glb(tmp_path / "mesh.glb", verts, faces, color_fn, texture_size=256)

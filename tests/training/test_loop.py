@@ -188,7 +188,7 @@ def test_precision_choice():
 
 
 def test_settings_from_config_section():
-    from pipelines.config import load_config
+    from core.config import load_config
 
     cfg = load_config("configs/paper.yaml")
     s = LoopSettings.from_section(cfg.nerf, seed=7)

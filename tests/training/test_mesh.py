@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import ModelConfig
-from render.cameras import intrinsics, look_at, spherical_position
+from core.cameras import intrinsics, look_at, spherical_position
+from core.config import ModelConfig
 from training import cameras
 from training.mesh import extract_mesh, render_mesh
 from training.model import GTR

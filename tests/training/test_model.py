@@ -11,8 +11,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.config import ModelConfig, load_config
-from render import cameras as npcam
+from core import cameras as npcam
+from core.config import ModelConfig, load_config
 from training import cameras
 from training.model import GTR, flops_per_sample, parameter_count
 from training.model.decoders import ColorMLP, DensityMLP

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.config import Config, load_config, save_config
+from core.config import Config, load_config, save_config
 from training.model import GTR
 from training.reconstruct import (
     CheckpointMismatch,

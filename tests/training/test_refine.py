@@ -12,7 +12,7 @@ import pytest
 import torch
 import trimesh
 
-from pipelines.config import Config, RefineConfig
+from core.config import Config, RefineConfig
 from training.model import GTR
 from training.ops.raster import make_rasterizer
 from training.recon_inputs import eval4_cameras, read_views
@@ -117,10 +117,10 @@ def test_l1_constant_variant_and_loss_definition():
 def text_asset(tmp_path_factory):
     """Procedural asset 0 (a box with printed text) rendered by the render stage: 4 eval inputs + 8 orbit."""
     pytest.importorskip("bpy")
-    from pipelines.config import RenderConfig
+    from core.cameras import eval_input_views, orbit_views
+    from core.config import RenderConfig
     from pipelines.sources.procedural import describe, make_procedural_asset
     from render.blender import render_asset
-    from render.cameras import eval_input_views, orbit_views
 
     assert describe(0)[1] == "text"
     root = tmp_path_factory.mktemp("text_asset")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import manifest
-from pipelines.config import Config, load_config
-from render.cameras import intrinsics, look_at, spherical_position
+from core import manifest
+from core.cameras import intrinsics, look_at, spherical_position
+from core.config import Config, load_config
 
 
 def _cfg(out: Path, *extra: str) -> Config:
@@ -24,10 +24,10 @@ def _cfg(out: Path, *extra: str) -> Config:
 
 
 def _shards(cfg: Config) -> None:
+    from core.cameras import random_views
     from pipelines.shards import pack
     from pipelines.sources.procedural import make_procedural_asset
     from render import blender as rb
-    from render.cameras import random_views
 
     pytest.importorskip("bpy")
     out = cfg.out_path

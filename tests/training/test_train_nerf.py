@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import manifest
-from pipelines.config import Config
+from core import manifest
+from core.config import Config
 
 
 def build_shards(cfg: Config, assets: int) -> dict:
     """The real stages at tiny sizes: procedural .glb → `render.blender.render_asset` → `pipelines.shards.pack`."""
+    from core.cameras import random_views
     from pipelines.shards import pack
     from pipelines.sources.procedural import make_procedural_asset
     from render import blender as rb
-    from render.cameras import random_views
 
     out = cfg.out_path
     rows = []
@@ -48,7 +48,7 @@ def test_demo_training_raises_training_view_psnr(tmp_path):
     pytest.importorskip("bpy")
     import torch
 
-    from pipelines.config import load_config
+    from core.config import load_config
     from training import train_nerf
     from training.model import GTR
     from training.nerf_objective import NerfObjective

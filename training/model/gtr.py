@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipelines.config import ModelConfig
+from core.config import ModelConfig
 from training import cameras
 from training.model.decoders import ColorMLP, DensityMLP
 from training.model.encoder import ImageEncoder, image_tokens

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from render.cameras import intrinsics, look_at, spherical_position
+from core.cameras import intrinsics, look_at, spherical_position
 from training.cameras import opencv_to_clip
 from training.ops.raster import antialias, interpolate, make_rasterizer, rasterize
 
@@ -145,7 +145,7 @@ def test_masks_and_depth_match_blender(tmp_path) -> None:
     import trimesh
     from PIL import Image
 
-    from pipelines.config import RenderConfig
+    from core.config import RenderConfig
     from render.blender import render_asset
 
     mesh = trimesh.util.concatenate([trimesh.creation.torus(0.6, 0.25),

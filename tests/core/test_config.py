@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import Config, ConfigError, load_config, parse_override, save_config
+from core.config import Config, ConfigError, load_config, parse_override, save_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -57,20 +57,6 @@ def intrinsics(fov_deg: float, width: int, height: int | None = None) -> np.ndar
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]], dtype=np.float32)
 
 
-VIEW_KINDS = ("rgba", "depth", "normal")  # the per-view files of a render folder / shard sample (DESIGN)
-
-
-def view_name(index: int, kind: str, views: int) -> str:
-    """File / shard field name of view `index` of `views`: `NN.kind.png` (e.g. `03.rgba.png`), NN zero-padded
-    to two digits, or to as many as the largest index needs with 100+ views. The one place this is spelled:
-    the renderer writes these names, the shard packer and the loader read them."""
-    if kind not in VIEW_KINDS:
-        raise ValueError(f"view kind must be one of {VIEW_KINDS}, got {kind!r}")
-    if not 0 <= index < views:
-        raise ValueError(f"view index {index} outside [0, {views})")
-    return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
-
-
 def uid_seed(uid: str) -> int:
     """A stable 64-bit seed from a uid (independent of Python's hash randomisation)."""
     return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "little")

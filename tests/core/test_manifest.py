@@ -1,4 +1,4 @@
-"""pipelines/manifest.py: tables read back through pyarrow itself, merge against hand-written expectations,
+"""core/manifest.py: tables read back through pyarrow itself, merge against hand-written expectations,
 bad rows refused before anything is written."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import manifest as mf
+from core import manifest as mf
 
 
 def test_write_read_round_trip_through_parquet(tmp_path):

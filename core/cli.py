@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.config import Config, ConfigError, load_config, save_config
+from core.config import Config, ConfigError, load_config, save_config
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3  # EXIT_PARTIAL: finished, some items failed (manifest)
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

@@ -406,7 +406,7 @@ def from_dict(data: dict) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
-    from pipelines.io import atomic_write_text
+    from core.io import atomic_write_text
 
     path = Path(path)
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

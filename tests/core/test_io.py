@@ -1,4 +1,4 @@
-"""pipelines/io.py: what a reader sees on disk after success, after an exception and after SIGKILL of the
+"""core/io.py: what a reader sees on disk after success, after an exception and after SIGKILL of the
 writing process, and that a read-only file hard-linked into place is published (checked with real
 permissions: the writer runs without CAP_DAC_OVERRIDE when the tests run as root)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.io import (
+from core.io import (
     TMP_PREFIX,
     atomic_dir,
     atomic_path,
@@ -71,7 +71,7 @@ def test_atomic_dir_publishes_and_overwrites_only_when_asked(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from pipelines.io import atomic_path, atomic_dir
+from core.io import atomic_path, atomic_dir
 target, kind = Path(sys.argv[1]), sys.argv[2]
 if kind == "file":
     with atomic_path(target) as tmp:
@@ -112,7 +112,7 @@ def test_sigkill_mid_write_leaves_no_final_entry_and_cleanup_removes_the_tempora
 HARDLINK = """
 import os, sys
 from pathlib import Path
-from pipelines.io import atomic_path
+from core.io import atomic_path
 src, target = Path(sys.argv[1]), Path(sys.argv[2])
 try:
     open(src, "rb+").close()

@@ -1,4 +1,4 @@
-"""render/cameras.py against closed forms: orthonormal poses, OpenCV axes, DESIGN's angles, area-uniform
+"""core/cameras.py against closed forms: orthonormal poses, OpenCV axes, DESIGN's angles, area-uniform
 elevation statistics, projection/unprojection."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from render.cameras import (
+from core.cameras import (
     blender_to_opencv,
     eval_input_views,
     intrinsics,
@@ -19,8 +19,8 @@ from render.cameras import (
     random_views,
     spherical_position,
     unproject_depth,
-    view_name,
 )
+from core.layout import view_name
 
 
 def test_look_at_is_orthonormal_right_handed_and_opencv():
