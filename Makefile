@@ -71,5 +71,5 @@ lint: setup  ## ruff + the layer contracts (import-linter, pyproject [tool.impor
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-clean-venv:
+clean-venv:  ## remove .venv (the next target recreates it)
 	rm -rf $(VENV)

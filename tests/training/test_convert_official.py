@@ -1,17 +1,17 @@
 """training/convert_official.py: the released tiny model, converted, reproduces the released code's own
-outputs (fixture ../shared/fixtures/official-gtr-tiny/) through our input builder, generator, sampler and MLPs."""
+outputs (fixture tests/fixtures/official-gtr-tiny/) through our input builder, generator, sampler and MLPs."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from core.config import load_config
+from tests.fixtures import OFFICIAL_TINY
 from training import cameras
 from training.convert_official import (
     ConversionError,
@@ -23,9 +23,7 @@ from training.convert_official import (
 )
 from training.model import GTR
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-gtr-tiny"
-if not FIXTURE.is_dir():  # the repository may sit elsewhere; the shared tree is fixed
-    FIXTURE = Path("/work/shared/fixtures/official-gtr-tiny")
+FIXTURE = OFFICIAL_TINY
 
 # float32 rounding: the fixture was computed in float32 by different code (einsum/xformers vs our SDPA,
 # other summation orders); differences of a few ulps of O(1) values are expected, nothing more.

@@ -176,11 +176,9 @@ def test_checkpoint_of_another_config(tmp_path, capsys):
     with pytest.raises(CheckpointMismatch, match="does not fit|cannot load"):
         load_model(run, load_config(None, SMALL + ["model.width=64"]))
     # A released checkpoint file with our config; and with the official preset but the wrong sizes.
-    from pathlib import Path
+    from tests.fixtures import OFFICIAL_TINY
 
-    tiny = Path(__file__).resolve().parents[3] / "shared/fixtures/official-gtr-tiny/official_tiny_ckpt.pth"
-    if not tiny.is_file():
-        tiny = Path("/work/shared/fixtures/official-gtr-tiny/official_tiny_ckpt.pth")
+    tiny = OFFICIAL_TINY / "official_tiny_ckpt.pth"
     with pytest.raises(CheckpointMismatch, match="configs/official.yaml"):
         load_model(tiny, load_config(None, SMALL))
     with pytest.raises(CheckpointMismatch, match="does not fit the configured official model"):
