@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from core.config import DataConfig
 from core.io import atomic_path
-from pipelines.download import VerifyError, ok_row, place_file, verify_file
+from pipelines.assets import VerifyError, ok_row, place_file, verify_file
 
 HF_BASE = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 OBJECT_PATHS = "object-paths.json.gz"
