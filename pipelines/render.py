@@ -33,7 +33,7 @@ from core.cli import config_from_args, save_resolved, stage_parser
 from core.config import Config, RenderConfig, check_executor
 from core.io import clean_temporaries
 from pipelines.executor import run_workers
-from render.blender import output_hash, render_asset
+from render.blender import bpy_module, output_hash, render_asset
 from render.sheet import contact_sheet
 
 # Every row has exactly these columns (parquet needs one schema), in this order.
@@ -128,7 +128,7 @@ class RenderWorker:
 
     def ready(self) -> None:
         """Import bpy (the slow part of a renderer's start) before the first asset's timeout starts."""
-        import bpy  # noqa: F401
+        bpy_module()
 
     def __call__(self, job: dict) -> dict:
         return render_asset(job, job["dest"], self.cfg, view_sets(job["uid"], self.cfg, self.eval_mode),

@@ -30,11 +30,11 @@ from core.io import atomic_dir
 from render.cycles import add_camera, apply_lighting, lighting_for, render_views, setup_render
 from render.files import asset_folder
 from render.quality import assess
-from render.scene import FORMATS, RenderError, datablock_counts, prepare_scene, reset_scene
+from render.scene import FORMATS, RenderError, bpy_module, datablock_counts, prepare_scene, reset_scene
 
 # Names of this module's API that live in render/scene.py and render/cycles.py (tests and bench use them here).
 __all__ = ["FORMATS", "OUTPUT_FIELDS", "RenderError", "add_camera", "apply_lighting", "asset_folder",
-           "datablock_counts", "lighting_for", "output_hash", "prepare_scene", "render_asset", "render_views",
+           "bpy_module", "datablock_counts", "lighting_for", "output_hash", "prepare_scene", "render_asset", "render_views",
            "quiet_call", "reset_scene", "setup_render"]
 
 

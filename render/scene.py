@@ -7,6 +7,7 @@ datablock (never opened as a main file), refused when they carry scripts. Per-as
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,20 @@ class RenderError(Exception):
     """A per-asset problem; its message becomes the `reason` of a failed row."""
 
 
+def _blender_scripts_path(entry: str) -> bool:
+    parts = Path(entry).parts
+    return "scripts" in parts and ("bpy" in parts or "blender" in parts)
+
+
 def bpy_module() -> Any:
-    """The bpy module, imported on first use so that importing the renderer (e.g. for FORMATS) costs nothing."""
+    """The bpy module, imported on first use so that importing the renderer (e.g. for FORMATS) costs nothing.
+
+    A spawned worker process starts with its parent's sys.path; if the parent had imported bpy, that holds
+    Blender's scripts folders, whose pure-Python `bpy` package would shadow the wheel's and fail (no module
+    `_bpy`). Those entries are dropped before the first import; the wheel adds them back itself.
+    """
+    if "bpy" not in sys.modules:
+        sys.path[:] = [p for p in sys.path if not _blender_scripts_path(p)]
     import bpy
 
     return bpy

@@ -95,6 +95,8 @@ def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
 @pytest.mark.ray
 @pytest.mark.blender
 def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
+    pytest.importorskip("bpy")  # this process holds bpy too (as in a whole test session): the worker processes
+    # of the rerun copy its sys.path and must still import their own
     make_assets(tmp_path, 2)
     cfg = small(tmp_path)
     run(cfg, executor="ray", progress=False)
