@@ -124,7 +124,7 @@ class _Rows:
         else:
             self.ok += 1
         self.bar.update(1)
-        self.bar.set_postfix(ok=self.ok, failed=self.failed, refresh=False)
+        self.bar.set_postfix(ok=self.ok, failed=self.failed)
         if self.on_row is not None:
             self.on_row(self.items[i], row)
 
