@@ -183,9 +183,8 @@ def run(cfg: Config, eval_mode: bool = False, executor: str | None = None, flush
                    cfg.data.max_file_bytes)
     try:
         # bpy's import is the slow part of a renderer's start (seconds, more on a busy machine)
-        run_workers(make, jobs, executor=executor, workers=renderers,
-                    timeout_s=rc.timeout_s if executor != "local" else None, retire=reset_failed, desc=stage,
-                    on_row=on_row, progress=progress, start_timeout_s=300.0)
+        run_workers(make, jobs, executor=executor, workers=renderers, timeout_s=rc.timeout_s, retire=reset_failed,
+                    desc=stage, on_row=on_row, progress=progress, start_timeout_s=300.0)
     finally:
         flush()
     rows = mf.merge(old, new)
