@@ -30,11 +30,11 @@ $(SETUP_STAMP): requirements.txt
 data: setup  ## filter + download (or generate / link) assets -> OUT/manifest/{filter,download}.parquet, OUT/assets/
 	$(PY) -m pipelines.data $(STAGE_ARGS)
 
-render: setup  ## render every ok asset (Ray actors holding bpy) -> OUT/renders/<uid>/
+render: setup  ## render every ok asset (renderers holding bpy: render.executor=ray|process|local) -> OUT/renders/<uid>/
 	$(PY) -m pipelines.render $(STAGE_ARGS)
 
 render-eval: setup  ## build the eval set of SOURCE (orbit + 4 input views) -> OUT/evalsets/<slug>/renders_eval/
-	$(PY) -m eval.evalset $(STAGE_ARGS)
+	$(PY) -m pipelines.evalset $(STAGE_ARGS)
 
 shards: setup  ## pack rendered assets into WebDataset shards -> OUT/shards/
 	$(PY) -m pipelines.shards $(STAGE_ARGS)
@@ -49,7 +49,7 @@ reconstruct: setup  ## posed images -> textured GLB (INPUT=<folder> [CKPT=<step-
 	@test -n "$(INPUT)" || { echo "error: give INPUT=<folder of posed images> (see README, 'Reconstruct')"; exit 2; }
 	$(PY) -m training.reconstruct --input $(INPUT) --checkpoint $(CKPT) $(STAGE_ARGS)
 
-eval: setup  ## reconstruct the eval set and score it -> OUT/eval/report.md
+eval: render-eval  ## build the eval set of SOURCE (render-eval), reconstruct it and score it -> OUT/eval/report.md
 	$(PY) -m eval.run $(STAGE_ARGS)
 
 demo: setup  ## the whole chain on procedural data, demo config, CPU

@@ -49,7 +49,7 @@ def whole_eval(cfg: Config, out_dir: Path, assets: int = WHOLE_EVAL_ASSETS) -> t
     OUT/runs holds no mesh-stage checkpoint.
     """
     from eval import run as eval_run
-    from eval.evalset import prepare
+    from pipelines.evalset import build as build_evalset
     from training.checkpoint import latest_checkpoint
 
     mesh = latest_checkpoint(Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else cfg.out_path / "runs" / "mesh")
@@ -66,7 +66,7 @@ def whole_eval(cfg: Config, out_dir: Path, assets: int = WHOLE_EVAL_ASSETS) -> t
     bcfg.eval.checkpoint = str(mesh.resolve())
     if nerf is None:
         bcfg.eval.methods = [m for m in bcfg.eval.methods if m != "nerf_mc"]
-    t_set = _seconds(lambda: prepare(bcfg, "procedural", progress=False))
+    t_set = _seconds(lambda: build_evalset(bcfg, "procedural", progress=False))
     rows = []
     t_eval = _seconds(lambda: rows.extend(eval_run.run(bcfg, str(nerf.resolve()) if nerf else "", progress=False,
                                                        source="procedural")))

@@ -133,7 +133,7 @@ def _render_set(job: dict, settings: dict, resolution: int, views: int, tmp: Pat
     c2w = view_sets(job["uid"], cfg, False)[""]
     rb.render_views(cam, c2w[:1], out, resolution, cfg.depth_scale, tmp)  # warm-up: BVH, kernels
     t0 = time.perf_counter()
-    rb._quiet(rb.render_views, cam, c2w, out, resolution, cfg.depth_scale, tmp)
+    rb.quiet_call(rb.render_views, cam, c2w, out, resolution, cfg.depth_scale, tmp)
     per_view = (time.perf_counter() - t0) / views
     imgs = []
     for i in range(views):

@@ -43,19 +43,21 @@ class DataConfig:
     lvis_categories: list[str] = field(default_factory=list)  # keep only uids in these LVIS categories ([] = no LVIS filter)
     uid_allowlist: str = ""  # path to a file with one uid per line; only these pass ("" = no allow-list)
     uid_denylist: str = ""  # path to a file with one uid per line to drop
-    download_batch: int = 16  # uids per Ray download task
+    download_batch: int = 16  # uids per Ray download task (data.executor=ray; the others take one uid at a time)
     download_retries: int = 3  # attempts per file
     download_timeout_s: float = 120.0  # per-file timeout
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
     procedural_count: int = 8  # number of procedural demo assets
     procedural_start: int = 0  # index of the first procedural asset (eval's held-out set starts after the training ones)
     procedural_texture_size: int = 512  # texture side of procedural assets
-    executor: str = "ray"  # ray (local Ray, or RAY_ADDRESS) | process | thread | inline (sequential, no timeout)
-    workers: int = 2  # tasks in flight at once (Ray tasks / worker processes / threads)
+    executor: str = "ray"  # ray (Ray tasks; local Ray, or RAY_ADDRESS) | process (worker processes) | local (this process, no timeout)
+    workers: int = 2  # downloads in flight at once (Ray tasks / worker processes; local: 1)
     objaverse_mirror: str = ""  # base URL standing in for huggingface.co/.../objaverse/resolve/main ("" = Hugging Face)
     local_license: str = "unknown"  # license recorded for local:<dir> assets (the folder carries none)
     local_attribution: str = ""  # attribution for local:<dir> assets ("" = the file's relative path)
-    max_file_bytes: int = 512 * 2**20  # local/gso files larger than this fail (bounded work)
+    max_file_bytes: int = 512 * 2**20  # largest asset file (the main mesh file) accepted, from any source: a larger
+    # one fails its download (objaverse: also data.max_archive_bytes) and the render stage refuses to open one (a
+    # download table may name files from elsewhere); bounds the copying, verifying and Blender work per asset
     check_size: bool = True  # objaverse: a glb whose size differs from the annotation's archive size fails
 
 
@@ -73,15 +75,14 @@ class RenderConfig:
     denoise: bool = False  # OpenImageDenoise on the combined pass
     max_bounces: int = 4  # Cycles total bounces
     device: str = "auto"  # auto | cpu | gpu (CUDA/OptiX when present)
-    threads: int = 0  # Blender threads per actor (0 = all)
-    actors: int = 2  # Ray actors (each holds one bpy)
-    timeout_s: float = 600.0  # per-asset limit; the actor is replaced after a timeout or crash
+    threads: int = 0  # Blender threads per renderer (0 = cores / renderers)
+    workers: int = 2  # renderers at once (worker processes / Ray actors), each holding one bpy for many assets
+    timeout_s: float = 600.0  # per-asset limit (process, ray): the renderer is killed and replaced after it or a crash
     depth_scale: float = 10000.0  # depth PNG value = z * depth_scale (16-bit)
     light_strength: float = 1.0  # scale of the deterministic per-asset lighting
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
     max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
-    max_file_bytes: int = 1 << 30  # asset files larger than this fail without being opened (bounded work)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
@@ -90,7 +91,7 @@ class RenderConfig:
     dark_threshold: float = 0.02  # quality: flag if mean foreground luminance is below this
     bright_threshold: float = 0.98  # quality: flag if mean foreground luminance is above this
     sheet_assets: int = 16  # assets on the contact sheet
-    executor: str = "ray"  # ray (actors each holding one bpy, per-asset timeout) | local (in-process, no timeout)
+    executor: str = "ray"  # ray (Ray actors) | process (worker processes) | local (this process, no timeout)
     sheet_views: int = 6  # views per asset on the contact sheet
 
 
@@ -101,8 +102,8 @@ class ShardConfig:
     val_fraction: float = 0.05  # share of uids in val, by a hash of the uid
     val_uids: str = ""  # path to a file of uids forced into val (the evaluation set)
     mtime: float = 1_700_000_000.0  # fixed tar member mtime for byte-identical shards
-    writers: int = 1  # parallel shard writers (Ray tasks); each writes its own shard sequence
-    executor: str = "auto"  # auto (Ray when writers > 1) | local | ray
+    writers: int = 1  # shards written at once (process, ray); above 1 needs shards.executor=process or ray
+    executor: str = "local"  # local (this process, one shard after another) | process (worker processes) | ray (tasks)
     geometry: bool = False  # also pack geometry.npz (training never reads it; eval uses the render folders)
 
 
@@ -279,6 +280,25 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+EXECUTORS = ("local", "process", "ray")  # the values of data/render/shards.executor (pipelines/executor.py)
+_RENAMED_EXECUTORS = {"inline": "local", "thread": "process", "auto": "local, or ray with several writers"}
+
+
+def check_executor(value: str, key: str = "executor") -> str:
+    """`value` if it is one of EXECUTORS, else a ConfigError naming the key, the valid values and the rename."""
+    if value in EXECUTORS:
+        return value
+    hint = f" ('{value}' is gone: use {_RENAMED_EXECUTORS[value]})" if value in _RENAMED_EXECUTORS else ""
+    raise ConfigError(f"{key} must be local | process | ray, got '{value}'{hint}")
+
+
+def _check(cfg: Config) -> Config:
+    """Checks across fields that a type cannot express."""
+    for section in ("data", "render", "shards"):
+        check_executor(getattr(cfg, section).executor, f"{section}.executor")
+    return cfg
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -391,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested)
-    return cfg
+    return _check(cfg)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -401,7 +421,7 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data)
-    return cfg
+    return _check(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

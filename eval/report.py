@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from core.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_text
+from core.sheets import SheetRow, write_sheet
 
 COLUMNS = ["psnr", "ssim", "lpips_vgg", "lpips_alex", "cd", "cd_l2", "iou", "fscore", "icp_residual"]
 METHOD_TITLES = {
@@ -150,15 +150,7 @@ def contact_sheet(path: Path, gt: list[np.ndarray], preds: dict[str, list[np.nda
 
     Images are uint8 RGB [H,W,3] (already composited on white).
     """
-    label_w = 150
-    names = ["ground truth", *preds]
-    sheet = Image.new("RGB", (label_w + tile * len(gt), tile * len(names)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, name in enumerate(names):
-        images = gt if r == 0 else preds[name]
-        draw.text((6, r * tile + tile // 2 - 6), name if images is not None else f"{name} (failed)", fill="black")
-        for c, img in enumerate(images or []):
-            sheet.paste(Image.fromarray(img).resize((tile, tile), Image.BILINEAR), (label_w + c * tile, r * tile))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    rows = [SheetRow("ground truth", list(gt))]
+    rows += [SheetRow(name if images is not None else f"{name} (failed)", list(images or []))
+             for name, images in preds.items()]
+    return write_sheet(path, rows, tile=tile, columns=len(gt), labels="left", label_width=150)

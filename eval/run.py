@@ -1,13 +1,12 @@
 """`make eval`: reconstruct the evaluation set from its 4 input views, re-render the 20 orbit views, score, report.
 
     python -m eval.run [--config C] [--out OUT] [--source S] [--checkpoint CKPT] [--nerf-checkpoint CKPT]
-                       [--no-render] [key=value ...]
+                       [key=value ...]
 
-The eval set (eval/evalset.py, docs/eval.md "Evaluation sets"): `--source` / SOURCE= when given, else
+The eval set (core/evalsets.py, docs/eval.md "Evaluation sets"): `--source` / SOURCE= when given, else
 eval.source (default `procedural` = held-out procedural indices training never generates); `val` = the val
-split of the training shards. It is built under OUT/evalsets/<slug>/ by the data and render stages
-(manifest/, assets/, renders_eval/<uid>/{orbit,inputs}/), at most eval.max_assets assets (the first in
-source order), reusing whatever is already fetched and rendered; --no-render uses the set as built.
+split of the training shards. It must be built first, under OUT/evalsets/<slug>/, by `make render-eval`
+with the same SOURCE (python -m pipelines.evalset; `make eval` runs it first); an unbuilt set is an error.
 Methods (config eval.methods, plus Table 3's rows with eval.ablation=true): `feedforward` and
 `refined` from the mesh-stage checkpoint (eval.checkpoint, default the newest under OUT/runs/mesh),
 `nerf_mc` = the stage-1 NeRF checkpoint's triplane meshed by marching cubes without stage 2 (newest under
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from core.cli import config_from_args, save_resolved, stage_parser
 from core.config import Config
+from core.evalsets import EvalSetError, describe, leak_check, load_built
 from core.io import atomic_write_bytes, atomic_write_text
 from eval import geometry as G
 from eval.metrics import Lpips, composite_on_white, image_metrics, mean_finite
@@ -155,17 +155,15 @@ def _failed(uid: str, methods: list[str], reason: str) -> list[dict]:
     return [{"uid": uid, "method": m, "status": "failed", "reason": reason} for m in methods]
 
 
-def run(cfg: Config, nerf_checkpoint: str = "", render_missing: bool = True, progress: bool = True,
-        source: str | None = None) -> list[dict]:
-    """Build (fetch + render) the eval set of `source` (default eval.source), reconstruct, score, report.
+def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: str | None = None) -> list[dict]:
+    """Reconstruct the built eval set of `source` (default eval.source), score, report.
 
     Returns one row per (asset, method); assets that failed to download or render are rows with the reason.
+    An eval set that is not built raises EvalSetError saying how to build it.
     """
-    from eval.evalset import describe, leak_check, prepare
-
     out = cfg.out_path / "eval"
     methods = methods_of(cfg)
-    es = prepare(cfg, source or cfg.eval.source, render=render_missing, progress=progress)
+    es = load_built(cfg, source or cfg.eval.source)
     leak = leak_check(cfg, es)
     if not es.uids:
         print(f"warning: eval set {es.slug} has no assets ({es.excluded_training} candidates dropped because "
@@ -249,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     p: argparse.ArgumentParser = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="mesh-stage checkpoint (default: eval.checkpoint, else newest in OUT/runs/mesh)")
     p.add_argument("--nerf-checkpoint", default="", help="stage-1 checkpoint for nerf_mc (default: newest in OUT/runs/nerf)")
-    p.add_argument("--no-render", action="store_true",
-                   help="do not fetch or render: use the eval set as an earlier run built it")
     for action in p._actions:  # the shared parser's wording is about training sources
         if action.dest == "source":
             action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> "
@@ -265,12 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from eval.evalset import EvalSetError
-
     source = args.source or cfg.eval.source  # an explicit --source / SOURCE= names the eval set
     save_resolved(cfg, "eval")
     try:
-        rows = run(cfg, args.nerf_checkpoint, render_missing=not args.no_render, source=source)
+        rows = run(cfg, args.nerf_checkpoint, source=source)
     except EvalSetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

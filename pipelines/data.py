@@ -3,8 +3,8 @@
 Writes OUT/manifest/filter.parquet (every candidate: ok / skipped / failed, with the first failed
 criterion as the reason), OUT/manifest/download.parquet (every kept asset: status, reason, `path` of
 the main file, source, license, attribution, name, format, bytes, sha256) and the files under
-OUT/assets/. Steps run through `pipelines.executor` (`data.executor`: Ray by default, RAY_ADDRESS for a
-cluster). A rerun redoes only what is not ok. Exit status: 0 all ok, 3 finished with failures, 2 bad
+OUT/assets/. Steps run through `pipelines.executor` (`data.executor`: `ray` by default, RAY_ADDRESS for a
+cluster; `process` for worker processes on this machine; `local` in this process, for debugging). A rerun redoes only what is not ok. Exit status: 0 all ok, 3 finished with failures, 2 bad
 arguments or configuration.
 
   python -m pipelines.data --source procedural --out /tmp/x
@@ -24,16 +24,15 @@ from core import manifest
 from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
 from core.config import Config
 from core.layout import read_uid_list
-from pipelines.executor import BACKENDS
+from pipelines.download import download
 from pipelines.filter import CANDIDATE_SCHEMA, filter_table
+from pipelines.sources import SourceError, candidates, parse_source
 
 FILTER_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
 
 
 def run_filter(cfg: Config) -> tuple[list[dict], list[dict]]:
     """Candidates -> filter.parquet. Returns (kept rows, failed rows)."""
-    from pipelines.sources import candidates
-
     table, failed = candidates(cfg)
     d = cfg.data
     allow = read_uid_list(d.uid_allowlist) if d.uid_allowlist else None
@@ -54,11 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_parser(__doc__)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.data.executor not in BACKENDS:
-        print(f"error: data.executor must be one of {', '.join(BACKENDS)}, got '{cfg.data.executor}'", file=sys.stderr)
-        return 2
-    from pipelines.sources import SourceError, parse_source
-
     try:
         parse_source(cfg.source)
     except SourceError as e:
@@ -73,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "
           f"-> {manifest.manifest_path(cfg.out, 'filter')}", flush=True)
-    from pipelines.download import download
-
     rows = download(cfg, kept)
     n_failed = len(listing_failed) + sum(r["status"] == manifest.FAILED for r in rows)
     print(f"data ({cfg.source}): {manifest.summary(rows)} downloads; {len(listing_failed)} failed before "

@@ -1,8 +1,8 @@
 """`make demo`: the whole chain on the embedded procedural data with the demo config, stage after stage.
 
 Each stage is its own module and resumes itself, so a second run reuses what is done. Stages run as
-subprocesses (the render stage holds Blender in Ray actors; training is torch only) with the same
-`--config/--out/--source` and overrides.
+subprocesses (the render stages hold Blender in their workers; training is torch only) with the same
+`--config/--out/--source` and overrides; the eval set is built (pipelines.evalset) before it is scored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("shards: WebDataset tars + index", "pipelines.shards", []),
     ("train-nerf: stage 1", "training.train_nerf", []),
     ("train-mesh: stage 2", "training.train_mesh", []),
-    ("eval: orbit renders, reconstruction (feed-forward / refined), metrics, report", "eval.run", []),
+    ("render-eval: the eval set (held-out procedural assets), orbit + 4 input views", "pipelines.evalset", []),
+    ("eval: reconstruction (feed-forward / refined), re-rendered orbit, metrics, report", "eval.run", []),
 ]
 
 

@@ -1,21 +1,27 @@
-"""Run a plain step function over items: inline, in a thread or process pool, or as Ray tasks.
+"""The one executor of every stage: runs a plain step, or a stateful worker, over items and returns one
+manifest row per item. `data.executor`, `render.executor` and `shards.executor` take the same values:
 
-A step is `step(item: dict, **kwargs) -> dict` (a manifest row with at least `uid` and `status`); it never
-imports Ray. The executor only schedules it:
+- `local`: in this process, one item after another, no timeout. For debugging: a hang hangs the job.
+- `process`: isolated worker processes (spawned), at most `workers` at once, each living for many items.
+  An item that runs past `timeout_s` gets its worker killed; a worker that dies (segfault, OOM kill) fails
+  only the item it held. Either way that item becomes a `failed` row and a fresh worker takes the next one.
+- `ray`: the same on Ray (`RAY_ADDRESS` for a cluster): a step runs as Ray tasks of `batch_size` items,
+  spread over the nodes (a task past `timeout_s` x its items is cancelled); a stateful worker is a Ray
+  actor, killed and replaced after a timeout or a crash.
 
-- items are grouped into batches; one batch is one task (a Ray task, or one worker process);
-- an exception from one item becomes a `failed` row with the reason, and the batch goes on;
-- a task that runs past its deadline (`timeout_s` per item x items in the batch) is cancelled (Ray),
-  killed (process backend) or abandoned (thread backend: a Python thread cannot be killed, so it runs on
-  in the background; use process/Ray for untrusted or hang-prone steps), and its unfinished items become
-  `failed` rows with reason `timeout ...`;
-- a worker that dies (segfault, OOM kill) fails only the items it had not finished;
-- a tqdm bar counts finished items; `on_rows` sees rows as they arrive, so a caller can flush its
-  manifest during a long job (a SIGKILL then loses at most what was not flushed).
+Two forms of work, neither of which imports Ray:
 
-Ray is imported lazily, and `init_ray` is the one place that decides how to connect (`RAY_ADDRESS` or the
-`address` argument for a cluster, otherwise a local instance). `map_batches` is the generic layer other
-stages may reuse: it maps a callable over batches and returns the results in order.
+- a step, `step(item, **kwargs) -> row` (`run_step`): a row is a dict with at least `uid` and `status`.
+  An exception becomes a `failed` row with the reason (the exception's first line), and the job goes on.
+- a stateful worker (`run_workers`): `make()` builds it once per worker process / actor (e.g. one that holds
+  bpy) and `worker(item) -> row` is called for many items; an optional `worker.ready()` runs before the
+  first item (its cost does not count against that item's timeout). When `retire(row)` is true the worker
+  is replaced after that item (its state is unknown). `local` rebuilds it in this process.
+
+A job-level failure still raises: a worker that cannot even start, or an error in a caller's `on_row`.
+A tqdm bar counts finished items (ok / failed); `on_row(item, row)` sees each row as it arrives, so a caller
+can flush its manifest during a long job (a SIGKILL then loses at most what was not flushed). Rows come
+back in the order of the items.
 """
 
 from __future__ import annotations
@@ -23,21 +29,28 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from tqdm import tqdm
 
-BACKENDS = ("inline", "thread", "process", "ray")
-STARTUP_S = 120.0  # a worker process gets this long to start (imports) before its first item's deadline
+from core.config import EXECUTORS, check_executor
+
+__all__ = ["EXECUTORS", "ExecutorError", "StepWorker", "batched", "check_executor", "failed_row", "init_ray",
+           "run_item", "run_step", "run_workers"]
+STARTUP_S = 120.0  # a worker gets this long to start (imports, ready()) before it counts as broken
 Row = dict[str, Any]
+OnRow = Callable[[dict, Row], None]
+
+
+class ExecutorError(RuntimeError):
+    """A job-level failure: a worker that cannot start (an unknown executor is a core.config.ConfigError)."""
 
 
 def failed_row(item: dict, reason: str, key: str = "uid") -> Row:
@@ -66,7 +79,7 @@ def run_item(step: Callable[..., Row], item: dict, kwargs: dict, key: str = "uid
 
 
 def run_batch(step: Callable[..., Row], batch: Sequence[dict], kwargs: dict, key: str = "uid") -> list[Row]:
-    """One task: the step over every item of `batch`, per-item errors captured."""
+    """One Ray task: the step over every item of `batch`, per-item errors captured."""
     return [run_item(step, item, kwargs, key) for item in batch]
 
 
@@ -75,8 +88,168 @@ def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+class StepWorker:
+    """A step as a stateful worker, so that the process backend runs steps and workers alike."""
+
+    def __init__(self, step: Callable[..., Row], kwargs: dict, key: str = "uid") -> None:
+        self.step, self.kwargs, self.key = step, kwargs, key
+
+    def __call__(self, item: dict) -> Row:
+        return run_item(self.step, item, self.kwargs, self.key)
+
+
+def _start(worker: Any) -> Any:
+    ready = getattr(worker, "ready", None)
+    if callable(ready):
+        ready()
+    return worker
+
+
+class _Rows:
+    """Collects rows by item index; drives the progress bar and the caller's `on_row`."""
+
+    def __init__(self, items: list[dict], key: str, desc: str, progress: bool, on_row: OnRow | None) -> None:
+        self.items, self.key, self.on_row = items, key, on_row
+        self.rows: list[Row | None] = [None] * len(items)
+        self.ok = self.failed = 0
+        self.bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress or not items,
+                        dynamic_ncols=True)
+
+    def put(self, i: int, row: Row) -> None:
+        if self.rows[i] is not None:  # a late duplicate (e.g. a cancelled Ray task that finished anyway)
+            return
+        self.rows[i] = row
+        if row.get("status") == "failed":
+            self.failed += 1
+        else:
+            self.ok += 1
+        self.bar.update(1)
+        self.bar.set_postfix(ok=self.ok, failed=self.failed)
+        if self.on_row is not None:
+            self.on_row(self.items[i], row)
+
+    def result(self) -> list[Row]:
+        self.bar.close()
+        return [r if r is not None else failed_row(self.items[i], "no result (executor lost the item)", self.key)
+                for i, r in enumerate(self.rows)]
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Ray: one place that connects.
+# Process backend: a pool of spawned worker processes, items fed one at a time.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _worker_loop(conn: Any, make: Callable[[], Any], key: str) -> None:
+    """Body of a worker process: build the worker, then answer (index, item) messages until None."""
+    try:
+        worker = _start(make())
+        conn.send(("ready", os.getpid()))
+        while (msg := conn.recv()) is not None:
+            i, item = msg
+            conn.send(("row", i, run_item(worker, item, {}, key)))
+    except (EOFError, KeyboardInterrupt):  # the driver went away or the user interrupted: just end
+        pass
+    except BaseException:  # noqa: BLE001 - tell the driver what broke this worker, then exit
+        try:
+            conn.send(("error", traceback.format_exc(limit=3)))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Proc:
+    proc: Any
+    conn: Any
+    started: float  # when the process was started (the start deadline)
+    ready: bool = False
+    item: int | None = None  # index of the item it holds
+    since: float = 0.0  # when it got that item (the item's deadline)
+
+
+def _process_pool(make: Callable[[], Any], items: list[dict], put: Callable[[int, Row], None], *, workers: int,
+                  timeout_s: float | None, start_timeout_s: float, retire: Callable[[Row], bool] | None,
+                  key: str) -> None:
+    # spawn, not fork: the parent may hold threads (tqdm, Ray, torch) that fork would copy half-locked.
+    ctx = mp.get_context("spawn")
+    pending = deque(range(len(items)))
+    pool: list[_Proc] = []
+
+    def spawn() -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=_worker_loop, args=(child, make, key), daemon=True)
+        proc.start()
+        child.close()
+        pool.append(_Proc(proc, parent, time.monotonic()))
+
+    def stop(w: _Proc) -> None:
+        pool.remove(w)
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(timeout=10)
+        w.conn.close()
+
+    def lost(w: _Proc, reason: str) -> None:
+        """`w` is gone: its item fails; a worker that never started means no worker can (a job error)."""
+        stop(w)
+        if w.item is not None:
+            put(w.item, failed_row(items[w.item], reason, key))
+        elif not w.ready:
+            raise ExecutorError(f"a worker process could not start: {reason}")
+
+    try:
+        while pending or any(w.item is not None for w in pool):
+            busy = sum(w.item is not None for w in pool)
+            while len(pool) < min(max(1, workers), len(pending) + busy):
+                spawn()
+            now = time.monotonic()
+            for w in list(pool):
+                if w.ready and w.item is None and pending:
+                    i = pending.popleft()
+                    try:
+                        w.conn.send((i, items[i]))
+                    except OSError:  # died while idle: nothing of it is lost, the item goes to another
+                        pending.appendleft(i)
+                        stop(w)
+                        continue
+                    w.item, w.since = i, now
+            for conn in mp_wait([w.conn for w in pool], timeout=0.2):
+                w = next(p for p in pool if p.conn is conn)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    w.proc.join(timeout=5)
+                    lost(w, f"worker died (exit code {w.proc.exitcode})")
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                elif msg[0] == "row":
+                    w.item = None
+                    put(msg[1], msg[2])
+                    if retire is not None and retire(msg[2]):
+                        stop(w)  # the next turn starts a fresh one if items are left
+                else:
+                    lost(w, f"worker error: {msg[1].strip().splitlines()[-1]}")
+            now = time.monotonic()
+            for w in list(pool):
+                if w.item is not None and timeout_s and now - w.since > timeout_s:
+                    lost(w, f"timeout after {timeout_s:g} s (worker killed)")
+                elif not w.ready and now - w.started > start_timeout_s:
+                    lost(w, f"no answer within {start_timeout_s:g} s")
+    finally:
+        for w in pool:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in list(pool):
+            w.proc.join(timeout=5)
+            stop(w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray: one place that connects; tasks for steps, actors for stateful workers.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -86,7 +259,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     Returns the `ray` module. A local instance gets `num_cpus` (default: all cores) and no dashboard; the
     working tree travels with the driver only on a local instance (a cluster must have the package installed).
     """
-    import ray  # lazily: steps and the non-Ray backends never need it
+    import ray  # lazily: steps and the other backends never need it
 
     if ray.is_initialized():
         return ray
@@ -110,38 +283,46 @@ def _call(fn: Callable[[list], list], batch: list) -> tuple[str, list]:
     return ray.get_runtime_context().get_node_id(), fn(batch)
 
 
-def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[float | None],
-             on_done: Callable[[int, list | BaseException], None], workers: int, address: str | None,
-             max_retries: int) -> None:
-    """Run `fn(batch)` per batch as Ray tasks, at most `workers` in flight; report each as it ends."""
+def _ray_tasks(step: Callable[..., Row], kwargs: dict, items: list[dict], put: Callable[[int, Row], None], *,
+               batch_size: int, workers: int, timeout_s: float | None, address: str | None, key: str) -> None:
+    """`batch_size` items per Ray task, at most `workers` in flight; a task past its deadline is cancelled."""
     ray = init_ray(address)
     # SPREAD: data tasks are I/O-bound; spread them over the cluster's nodes rather than packing the head.
-    remote = ray.remote(max_retries=max_retries, num_cpus=1, scheduling_strategy="SPREAD")(_call)
-    pending = list(range(len(batches)))[::-1]
+    remote = ray.remote(max_retries=0, num_cpus=1, scheduling_strategy="SPREAD")(_call)
+    fn = partial(run_batch, step, kwargs=kwargs, key=key)
+    size = max(1, int(batch_size))
+    batches = batched(list(range(len(items))), size)
+    deadline_s = None if timeout_s is None else timeout_s * size
+    pending = deque(range(len(batches)))
     running: dict[Any, tuple[int, float | None]] = {}
     nodes: dict[str, int] = {}  # node id -> batches it finished
-    limit = max(1, workers)
+
+    def fail(b: int, reason: str) -> None:
+        for i in batches[b]:
+            put(i, failed_row(items[i], reason, key))
+
     while pending or running:
-        while pending and len(running) < limit:
-            i = pending.pop()
-            deadline = None if deadlines[i] is None else time.monotonic() + deadlines[i]
-            running[remote.remote(fn, batches[i])] = (i, deadline)
+        while pending and len(running) < max(1, workers):
+            b = pending.popleft()
+            ref = remote.remote(fn, [items[i] for i in batches[b]])
+            running[ref] = (b, None if deadline_s is None else time.monotonic() + deadline_s)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
         for ref in ready:
-            i, _ = running.pop(ref)
+            b, _ = running.pop(ref)
             try:
-                node, result = ray.get(ref)
+                node, rows = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - worker crash, task error: the batch fails, the job goes on
-                on_done(i, e)
+                fail(b, _reason(e))
                 continue
             nodes[node] = nodes.get(node, 0) + 1
-            on_done(i, result)
+            for i, row in zip(batches[b], rows):
+                put(i, row)
         now = time.monotonic()
-        for ref, (i, deadline) in list(running.items()):
+        for ref, (b, deadline) in list(running.items()):
             if deadline is not None and now > deadline:
                 ray.cancel(ref, force=True)
                 running.pop(ref)
-                on_done(i, TimeoutError(f"timeout after {deadlines[i]:.0f} s (task cancelled)"))
+                fail(b, f"TimeoutError: timeout after {deadline_s:g} s (task cancelled)")
     # one line on stderr (not a log record: it must show whatever the logging setup) with full node ids, so
     # it can be matched against `ray list nodes`
     placed = ", ".join(f"{node} x{n}" for node, n in sorted(nodes.items()))
@@ -149,79 +330,77 @@ def _ray_map(fn: Callable[[list], list], batches: list[list], deadlines: list[fl
           flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Process backend: one worker process per batch, rows streamed back, killed at the deadline.
-# ----------------------------------------------------------------------------------------------------------
+class _ActorHost:
+    """Body of a Ray actor: builds one worker and calls it item after item."""
+
+    def __init__(self, make: Callable[[], Any], key: str) -> None:
+        self.make, self.key, self.worker = make, key, None
+
+    def ready(self) -> int:
+        self.worker = _start(self.make())
+        return os.getpid()
+
+    def call(self, item: dict) -> Row:
+        return run_item(self.worker, item, {}, self.key)
 
 
-def _process_worker(conn: Any, step: Callable[..., Row], batch: list[dict], kwargs: dict, key: str) -> None:
+def _ray_actors(make: Callable[[], Any], items: list[dict], put: Callable[[int, Row], None], *, workers: int,
+                timeout_s: float | None, start_timeout_s: float, retire: Callable[[Row], bool] | None,
+                key: str, address: str | None, num_cpus: float) -> None:
+    ray = init_ray(address, num_cpus=max(workers, os.cpu_count() or 1))
+    from ray.exceptions import RayActorError
+
+    host = ray.remote(num_cpus=num_cpus, max_restarts=0)(_ActorHost)
+
+    def started(n: int) -> list[Any]:
+        new = [host.remote(make, key) for _ in range(n)]
+        try:
+            ray.get([a.ready.remote() for a in new], timeout=start_timeout_s)
+        except Exception as e:
+            for a in new:
+                ray.kill(a, no_restart=True)
+            raise ExecutorError(f"a Ray worker could not start: {_reason(e)}") from e
+        return new
+
+    pending = deque(range(len(items)))
+    idle = started(max(1, min(workers, len(items))))
+    running: dict[Any, tuple[Any, int, float]] = {}  # object ref -> (actor, item index, start)
+
+    def replace(actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        if pending:
+            idle.extend(started(1))
+
     try:
-        conn.send(("ready",))  # the per-item deadline starts now, not while the interpreter starts up
-        for idx, item in enumerate(batch):
-            conn.send((idx, run_item(step, item, kwargs, key)))
-        conn.send(None)
-    except BaseException:  # noqa: BLE001 - report what broke the worker, then exit
-        conn.send(("error", traceback.format_exc(limit=3)))
-    finally:
-        conn.close()
-
-
-def _process_map(step: Callable[..., Row], batches: list[list[dict]], kwargs: dict, key: str,
-                 timeout_s: float | None, workers: int, on_rows: Callable[[list[Row]], None]) -> None:
-    # spawn, not fork: the parent may hold threads (tqdm, Ray, torch) that fork would copy half-locked.
-    ctx = mp.get_context("spawn")
-    pending = list(range(len(batches)))[::-1]
-    running: dict[Any, dict] = {}  # reader connection -> state
-
-    def finish(state: dict, reason: str) -> None:
-        proc = state["proc"]
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        rest = [failed_row(it, reason, key) for j, it in enumerate(state["batch"]) if j not in state["done"]]
-        if rest:
-            on_rows(rest)
-
-    while pending or running:
-        while pending and len(running) < max(1, workers):
-            i = pending.pop()
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_process_worker, args=(writer, step, batches[i], kwargs, key), daemon=True)
-            proc.start()
-            writer.close()
-            running[reader] = {"proc": proc, "batch": batches[i], "done": set(), "t0": time.monotonic(),
-                               "ready": False}
-        for reader in mp_wait(list(running), timeout=0.2):
-            state = running[reader]
-            try:
-                msg = reader.recv()
-            except (EOFError, OSError):
-                running.pop(reader)
-                state["proc"].join(timeout=5)
-                finish(state, f"worker died (exit code {state['proc'].exitcode})")
-                continue
-            if msg is None:
-                running.pop(reader)
-                finish(state, "worker ended early")
-            elif msg[0] == "ready":
-                state["ready"] = True
-                state["t0"] = time.monotonic()
-            elif msg[0] == "error":
-                running.pop(reader)
-                finish(state, f"worker error: {msg[1].strip().splitlines()[-1]}")
-            else:
-                idx, row = msg
-                state["done"].add(idx)
-                state["t0"] = time.monotonic()  # the deadline is per item: it restarts after each one
-                on_rows([row])
-        if timeout_s:
+        while pending or running:
+            while pending and idle:
+                actor, i = idle.pop(), pending.popleft()
+                running[actor.call.remote(items[i])] = (actor, i, time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for ref in ready:
+                actor, i, _t0 = running.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except RayActorError as e:
+                    put(i, failed_row(items[i], f"worker died ({type(e).__name__}); actor replaced", key))
+                    replace(actor)
+                    continue
+                put(i, row)
+                if retire is not None and retire(row):
+                    replace(actor)
+                else:
+                    idle.append(actor)
             now = time.monotonic()
-            for reader, state in list(running.items()):
-                limit = timeout_s if state["ready"] else max(STARTUP_S, timeout_s)
-                if now - state["t0"] > limit:
-                    running.pop(reader)
-                    what = "timeout" if state["ready"] else "worker did not start within"
-                    finish(state, f"{what} after {limit:.0f} s (worker killed)")
+            for ref, (actor, i, t0) in list(running.items()):
+                if timeout_s and now - t0 > timeout_s:
+                    running.pop(ref)
+                    put(i, failed_row(items[i], f"timeout after {timeout_s:g} s (actor killed)", key))
+                    replace(actor)
+    finally:
+        for actor, _, _ in running.values():
+            ray.kill(actor, no_restart=True)
+        for actor in idle:
+            ray.kill(actor, no_restart=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,136 +408,67 @@ def _process_map(step: Callable[..., Row], batches: list[list[dict]], kwargs: di
 # ----------------------------------------------------------------------------------------------------------
 
 
-def map_batches(fn: Callable[[list], list], batches: list[list], *, backend: str = "inline", workers: int = 1,
-                timeout_s: float | None = None, address: str | None = None, max_retries: int = 0,
-                on_done: Callable[[int, list | BaseException], None] | None = None) -> list[list | BaseException]:
-    """Map `fn` over `batches`; result i is `fn(batches[i])` or the exception that ended it.
-
-    `timeout_s` is the whole-batch deadline, counted from the batch's start (Ray: the task is cancelled;
-    thread: the batch is reported as timed out and abandoned, since a thread cannot be stopped; inline and
-    process here: not enforced). This is the generic layer: no row semantics.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown executor backend '{backend}' (known: {', '.join(BACKENDS)})")
-    results: list[list | BaseException] = [[] for _ in batches]
-    if not batches:
-        return results  # nothing to do: do not start Ray or a pool
-
-    def done(i: int, res: list | BaseException) -> None:
-        results[i] = res
-        if on_done is not None:
-            on_done(i, res)
-
-    if backend == "ray":
-        _ray_map(fn, batches, [timeout_s] * len(batches), done, workers, address, max_retries)
-    elif backend in ("inline", "process"):
-        # a process pool over arbitrary callables has no streaming; run_step has the process backend.
-        for i, b in enumerate(batches):
-            try:
-                done(i, fn(b))
-            except Exception as e:  # noqa: BLE001
-                done(i, e)
-    else:
-        _thread_map(fn, batches, timeout_s, workers, done)
-    return results
-
-
-def _thread_body(fn: Callable[[list], list], batch: list, fut: Future) -> None:
-    try:
-        fut.set_result(fn(batch))
-    except BaseException as e:  # noqa: BLE001 - handed to the driver as the batch's result
-        fut.set_exception(e)
-
-
-def _thread_map(fn: Callable[[list], list], batches: list[list], timeout_s: float | None, workers: int,
-                on_done: Callable[[int, list | BaseException], None]) -> None:
-    """At most `workers` batches in flight, each in its own daemon thread, deadline = its start + timeout_s.
-
-    A Python thread cannot be killed: a batch past its deadline is reported as a TimeoutError and abandoned
-    (its thread runs on in the background, frees its slot, and dies with the process since it is a daemon).
-    The deadline counts from the batch's start, not from when the driver begins waiting for it, and nothing
-    waits for abandoned threads (a ThreadPoolExecutor's exit would). Untrusted or hang-prone work belongs on
-    the process or Ray backends, which do kill.
-    """
-    pending = list(range(len(batches)))[::-1]
-    running: dict[int, tuple[Future, float | None]] = {}
-    while pending or running:
-        while pending and len(running) < max(1, workers):
-            i = pending.pop()
-            fut: Future = Future()
-            threading.Thread(target=_thread_body, args=(fn, batches[i], fut), daemon=True,
-                             name=f"executor-batch-{i}").start()
-            running[i] = (fut, None if timeout_s is None else time.monotonic() + timeout_s)
-        futures_wait([f for f, _ in running.values()], timeout=0.1, return_when=FIRST_COMPLETED)
-        now = time.monotonic()
-        for i, (fut, deadline) in list(running.items()):
-            if fut.done():
-                running.pop(i)
-                exc = fut.exception()
-                on_done(i, exc if exc is not None else fut.result())
-            elif deadline is not None and now > deadline:
-                running.pop(i)
-                on_done(i, TimeoutError(f"timeout after {timeout_s:g} s (thread abandoned, still running: "
-                                        f"use the process or ray backend to kill hung work)"))
-
-
-def run_step(step: Callable[..., Row], items: Iterable[dict], *, backend: str = "inline", workers: int = 1,
+def run_step(step: Callable[..., Row], items: Iterable[dict], *, executor: str = "local", workers: int = 1,
              batch_size: int = 1, timeout_s: float | None = None, kwargs: dict | None = None,
-             key: str = "uid", desc: str = "", address: str | None = None,
-             on_rows: Callable[[list[Row]], None] | None = None, progress: bool = True) -> list[Row]:
+             key: str = "uid", desc: str = "", address: str | None = None, on_row: OnRow | None = None,
+             progress: bool = True) -> list[Row]:
     """Run `step(item, **kwargs)` over `items`; return one row per item, in the order of `items`.
 
-    `timeout_s` is per item: the process backend restarts the deadline after each finished item; Ray and
-    thread tasks get `timeout_s x len(batch)` from their start; inline does not enforce it (use it for
-    debugging). A timed-out thread is abandoned, not killed: untrusted work goes on process or ray.
+    `timeout_s` is per item (`local` does not enforce it). `batch_size` groups items into one Ray task
+    (`ray` only: a task's deadline is `timeout_s` x its items, and a cancelled task fails all of them).
     """
+    check_executor(executor)
     items = list(items)
     kwargs = dict(kwargs or {})
-    batches = batched(items, batch_size)
-    offsets = [i * max(1, int(batch_size)) for i in range(len(batches))]
-    rows: list[Row | None] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=desc or getattr(step, "__name__", "step"), unit="item",
-               disable=not progress, dynamic_ncols=True)
+    rows = _Rows(items, key, desc or getattr(step, "__name__", "step"), progress, on_row)
+    try:
+        if not items:
+            pass  # nothing to do: start no process and no Ray
+        elif executor == "local":
+            for i, item in enumerate(items):
+                rows.put(i, run_item(step, item, kwargs, key))
+        elif executor == "process":
+            _process_pool(partial(StepWorker, step, kwargs, key), items, rows.put, workers=workers,
+                          timeout_s=timeout_s, start_timeout_s=STARTUP_S, retire=None, key=key)
+        else:
+            _ray_tasks(step, kwargs, items, rows.put, batch_size=batch_size, workers=workers, timeout_s=timeout_s,
+                       address=address, key=key)
+    finally:
+        result = rows.result()
+    return result
 
-    def emit(new: list[Row]) -> None:
-        bar.update(len(new))
-        if on_rows is not None and new:
-            on_rows(new)
 
+def run_workers(make: Callable[[], Any], items: Iterable[dict], *, executor: str = "local", workers: int = 1,
+                timeout_s: float | None = None, retire: Callable[[Row], bool] | None = None, key: str = "uid",
+                desc: str = "", address: str | None = None, on_row: OnRow | None = None, progress: bool = True,
+                start_timeout_s: float = STARTUP_S, num_cpus: float = 1.0) -> list[Row]:
+    """Run stateful workers over `items`: `make()` once per worker, then `worker(item) -> row` per item.
+
+    `make` must be picklable for `process` and `ray` (a class, or a functools.partial of one). `timeout_s` is
+    per item; the worker that ran past it is killed and replaced (`local`: not enforced). A worker whose row
+    makes `retire(row)` true is replaced after reporting it. `start_timeout_s` bounds a worker's start
+    (`make()` + `ready()`); a worker that cannot start raises ExecutorError. `num_cpus`: Ray's CPU
+    reservation per actor. Returns one row per item, in the order of `items`.
+    """
+    check_executor(executor)
+    items = list(items)
+    rows = _Rows(items, key, desc or "workers", progress, on_row)
     try:
         if not items:
             pass
-        elif backend == "process":
-            by_uid: dict[str, list[int]] = {}
-            for idx, it in enumerate(items):
-                by_uid.setdefault(str(it.get(key, "")), []).append(idx)
-
-            def place(new: list[Row]) -> None:
-                for r in new:
-                    slots = by_uid.get(str(r.get("uid", "")), [])
-                    slot = next((s for s in slots if rows[s] is None), None)
-                    if slot is not None:
-                        rows[slot] = r
-                emit(new)
-
-            _process_map(step, batches, kwargs, key, timeout_s, workers, place)
-        elif backend in BACKENDS:
-            task = partial(run_batch, step, kwargs=kwargs, key=key)
-
-            def on_done(i: int, res: list | BaseException) -> None:
-                batch = batches[i]
-                if isinstance(res, BaseException):
-                    res = [failed_row(it, _reason(res), key) for it in batch]
-                for j, r in enumerate(res):
-                    rows[offsets[i] + j] = r
-                emit(list(res))
-
-            deadline = None if timeout_s is None else timeout_s * max(1, int(batch_size))
-            map_batches(task, batches, backend=backend, workers=workers, timeout_s=deadline, address=address,
-                        on_done=on_done)
+        elif executor == "local":
+            worker = _start(make())
+            for i, item in enumerate(items):
+                row = run_item(worker, item, {}, key)
+                rows.put(i, row)
+                if retire is not None and retire(row) and i + 1 < len(items):
+                    worker = _start(make())  # what the process holds itself (e.g. bpy) stays: use process/ray
+        elif executor == "process":
+            _process_pool(make, items, rows.put, workers=workers, timeout_s=timeout_s,
+                          start_timeout_s=start_timeout_s, retire=retire, key=key)
         else:
-            raise ValueError(f"unknown executor backend '{backend}' (known: {', '.join(BACKENDS)})")
+            _ray_actors(make, items, rows.put, workers=workers, timeout_s=timeout_s,
+                        start_timeout_s=start_timeout_s, retire=retire, key=key, address=address, num_cpus=num_cpus)
     finally:
-        bar.close()
-    return [r if r is not None else failed_row(items[i], "no result (executor lost the item)", key)
-            for i, r in enumerate(rows)]
+        result = rows.result()
+    return result

@@ -1,12 +1,13 @@
 """`make render`: render every `ok` asset of OUT/manifest/download.parquet with Blender, resumably.
 
-    python -m pipelines.render [--eval] [--no-ray] [--config C] [--out OUT] [key=value ...]
+    python -m pipelines.render [--eval] [--config C] [--out OUT] [key=value ...]
 
 Training mode writes OUT/renders/<uid>/ (random views seeded by the uid) and OUT/manifest/render.parquet;
 `--eval` writes OUT/renders_eval/<uid>/{orbit,inputs}/ (DESIGN's 20-view orbit and 4 input views) and
-OUT/manifest/render_eval.parquet. The step is `render.blender.render_asset` (no Ray). Here it is scheduled
-either on Ray actors, each holding one bpy and rendering asset after asset, with a per-asset timeout after
-which (or after a crash) the actor is killed and replaced, or in-process (`--no-ray` / render.executor=local).
+OUT/manifest/render_eval.parquet. The step is `render.blender.render_asset` (no Ray), held by a stateful
+executor worker (`RenderWorker`: one bpy, asset after asset). `render.executor`: `ray` (default; Ray
+actors) or `process` (worker processes) kill and replace a renderer after a per-asset timeout, a crash, or
+a failed scene reset; `local` renders in this process, without a timeout (for debugging).
 
 Every asset folder is written under a temporary name and renamed when complete, so a rerun (also after
 SIGKILL) skips complete folders rendered with the same output settings and renders the rest once.
@@ -15,24 +16,25 @@ The manifest is flushed during the job and rebuilt from meta.json for folders it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import resource
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from core import manifest as mf
 from core.cameras import eval_input_views, orbit_views, random_views
 from core.cli import config_from_args, save_resolved, stage_parser
-from core.config import Config, RenderConfig
+from core.config import Config, RenderConfig, check_executor
 from core.io import clean_temporaries
+from pipelines.executor import run_workers
+from render.blender import bpy_module, output_hash, render_asset
+from render.sheet import contact_sheet
 
 # Every row has exactly these columns (parquet needs one schema), in this order.
 ROW_DEFAULTS: dict[str, Any] = {
@@ -88,8 +90,6 @@ def row_from_meta(uid: str, folder: Path, meta: dict, job: dict) -> dict[str, An
 
 def plan(cfg: Config, eval_mode: bool) -> tuple[list[dict], list[dict]]:
     """(jobs to render, rows of assets already complete) from the download manifest."""
-    from render.blender import output_hash
-
     want = output_hash(cfg.render, eval_mode)
     root = render_root(cfg, eval_mode)
     src = mf.manifest_path(cfg.out, "download")
@@ -119,132 +119,23 @@ def threads_per_renderer(cfg: RenderConfig, renderers: int) -> int:
     return cfg.threads if cfg.threads > 0 else max(1, (os.cpu_count() or 1) // max(1, renderers))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Executors
-# ----------------------------------------------------------------------------------------------------------
+class RenderWorker:
+    """A stateful executor worker: holds one bpy for its lifetime and renders the assets it is given."""
 
-
-def render_local(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
-                 on_row: Callable[[dict, dict], None]) -> None:
-    """In-process: one bpy in this process, asset after asset (no protection against a hang)."""
-    from render.blender import render_asset
-
-    threads = threads_per_renderer(cfg, 1)
-    for job in jobs:
-        row = render_asset(job, job["dest"], cfg, view_sets(job["uid"], cfg, eval_mode), threads,
-                           eval_mode=eval_mode)
-        on_row(job, row)
-        if _reset_failed(row):  # one bpy per process here: the next asset's own reset is the retry
-            print(f"render: warning: scene reset failed after {job['uid']} ({row.get('reset_reason', '')}); "
-                  "the next asset resets again", file=sys.stderr)
-
-
-class RenderActor:
-    """Body of a Ray actor: holds one bpy for its lifetime and renders the assets it is given."""
-
-    def __init__(self, cfg: dict, threads: int, eval_mode: bool) -> None:
+    def __init__(self, cfg: dict, threads: int, eval_mode: bool, max_file_bytes: int) -> None:
         self.cfg, self.threads, self.eval_mode = RenderConfig(**cfg), threads, eval_mode
+        self.max_file_bytes = max_file_bytes
 
-    def render(self, job: dict) -> dict:
-        from render.blender import render_asset
+    def ready(self) -> None:
+        """Import bpy (the slow part of a renderer's start) before the first asset's timeout starts."""
+        bpy_module()
 
+    def __call__(self, job: dict) -> dict:
         return render_asset(job, job["dest"], self.cfg, view_sets(job["uid"], self.cfg, self.eval_mode),
-                            self.threads, eval_mode=self.eval_mode)
-
-    def peak_rss_mb(self) -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-    def ready(self) -> int:
-        """Import bpy (the slow part of an actor's start) and return the process id."""
-        import bpy  # noqa: F401
-
-        return os.getpid()
+                            self.threads, eval_mode=self.eval_mode, max_file_bytes=self.max_file_bytes)
 
 
-def run_actor_pool(items: Sequence[Any], make_actor: Callable[[], Any], submit: Callable[[Any, Any], Any],
-                   on_result: Callable[[Any, Any, str | None], None], actors: int, timeout_s: float,
-                   ping: Callable[[Any], Any] | None = None, start_timeout_s: float = 300.0,
-                   retire: Callable[[Any], bool] | None = None) -> None:
-    """Feed `items` one at a time to `actors` Ray actors; `on_result(item, result, error)` for each.
-
-    An item running longer than `timeout_s`, or whose actor dies, gets `error` set; that actor is killed
-    and replaced and the job goes on. `ping(actor)` (an object ref) is awaited before an actor gets work,
-    so its start (importing bpy) does not count against the first item's timeout. An actor whose result
-    makes `retire(result)` true (its renderer could not reset) is killed and replaced after reporting the
-    result, instead of getting the next item. An exception raised
-    inside the method (a bug, since the step catches per-asset errors itself) propagates after every actor
-    is killed.
-    """
-    import ray
-    from ray.exceptions import RayActorError
-
-    def started(new: list[Any]) -> list[Any]:
-        if ping is not None:
-            ray.get([ping(a) for a in new], timeout=start_timeout_s)
-        return new
-
-    idle, pending = started([make_actor() for _ in range(max(1, min(actors, len(items))))]), deque(items)
-    running: dict[Any, tuple[Any, Any, float]] = {}  # object ref -> (actor, item, start)
-
-    def replace(actor: Any) -> None:
-        ray.kill(actor, no_restart=True)
-        idle.extend(started([make_actor()]))
-
-    try:
-        while pending or running:
-            while pending and idle:
-                actor, item = idle.pop(), pending.popleft()
-                running[submit(actor, item)] = (actor, item, time.monotonic())
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for ref in ready:
-                actor, item, _t0 = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except RayActorError as e:
-                    on_result(item, None, f"renderer crashed ({type(e).__name__}); actor replaced")
-                    replace(actor)
-                    continue
-                on_result(item, result, None)
-                if retire is not None and retire(result):
-                    replace(actor)
-                else:
-                    idle.append(actor)
-            now = time.monotonic()
-            for ref, (actor, item, t0) in list(running.items()):
-                if now - t0 > timeout_s:
-                    running.pop(ref)
-                    on_result(item, None, f"timeout after {timeout_s:g} s; actor replaced")
-                    replace(actor)
-    finally:
-        for actor, _, _ in running.values():
-            ray.kill(actor, no_restart=True)
-        for actor in idle:
-            ray.kill(actor, no_restart=True)
-
-
-def render_ray(jobs: Sequence[dict], cfg: RenderConfig, eval_mode: bool,
-               on_row: Callable[[dict, dict], None]) -> None:
-    """Ray actors, each holding one bpy (pipelines.executor.init_ray decides local vs cluster)."""
-    import dataclasses
-
-    from pipelines.executor import init_ray
-
-    n = max(1, min(cfg.actors, len(jobs)))
-    ray = init_ray(num_cpus=max(n, os.cpu_count() or 1))
-    threads = threads_per_renderer(cfg, n)
-    actor_cls = ray.remote(num_cpus=1, max_restarts=0)(RenderActor)
-    cfg_dict = dataclasses.asdict(cfg)
-
-    def result(job: dict, row: dict | None, error: str | None) -> None:
-        on_row(job, row if row is not None else {"uid": job["uid"], "status": mf.FAILED, "reason": error,
-                                                 "seconds": cfg.timeout_s if error.startswith("timeout") else 0.0})
-
-    run_actor_pool(jobs, lambda: actor_cls.remote(cfg_dict, threads, eval_mode),
-                   lambda a, job: a.render.remote(job), result, n, cfg.timeout_s, ping=lambda a: a.ready.remote(),
-                   retire=_reset_failed)
-
-
-def _reset_failed(row: Any) -> bool:
+def reset_failed(row: Any) -> bool:
     """A renderer whose bpy could not reset after its asset holds unknown state: do not give it another."""
     return isinstance(row, dict) and bool(row.get("reset_failed"))
 
@@ -254,9 +145,13 @@ def _reset_failed(row: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, eval_mode: bool = False, use_ray: bool | None = None, flush_s: float = 10.0,
+def run(cfg: Config, eval_mode: bool = False, executor: str | None = None, flush_s: float = 10.0,
         progress: bool = True) -> list[dict]:
-    """Render what is left; write the manifest and the contact sheet; return all rows of this stage."""
+    """Render what is left; write the manifest and the contact sheet; return all rows of this stage.
+
+    `executor` overrides render.executor (local | process | ray)."""
+    rc = cfg.render
+    executor = check_executor(executor or rc.executor, "render.executor")
     root = render_root(cfg, eval_mode)
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)  # leftovers of a killed run are never taken as done
@@ -271,48 +166,43 @@ def run(cfg: Config, eval_mode: bool = False, use_ray: bool | None = None, flush
         mf.write_rows(table, mf.merge(old, new))
         last_flush[0] = time.monotonic()
 
-    bar = tqdm(total=len(jobs), desc=stage, unit="asset", disable=not progress, dynamic_ncols=True)
-    counts = {mf.OK: 0, mf.FAILED: 0}
-
     def on_row(job: dict, row: dict) -> None:
+        if reset_failed(row):
+            print(f"render: warning: scene reset failed after {job['uid']} ({row.get('reset_reason', '')}); "
+                  "its renderer is replaced", file=sys.stderr)
+        if row.get("status") != mf.OK and str(row.get("reason", "")).startswith("timeout"):
+            row = {**row, "seconds": rc.timeout_s}
         r = normalise_row({**row, "rendered": row.get("status") == mf.OK,
                            "path": job["dest"] if row.get("status") == mf.OK else ""}, job)
         new.append(r)
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-        bar.update(1)
-        bar.set_postfix(ok=counts[mf.OK], failed=counts[mf.FAILED])
         if time.monotonic() - last_flush[0] > flush_s:
             flush()
 
-    use_ray = (cfg.render.executor == "ray") if use_ray is None else use_ray
+    renderers = 1 if executor == "local" else max(1, min(rc.workers, len(jobs)))
+    make = partial(RenderWorker, dataclasses.asdict(rc), threads_per_renderer(rc, renderers), eval_mode,
+                   cfg.data.max_file_bytes)
     try:
-        if jobs:
-            (render_ray if use_ray else render_local)(jobs, cfg.render, eval_mode, on_row)
+        # bpy's import is the slow part of a renderer's start (seconds, more on a busy machine)
+        run_workers(make, jobs, executor=executor, workers=renderers, timeout_s=rc.timeout_s, retire=reset_failed,
+                    desc=stage, on_row=on_row, progress=progress, start_timeout_s=300.0)
     finally:
-        bar.close()
         flush()
     rows = mf.merge(old, new)
     ok = sorted(r["uid"] for r in rows if r["status"] == mf.OK and (root / r["uid"]).is_dir())
     if ok:
-        from render.sheet import contact_sheet
-
-        pick = ok[:: max(1, len(ok) // max(1, cfg.render.sheet_assets))][: cfg.render.sheet_assets]
+        pick = ok[:: max(1, len(ok) // max(1, rc.sheet_assets))][: rc.sheet_assets]
         folders = [root / u / "orbit" if eval_mode else root / u for u in pick]
-        contact_sheet(folders, root / "sheet.png", views=cfg.render.sheet_views)
+        contact_sheet(folders, root / "sheet.png", views=rc.sheet_views)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--eval", action="store_true", help="render the evaluation orbit + 4 input views instead")
-    p.add_argument("--no-ray", action="store_true", help="render in-process (same as render.executor=local)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.render.executor not in ("ray", "local"):
-        print(f"error: render.executor must be ray or local, got {cfg.render.executor!r}", file=sys.stderr)
-        return 2
     save_resolved(cfg, "render_eval" if args.eval else "render")
-    rows = run(cfg, eval_mode=args.eval, use_ray=False if args.no_ray else None)
+    rows = run(cfg, eval_mode=args.eval)
     flagged = sum(1 for r in rows if r["status"] == mf.OK and not r["quality_ok"])
     print(f"render: {mf.summary(rows)}; {flagged} ok but quality-flagged -> "
           f"{mf.manifest_path(cfg.out, 'render_eval' if args.eval else 'render')}")

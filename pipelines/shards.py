@@ -7,8 +7,9 @@ training never reads it and eval takes it from the render folders). Shards are `
 How it stays reproducible and resumable:
 - The split is a pure function of the uid (sha256 -> [0, 1) < `val_fraction`) plus a forced-val uid list.
 - The whole layout (which uid goes into which shard) is *planned* up front from file sizes, because a tar's
-  size is a closed form of its members' sizes. Writers then only fill planned shards, so 1 writer and N Ray
-  writers produce the same, byte-identical files (sorted uids, sorted members, fixed mtime/uid/gid/mode).
+  size is a closed form of its members' sizes. Writers then only fill planned shards, so 1 writer and N
+  writers (`shards.executor=process` or `ray`, `shards.writers=N`) produce the same, byte-identical files
+  (sorted uids, sorted members, fixed mtime/uid/gid/mode).
 - A shard is written as `.tmp-*` and renamed when closed; `index.parquet` is rewritten after each close.
   A rerun first adopts closed shards missing from the index (a crash between rename and index write),
   drops index rows whose file vanished, then plans only uids not yet in a closed shard, numbering on.
@@ -22,7 +23,7 @@ import json
 import sys
 import tarfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from core import manifest
-from core.config import Config
+from core.cli import config_from_args, save_resolved, stage_parser
+from core.config import Config, check_executor
 from core.io import atomic_path, clean_temporaries, sha256_file
 from core.layout import (
     MAX_META_BYTES,
@@ -43,6 +45,7 @@ from core.layout import (
     view_name,
     write_index,
 )
+from pipelines.executor import run_step
 
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
 
@@ -91,8 +94,6 @@ def uid_fraction(uid: str) -> float:
 
 def split_of(uid: str, val_fraction: float, forced_val: set[str] | frozenset[str] = frozenset()) -> str:
     return "val" if uid in forced_val or uid_fraction(uid) < val_fraction else "train"
-
-
 
 
 def member_bytes(size: int) -> int:
@@ -234,7 +235,7 @@ def collect_assets(cfg: Config, packed: dict[str, dict[str, Any]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing one shard (a plain function: the local loop and the Ray tasks both call it).
+# Writing one shard (a plain function: the executor's step calls it, in this process, a worker or Ray).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -296,37 +297,9 @@ def reconcile_index(shard_dir: Path, rows: list[dict[str, Any]]) -> list[dict[st
     return kept
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Executors.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _run_local(plans: list[ShardPlan], shard_dir: Path, mtime: float,
-               on_done: Callable[[dict[str, Any]], None]) -> None:
-    from tqdm import tqdm
-
-    for plan in tqdm(plans, desc="shards", unit="shard", disable=not plans):
-        on_done(write_shard(plan, shard_dir, mtime))
-
-
-def _run_ray(plans: list[ShardPlan], shard_dir: Path, mtime: float, writers: int,
-             on_done: Callable[[dict[str, Any]], None]) -> None:
-    """One Ray task per planned shard, at most `writers` in flight; the driver records each as it closes."""
-    from tqdm import tqdm
-
-    from pipelines.executor import init_ray  # the one place that connects (RAY_ADDRESS or a local Ray)
-
-    ray = init_ray()
-    task = ray.remote(num_cpus=1)(write_shard)
-    pending = list(plans)
-    in_flight: list[Any] = []
-    with tqdm(total=len(plans), desc="shards (ray)", unit="shard", disable=not plans) as bar:
-        while pending or in_flight:
-            while pending and len(in_flight) < writers:
-                in_flight.append(task.remote(pending.pop(0), str(shard_dir), mtime))
-            done, in_flight = ray.wait(in_flight, num_returns=1)
-            on_done(ray.get(done[0]))  # a task-level error (disk full, ...) raises here
-            bar.update(1)
+def write_shard_step(item: dict[str, Any], shard_dir: str, mtime: float) -> dict[str, Any]:
+    """The executor's step: `item["plan"]` -> a row whose `index` is the closed shard's index row."""
+    return {"uid": item["uid"], "status": manifest.OK, "index": write_shard(item["plan"], shard_dir, mtime)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,8 +308,14 @@ def _run_ray(plans: list[ShardPlan], shard_dir: Path, mtime: float, writers: int
 
 
 def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
-    """Pack every ok render into shards; resumable. Returns a summary (counts, shard names written)."""
+    """Pack every ok render into shards; resumable. Returns a summary (counts, shard names written).
+
+    `executor` overrides shards.executor (local | process | ray)."""
     sc = cfg.shards
+    kind = check_executor(executor or sc.executor, "shards.executor")
+    if sc.writers > 1 and kind == "local":
+        raise ValueError(f"shards.writers={sc.writers} needs shards.executor=process or ray "
+                         "(local writes one shard at a time)")
     out = cfg.out_path
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -355,19 +334,19 @@ def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     plans = plan_shards(todo, sc.max_count, sc.max_bytes, start)
     write_index(out, index)
 
-    def on_done(r: dict[str, Any]) -> None:
-        index.append(r)
-        write_index(out, index)
+    def on_row(item: dict[str, Any], row: dict[str, Any]) -> None:
+        if row["status"] == manifest.OK:  # index each shard as it closes: a crash later loses none of them
+            index.append(row["index"])
+            write_index(out, index)
 
-    kind = executor or sc.executor
-    if kind == "auto":
-        kind = "ray" if sc.writers > 1 and len(plans) > 1 else "local"
-    if kind == "ray":
-        _run_ray(plans, shard_dir, sc.mtime, max(1, sc.writers), on_done)
-    elif kind == "local":
-        _run_local(plans, shard_dir, sc.mtime, on_done)
-    else:
-        raise ValueError(f"shards.executor must be auto | local | ray, got {kind!r}")
+    # Shards are built from our own render folders (no untrusted parsing): no per-item timeout.
+    results = run_step(write_shard_step, [{"uid": p.name, "plan": p} for p in plans], executor=kind,
+                       workers=sc.writers, kwargs={"shard_dir": str(shard_dir), "mtime": sc.mtime},
+                       desc=f"shards ({kind})", on_row=on_row)
+    failed = [r for r in results if r["status"] != manifest.OK]
+    if failed:  # a task-level error (disk full, a render file that vanished): the closed shards stay indexed
+        raise RuntimeError(f"{len(failed)} shard(s) not written, e.g. {failed[0]['uid']}: {failed[0]['reason']}; "
+                           "fix the cause and rerun (closed shards are kept)")
 
     where = {u: r for r in index for u in r["uids"]}
     for a in assets:
@@ -394,20 +373,14 @@ _MANIFEST_DEFAULTS = {"uid": "", "status": manifest.FAILED, "reason": "", "split
                       "views": 0, "license": ""}
 
 
-
-
 def main(argv: Iterable[str] | None = None) -> int:
-    from core.cli import config_from_args, save_resolved, stage_parser
-
     p = stage_parser(__doc__.split("\n\n")[0] + "\n\n" + "Reads OUT/manifest/render.parquet and OUT/renders/; "
                      "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet.")
-    p.add_argument("--executor", choices=["auto", "local", "ray"], default=None,
-                   help="override shards.executor (auto: Ray when shards.writers > 1)")
     args = p.parse_args(list(argv) if argv is not None else None)
     cfg = config_from_args(args)
     save_resolved(cfg, "shards")
     try:
-        s = pack(cfg, args.executor)
+        s = pack(cfg)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Blender-free file work of the renderer: where an asset's files may come from, image sizes from file
 headers, a pre-import check of vertex coordinates, and the encoding of render passes into DESIGN's PNGs.
-(`render/blender.py` holds everything that needs bpy.)"""
+(render/scene.py, render/cycles.py and render/blender.py hold everything that needs bpy.)"""
 
 from __future__ import annotations
 

@@ -152,7 +152,7 @@ def test_data_job_runs_on_both_nodes_of_a_cluster(cluster, tmp_path: Path):
     on_cluster = _run_data(tmp_path / "cluster", ["data.executor=ray"],
                            cluster["env"] | {"RAY_ADDRESS": cluster["address"]})
     local = tmp_path / "local"
-    _run_data(local, ["data.executor=inline"], {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"})
+    _run_data(local, ["data.executor=local"], {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"})
 
     # Ray's own task table: every download batch is a finished `_call` task; together they used both nodes.
     from ray.util.state import list_tasks

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from core.config import Config, to_dict
+from core.sheets import SheetRow, write_sheet
 from training.recon_inputs import LAYOUTS, InputError, Views, read_views
 from training.refine import RefineResult, psnr, rasterize_surface, refine_texture, shade
 
@@ -258,29 +259,11 @@ def write_turntable(path: Path, frames: list[np.ndarray], fps: int = 12) -> None
     ims[0].save(path, format="GIF", save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
 
 
-def inputs_sheet(rows: list[list[np.ndarray]], labels: list[str]) -> np.ndarray:
-    """A grid image: one row per entry of `rows` (images [S,S,3] uint8), a text label above each row."""
-    from PIL import Image, ImageDraw
-
-    S = rows[0][0].shape[0]
-    cols = max(len(r) for r in rows)
-    pad = 14
-    sheet = Image.new("RGB", (cols * S, len(rows) * (S + pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        draw.text((2, i * (S + pad) + 1), label, fill=(0, 0, 0))
-        for j, im in enumerate(row):
-            sheet.paste(Image.fromarray(im), (j * S, i * (S + pad) + pad))
-    return np.asarray(sheet)
-
-
 def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path, cfg: Config,
                   extra: dict[str, Any] | None = None, turntable_frames: int = 24, picture_size: int = 256,
                   progress: bool = False) -> dict[str, Any]:
     """Write mesh.glb (+ texture, + vertex-colour variant), turntable.gif, inputs_sheet.png, timings.json
     into the existing folder `out_dir`; returns the timings dict."""
-    from PIL import Image
-
     from training.export import export_glb
     from training.ops.raster import make_rasterizer
 
@@ -313,7 +296,7 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
         rows.append([_to_uint8(im) for im in result.render(model, in_c2w, in_K, size, rasterizer=rz)])
         labels.append(f"refined, tune={cfg.refine.tune if extra is None else extra.get('tune', cfg.refine.tune)}"
                       f" ({result.psnr_after:.2f} dB)")
-    Image.fromarray(inputs_sheet(rows, labels)).save(out_dir / "inputs_sheet.png")
+    write_sheet(out_dir / "inputs_sheet.png", [SheetRow(t, r) for t, r in zip(labels, rows)], labels="above")
 
     timings = {
         "seconds": {**{k: round(v, 4) for k, v in result.timings.items()}, "export": round(export_s, 4)},

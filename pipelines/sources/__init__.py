@@ -3,7 +3,8 @@
 `candidates(cfg)` returns (table, failed): the candidates for the filter (one row per uid,
 `pipelines.filter.CANDIDATE_SCHEMA`) and `failed` manifest rows for what could not even be listed
 (an unreadable folder, a corrupt annotation shard, no network). `fetch_step(cfg)` returns
-`(step, kwargs)`: a plain picklable function `step(item, **kwargs) -> row` run by the executor.
+`(step, kwargs)`: a plain picklable function `step(item, **kwargs) -> row` run by the executor. Source
+strings are parsed by `core.sources.parse_source` (re-exported here), which evaluation shares.
 
 | source | candidates | fetch |
 | --- | --- | --- |
@@ -22,34 +23,16 @@ from typing import Any
 import pyarrow as pa
 
 from core.config import Config
+from core.sources import SOURCE_KINDS, SourceError, parse_source
+from pipelines.filter import candidate_table
 
-KINDS = ("procedural", "objaverse", "local", "gso")
-
-
-class SourceError(ValueError):
-    """A `SOURCE=` value that names no usable source; the message says why."""
-
-
-def parse_source(text: str) -> tuple[str, str]:
-    """`local:/data/meshes` -> ("local", "/data/meshes"); `procedural` -> ("procedural", "")."""
-    kind, _, arg = text.partition(":")
-    kind = kind.strip()
-    if kind not in KINDS:
-        raise SourceError(f"unknown source '{text}' (known: procedural, objaverse, local:<dir>, gso:<dir>)")
-    if kind in ("local", "gso"):
-        if not arg:
-            raise SourceError(f"source '{kind}' needs a folder: {kind}:<dir>")
-        if not Path(arg).expanduser().is_dir():
-            raise SourceError(f"source folder not found or not a folder: {arg}")
-    elif arg:
-        raise SourceError(f"source '{kind}' takes no argument, got '{text}'")
-    return kind, str(Path(arg).expanduser().resolve()) if arg else ""
+__all__ = ["SOURCE_KINDS", "SourceError", "assets_dir", "candidates", "fetch_step", "parse_source"]
 
 
 def candidates(cfg: Config) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Candidate table (`pipelines.filter.CANDIDATE_SCHEMA`) and failed rows of the configured source."""
-    from pipelines.filter import candidate_table
-
+    # Each source's module is imported when that source is used: their dependencies (trimesh, objaverse)
+    # cost seconds to import and a run uses one source.
     kind, arg = parse_source(cfg.source)
     if kind == "procedural":
         from pipelines.sources import procedural
@@ -92,7 +75,9 @@ def fetch_step(cfg: Config) -> tuple[Callable[..., dict], dict[str, Any]]:
 
     return objaverse.fetch, {"assets_dir": out, "cache": d.objaverse_cache, "mirror": d.objaverse_mirror,
                              "retries": d.download_retries, "timeout_s": d.download_timeout_s,
-                             "check_size": d.check_size, "max_bytes": d.max_archive_bytes}
+                             "check_size": d.check_size,
+                             # the downloaded glb is the annotated archive: both caps bound it
+                             "max_bytes": min((c for c in (d.max_archive_bytes, d.max_file_bytes) if c > 0), default=0)}
 
 
 def assets_dir(cfg: Config) -> Path:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.download import VerifyError, ok_row, place_folder, verify_file
-from pipelines.sources.local import _MAP_KEYS, _inside, obj_dependencies, uid_for
+from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
+from pipelines.sources.local import MTL_MAP_KEYS, obj_dependencies, uid_for
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "Google Scanned Objects (Downs et al., 2022), Google LLC, CC BY 4.0"
@@ -55,7 +55,7 @@ def _expected_textures(mtl: Path) -> list[str]:
     out = []
     for raw in mtl.read_bytes().splitlines():
         key, _, rest = raw.decode("utf-8", "replace").strip().partition(" ")
-        if key.lower() in _MAP_KEYS and rest.split():
+        if key.lower() in MTL_MAP_KEYS and rest.split():
             out.append(rest.split()[-1].replace("\\", "/"))
     return out
 
@@ -68,7 +68,7 @@ def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None) 
     verify_file(obj, "obj", max_bytes=max_bytes)
     files = {MESH: obj}
     for dep in obj_dependencies(obj):
-        if _inside(obj_dir, dep):
+        if is_inside(obj_dir, dep):
             files[dep.resolve().relative_to(obj_dir.resolve()).as_posix()] = dep
     textures = obj_dir / "materials" / "textures"
     for mtl in [p for p in files.values() if p.suffix.lower() == ".mtl"]:

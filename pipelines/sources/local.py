@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from core.config import DataConfig
-from pipelines.download import VerifyError, ok_row, place_file, place_folder, verify_file
+from pipelines.assets import VerifyError, is_inside, ok_row, place_file, place_folder, verify_file
 
 EXTENSIONS = {".glb": "glb", ".gltf": "gltf", ".obj": "obj", ".ply": "ply", ".stl": "stl", ".fbx": "fbx"}
-_MAP_KEYS = ("map_kd", "map_ka", "map_ks", "map_ns", "map_d", "map_bump", "bump", "disp", "decal", "norm",
+# MTL statements that name a texture file (lower case); gso.py reads the same ones
+MTL_MAP_KEYS = ("map_kd", "map_ka", "map_ks", "map_ns", "map_d", "map_bump", "bump", "disp", "decal", "norm",
              "map_pr", "map_pm", "map_ke", "refl")
 
 
@@ -65,14 +66,6 @@ def candidates(root: str, cfg: DataConfig) -> tuple[list[dict[str, Any]], list[d
     return rows, failed
 
 
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _ref_path(base: Path, text: str) -> Path | None:
     """A referenced file, if `text` names one relative to `base` (absolute paths are refused)."""
     text = text.strip().strip('"').replace("\\", "/")
@@ -101,7 +94,7 @@ def obj_dependencies(obj: Path) -> list[Path]:
             for raw in f:
                 line = raw.decode("utf-8", "replace").strip()
                 key, _, rest = line.partition(" ")
-                if key.lower() not in _MAP_KEYS or not rest:
+                if key.lower() not in MTL_MAP_KEYS or not rest:
                     continue
                 tokens = rest.split()
                 # options (-s 1 1 1, -bm 0.5 ...) come before the file name: try the longest tails first
@@ -133,7 +126,7 @@ def place_with_dependencies(root: Path, main: Path, deps: list[Path], dst: Path)
     The layout is taken relative to the deepest folder holding all of them, never above `root`; a
     dependency outside `root` is dropped (it stays data: nothing outside the source folder is copied).
     """
-    deps = [d for d in deps if _inside(root, d)]
+    deps = [d for d in deps if is_inside(root, d)]
     files = [main.resolve()] + [d.resolve() for d in deps]
     base = Path(os.path.commonpath([str(p.parent) for p in files]))
     place_folder({p.relative_to(base).as_posix(): p for p in files}, dst)
@@ -147,7 +140,7 @@ def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None,
     item = {**item, "license": license}
     root_p = Path(root)
     src = root_p / item["locator"]
-    if not _inside(root_p, src):
+    if not is_inside(root_p, src):
         raise VerifyError(f"file resolves outside the source folder: {item['locator']}")
     fmt = item["format"]
     verify_file(src, fmt, max_bytes=max_bytes)

@@ -33,7 +33,9 @@ import pyarrow as pa
 
 from core.config import DataConfig
 from core.io import atomic_path
-from pipelines.download import VerifyError, ok_row, place_file, verify_file
+from core.layout import read_uid_list
+from pipelines.assets import VerifyError, ok_row, place_file, verify_file
+from pipelines.filter import annotations_to_table
 
 HF_BASE = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 OBJECT_PATHS = "object-paths.json.gz"
@@ -137,9 +139,6 @@ def candidates(cfg: DataConfig) -> tuple[pa.Table, list[dict[str, Any]]]:
     every uid of `load_uids()`. A metadata shard that cannot be fetched or is corrupt fails its uids.
     """
     import objaverse
-
-    from core.layout import read_uid_list
-    from pipelines.filter import annotations_to_table
 
     configure(cfg.objaverse_cache)
     install_network(cfg.objaverse_mirror, cfg.download_timeout_s)

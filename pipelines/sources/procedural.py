@@ -20,6 +20,7 @@ import trimesh
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from core.io import atomic_write_bytes
+from pipelines.assets import ok_row
 
 LICENSE = "cc0"
 ATTRIBUTION = "GTR toolkit procedural"
@@ -231,8 +232,6 @@ def candidates(count: int, start: int = 0) -> list[dict[str, Any]]:
 
 def fetch(item: dict, assets_dir: str, texture_size: int = 512) -> dict[str, Any]:
     """Download step for the procedural source: generate the asset into `assets_dir/<uid>.glb`."""
-    from pipelines.download import ok_row  # late: the download module imports the sources' steps
-
     t0 = time.perf_counter()
     index = int(item["locator"])
     path = Path(assets_dir) / f"{uid_for(index)}.glb"

@@ -1,6 +1,7 @@
 """eval/run.py end to end (Blender renders the eval sets): a GSO folder the test builds and the held-out
-procedural set, each built under OUT/evalsets/<slug>/ and never from the training manifest; a model with an
-analytic sphere for density stands in for a checkpoint; failures (a broken object, an empty mesh) are rows.
+procedural set, each built under OUT/evalsets/<slug>/ by pipelines.evalset (`make render-eval`) and never
+from the training manifest, then scored; a model with an analytic sphere for density stands in for a
+checkpoint; failures (a broken object, an empty mesh) are rows.
 
 Sizes are tiny (24² renders below LPIPS's 32² floor, 6 orbit views, 24³ marching cubes): the point is the
 plumbing and what lands on disk, the metrics are proven in test_metrics.py / test_geometry.py.
@@ -24,6 +25,7 @@ from core import manifest as mf
 from core.config import load_config
 from core.layout import INDEX_SCHEMA
 from eval import run as eval_run
+from pipelines.evalset import build as build_evalset
 from pipelines.sources.local import uid_for as local_uid
 from pipelines.sources.procedural import make_procedural_asset
 from training.model import GTR
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.blender
 ORBIT = 6
 SIZE = 24
 SMALL = [f"render.resolution={SIZE}", "render.samples=4", f"render.eval_orbit_views={ORBIT}", "render.executor=local",
-         "render.threads=2", "render.sheet_views=2", "data.executor=inline", "data.procedural_texture_size=64",
+         "render.threads=2", "render.sheet_views=2", "data.executor=local", "data.procedural_texture_size=64",
          "loader.input_size=32", "mesh.grid=24", "refine.steps=2", "refine.render_size=32", "eval.points=2000",
          "eval.iou_resolution=16", "eval.icp_iterations=5", "eval.sheet_views=3", "eval.methods=[feedforward,refined]"]
 TRAINING = [f"procedural-{i:04d}" for i in range(8)]  # what the fake training run below used
@@ -113,6 +115,7 @@ def test_gso_folder(world, monkeypatch):
     out, gso, trained_gso = world
     cfg = load_config(None, [f"out={out}", *SMALL, "eval.max_assets=2"])
     monkeypatch.setattr(eval_run, "_load", lambda ckpt, default, c: (_model(SphereGTR, c), "sphere double"))
+    build_evalset(cfg, f"gso:{gso}", progress=False)
     rows = eval_run.run(cfg, source=f"gso:{gso}", progress=False)
 
     root = next((out / "evalsets").glob("gso-gso-*"))
@@ -157,6 +160,7 @@ def test_procedural_held_out_then_an_empty_mesh(world, monkeypatch, capsys):
     out, _, _ = world
     cfg = load_config(None, [f"out={out}", *SMALL, "eval.max_assets=1"])
     monkeypatch.setattr(eval_run, "_load", lambda ckpt, default, c: (_model(SphereGTR, c), "sphere double"))
+    build_evalset(cfg, "procedural", progress=False)
     rows = eval_run.run(cfg, source="procedural", progress=False)
     root = out / "evalsets" / "procedural-heldout"
     down = mf.read_rows(root / "manifest" / "download.parquet")

@@ -96,7 +96,7 @@ def world(tmp_path, monkeypatch):
 
 
 def run(out: Path, cache: Path, mirror_url: str, *extra: str) -> int:
-    return data_main(["--source", "objaverse", "--out", str(out), "data.executor=inline", "data.max_assets=0",
+    return data_main(["--source", "objaverse", "--out", str(out), "data.executor=local", "data.max_assets=0",
                       f"data.objaverse_cache={cache}", f"data.objaverse_mirror={mirror_url}",
                       "data.download_timeout_s=1", "data.download_retries=2", "data.deny_tags=[]",
                       "data.licenses=[by, cc0]", *extra])

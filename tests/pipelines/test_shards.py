@@ -7,6 +7,7 @@ the fake render stage wrote.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -187,11 +188,30 @@ def test_missing_render_manifest_is_a_clear_error(tmp_path):
         pack(_cfg(tmp_path))
 
 
-def test_index_schema_columns(tmp_path):
-    write_renders(tmp_path, UIDS[:2], views=2)
-    pack(_cfg(tmp_path))
-    names = pq.read_schema(tmp_path / "shards" / "index.parquet").names
-    assert names[:7] == ["shard", "split", "uids", "count", "bytes", "sha256", "licenses"]
+def test_index_rows_describe_the_tars_on_disk(tmp_path):
+    """Every index row, read back with pyarrow, against its tar read with tarfile and hashed with hashlib."""
+    write_renders(tmp_path, UIDS, views=2)
+    pack(_cfg(tmp_path, max_count=2, val_fraction=0.3))
+    index = pq.read_table(tmp_path / "shards" / "index.parquet").to_pylist()
+    on_disk = sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))
+    assert sorted(r["shard"] for r in index) == on_disk and len(on_disk) >= 4  # train and val shards
+    for r in index:
+        path = tmp_path / "shards" / r["shard"]
+        with tarfile.open(path) as t:
+            members = t.getmembers()
+            keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+            metas = {m.name.split(".", 1)[0]: json.loads(t.extractfile(m).read())
+                     for m in members if m.name.endswith(".meta.json")}
+        assert r["uids"] == keys and r["count"] == len(keys) <= 2, r["shard"]
+        assert r["bytes"] == path.stat().st_size and r["sha256"] == _sha(path)
+        assert r["shard"].startswith(r["split"] + "-")
+        assert all(split_of(u, 0.3) == r["split"] for u in keys)
+        assert r["licenses"] == [metas[u]["license"] for u in keys]
+        assert r["attributions"] == [metas[u]["attribution"] for u in keys]
+    packed = [u for r in index for u in r["uids"]]
+    assert sorted(packed) == UIDS and len(packed) == len(set(packed))  # each ok asset in exactly one shard
+    rows = {r["uid"]: r for r in manifest.read_rows(manifest.manifest_path(tmp_path, "shards"))}
+    assert {u: rows[u]["shard"] for u in UIDS} == {u: r["shard"] for r in index for u in r["uids"]}
 
 
 def test_cli_help_and_run(tmp_path):
@@ -203,6 +223,20 @@ def test_cli_help_and_run(tmp_path):
                        cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "shards" / "train-000000.tar").is_file() and (tmp_path / "configs" / "shards.yaml").is_file()
+
+
+def test_process_writers_give_the_same_bytes_and_several_writers_need_a_parallel_executor(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_renders(a, UIDS, views=2)
+    shutil.copytree(a, b)
+    pack(_cfg(a, max_count=2), executor="local")
+    with pytest.raises(ValueError, match="shards.writers=2 needs shards.executor=process or ray"):
+        pack(_cfg(b, max_count=2, writers=2), executor="local")
+    pack(_cfg(b, max_count=2, writers=2), executor="process")
+    ia, ib = read_index(a), read_index(b)
+    assert len(ia) == 5 and [(r["shard"], r["sha256"]) for r in ia] == [(r["shard"], r["sha256"]) for r in ib]
+    for r in ia:
+        assert (a / "shards" / r["shard"]).read_bytes() == (b / "shards" / r["shard"]).read_bytes()
 
 
 @pytest.mark.ray

@@ -19,7 +19,7 @@ from pipelines.sources import SourceError, parse_source
 from pipelines.sources.local import candidates as local_candidates
 from pipelines.sources.procedural import SHAPES, TEXTURES, describe, make_procedural_asset
 
-INLINE = ["data.executor=inline", "data.max_assets=0"]
+LOCAL = ["data.executor=local", "data.max_assets=0"]
 
 
 def rows_of(out: Path, stage: str) -> dict[str, dict]:
@@ -65,7 +65,7 @@ def test_procedural_variety_and_hard_textures(tmp_path):
 def test_data_procedural_end_to_end(tmp_path):
     out = tmp_path / "out"
     rc = data_main(["--source", "procedural", "--out", str(out), "data.procedural_count=3",
-                    "data.procedural_texture_size=32", *INLINE])
+                    "data.procedural_texture_size=32", *LOCAL])
     assert rc == 0
     rows = rows_of(out, "download")
     assert len(rows) == 3
@@ -111,7 +111,7 @@ def build_local(root: Path) -> None:
 def test_local_folder(tmp_path):
     root, out = tmp_path / "meshes", tmp_path / "out"
     build_local(root)
-    rc = data_main(["--source", f"local:{root}", "--out", str(out), *INLINE])
+    rc = data_main(["--source", f"local:{root}", "--out", str(out), *LOCAL])
     assert rc == 3  # finished, some failed
     rows = rows_of(out, "download")
     by_rel = {rel: rows[hashlib.sha256(rel.encode()).hexdigest()[:32]]
@@ -134,7 +134,7 @@ def test_local_folder(tmp_path):
     # a rerun keeps the ok ones (same inode: not redone) and retries the failures
     ino = os.stat(by_rel["ball.ply"]["path"]).st_ino
     (root / "empty.stl").write_bytes((root / "cone.stl").read_bytes())
-    assert data_main(["--source", f"local:{root}", "--out", str(out), *INLINE]) == 3
+    assert data_main(["--source", f"local:{root}", "--out", str(out), *LOCAL]) == 3
     rows2 = rows_of(out, "download")
     assert rows2[by_rel["empty.stl"]["uid"]]["status"] == "ok"
     assert os.stat(by_rel["ball.ply"]["path"]).st_ino == ino
@@ -184,7 +184,7 @@ def build_gso(root: Path) -> None:
 def test_gso_layout(tmp_path):
     root, out = tmp_path / "gso", tmp_path / "out"
     build_gso(root)
-    assert data_main(["--source", f"gso:{root}", "--out", str(out), *INLINE]) == 3
+    assert data_main(["--source", f"gso:{root}", "--out", str(out), *LOCAL]) == 3
     rows = {r["name"]: r for r in rows_of(out, "download").values()}
     frows = {r["name"]: r for r in rows_of(out, "filter").values()}
     assert frows["Broken"]["status"] == "failed" and "meshes/model.obj missing" in frows["Broken"]["reason"]

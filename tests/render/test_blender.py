@@ -46,10 +46,11 @@ def load_view(folder: Path, i: int) -> dict[str, np.ndarray]:
             "normal": np.asarray(Image.open(folder / f"{i:02d}.normal.png")).astype(np.float64)}
 
 
-def render(tmp: Path, path: Path, cfg: RenderConfig, c2w: np.ndarray, uid: str = "asset") -> tuple[dict, Path]:
+def render(tmp: Path, path: Path, cfg: RenderConfig, c2w: np.ndarray, uid: str = "asset",
+           **kw) -> tuple[dict, Path]:
     dest = tmp / "out" / uid
     row = rb.render_asset({"uid": uid, "path": str(path), "source": "test", "license": "cc0"}, dest, cfg,
-                          {"": c2w}, threads=cfg.threads)
+                          {"": c2w}, threads=cfg.threads, **kw)
     return row, dest
 
 
@@ -376,7 +377,7 @@ def test_output_hash_per_mode():
             ("eval_orbit_views", 8, False, True), ("eval_distance", 3.0, False, True),
             ("eval_input_elevation_deg", 10.0, False, True),
             ("samples", 99, True, True), ("resolution", 48, True, True), ("depth_scale", 5000.0, True, True),
-            ("actors", 9, False, False), ("timeout_s", 5.0, False, False), ("threads", 1, False, False)):
+            ("workers", 9, False, False), ("timeout_s", 5.0, False, False), ("threads", 1, False, False)):
         cfg = small_cfg(**{field: value})
         assert (rb.output_hash(cfg, False) != train) == changes_train, field
         assert (rb.output_hash(cfg, True) != ev) == changes_eval, field
@@ -429,13 +430,13 @@ def test_bad_inputs_fail_with_reasons(tmp_path):
         "bigtex/m.obj": (small_cfg(max_texture_pixels=32 * 32), "texture"),
         "scripted.blend": (small_cfg(), "text block"),
         "missing.glb": (small_cfg(), "not a regular file"),
-        "huge.glb": (small_cfg(max_file_bytes=10), "bytes"),
+        "huge.glb": (small_cfg(), "above the 10-byte bound"),
     }
     trimesh.creation.box().export(tmp_path / "huge.glb")
     c2w = random_views("bad", 2)["c2w"]
     for name, (cfg, reason) in cases.items():
         uid = name.replace("/", "_")
-        row, dest = render(tmp_path, tmp_path / name, cfg, c2w, uid=uid)
+        row, dest = render(tmp_path, tmp_path / name, cfg, c2w, uid=uid, max_file_bytes=10 if name == "huge.glb" else 0)
         assert row["status"] == "failed" and reason in row["reason"], (name, row)
         assert not dest.exists(), name  # nothing half-written
     assert not marker.exists()  # the .blend's script never ran

@@ -1,4 +1,5 @@
-"""pipelines/render.py end to end: Ray actors, timeout/crash replacement, resume, SIGKILL then rerun, eval mode.
+"""pipelines/render.py end to end: Ray actors and worker processes holding bpy, resume, SIGKILL then rerun, eval
+mode. (The executor's timeout / crash / retire replacement is proven in tests/pipelines/test_executor.py.)
 
 (The stage entry lives in pipelines/ but is the render stage's; its test sits with the render tests.)
 """
@@ -19,7 +20,7 @@ import pytest
 from core import manifest as mf
 from core.cameras import look_at, random_views, spherical_position
 from core.config import Config, RenderConfig
-from pipelines.render import run, run_actor_pool
+from pipelines.render import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +55,7 @@ def make_assets(out: Path, n: int, bad: bool = True) -> list[str]:
 
 def small(out: Path, **render) -> Config:
     cfg = Config(out=str(out))
-    cfg.render = RenderConfig(**{"resolution": 32, "views": 3, "samples": 4, "actors": 2, "threads": 1,
+    cfg.render = RenderConfig(**{"resolution": 32, "views": 3, "samples": 4, "workers": 2, "threads": 1,
                                  "timeout_s": 120.0, **render})
     return cfg
 
@@ -71,65 +72,6 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
-
-
-class Flaky:
-    """A stand-in actor for the pool: hangs or dies on request, like Blender on a hostile file."""
-
-    def work(self, item: str) -> tuple[str, int]:
-        if item == "hang":
-            time.sleep(600)
-        if item == "crash":
-            os._exit(1)
-        return item, os.getpid()
-
-    def ready(self) -> int:
-        return os.getpid()
-
-
-@pytest.mark.ray
-def test_actor_pool_replaces_hung_and_crashed_actors(ray_local):
-    ray = ray_local
-    # The test module is not importable in Ray's workers: ship the class by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cls = ray.remote(num_cpus=0)(Flaky)
-    results: dict[str, tuple] = {}
-    items = ["a", "hang", "b", "crash", "c", "d"]
-    run_actor_pool(items, cls.remote, lambda a, it: a.work.remote(it),
-                   lambda it, res, err: results.__setitem__(it, (res, err)), actors=2, timeout_s=8.0,
-                   ping=lambda a: a.ready.remote())
-    assert set(results) == set(items)
-    assert results["hang"][0] is None and results["hang"][1].startswith("timeout")
-    assert results["crash"][0] is None and "crashed" in results["crash"][1]
-    for it in "abcd":
-        assert results[it][1] is None and results[it][0][0] == it
-    assert len({results[it][0][1] for it in "abcd"}) >= 2  # work moved on to replacement actors
-
-
-class Poisoned:
-    """A stand-in actor whose result says its renderer could not reset (render_asset's `reset_failed`)."""
-
-    def work(self, item: str) -> dict:
-        return {"item": item, "pid": os.getpid(), "reset_failed": item == "poison"}
-
-    def ready(self) -> int:
-        return os.getpid()
-
-
-@pytest.mark.ray
-def test_actor_pool_retires_an_actor_whose_reset_failed(ray_local):
-    from pipelines.render import _reset_failed
-
-    ray = ray_local
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cls = ray.remote(num_cpus=0)(Poisoned)
-    got: dict[str, dict] = {}
-    run_actor_pool(["a", "b", "poison", "c"], cls.remote, lambda a, it: a.work.remote(it),
-                   lambda it, res, err: got.__setitem__(it, res), actors=1, timeout_s=60.0,
-                   ping=lambda a: a.ready.remote(), retire=_reset_failed)
-    assert got["a"]["pid"] == got["b"]["pid"] == got["poison"]["pid"]  # one actor, reused while healthy
-    assert got["c"]["pid"] != got["poison"]["pid"]  # ... and replaced after its reset failed
-    assert got["poison"]["reset_failed"] and not got["c"]["reset_failed"]
 
 
 def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
@@ -153,9 +95,11 @@ def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
 @pytest.mark.ray
 @pytest.mark.blender
 def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
+    pytest.importorskip("bpy")  # this process holds bpy too (as in a whole test session): the worker processes
+    # of the rerun copy its sys.path and must still import their own
     make_assets(tmp_path, 2)
     cfg = small(tmp_path)
-    run(cfg, use_ray=True, progress=False)
+    run(cfg, executor="ray", progress=False)
     rows = rows_by_uid(tmp_path)
     assert set(rows) == {"asset0", "asset1", "broken"}  # the download-failed uid is not a render job
     assert rows["broken"]["status"] == "failed" and "import failed" in rows["broken"]["reason"]
@@ -171,8 +115,8 @@ def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
     assert (tmp_path / "renders" / "sheet.png").exists()
     before = {u: json.loads((tmp_path / "renders" / u / "meta.json").read_text())["rendered_at"]
               for u in ("asset0", "asset1")}
-    # Rerun in-process: complete assets are skipped, the failed one is retried (and fails again).
-    run(cfg, use_ray=False, progress=False)
+    # Rerun in worker processes: complete assets are skipped, the failed one is retried (and fails again).
+    run(cfg, executor="process", progress=False)
     rows = rows_by_uid(tmp_path)
     for u, t in before.items():
         assert json.loads((tmp_path / "renders" / u / "meta.json").read_text())["rendered_at"] == t
@@ -183,7 +127,7 @@ def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
 @pytest.mark.blender
 def test_sigkill_halfway_then_rerun_renders_each_asset_once(tmp_path):
     make_assets(tmp_path, 3, bad=False)
-    args = [sys.executable, "-m", "pipelines.render", "--no-ray", "--out", str(tmp_path),
+    args = [sys.executable, "-m", "pipelines.render", "--out", str(tmp_path), "render.executor=local",
             "render.resolution=96", "render.views=6", "render.samples=16", "render.threads=1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -204,7 +148,7 @@ def test_sigkill_halfway_then_rerun_renders_each_asset_once(tmp_path):
     assert all((renders / u / "meta.json").exists() for u in complete)  # a folder exists only when whole
 
     cfg = small(tmp_path, resolution=96, views=6, samples=16, threads=1)
-    run(cfg, use_ray=False, progress=False)
+    run(cfg, executor="local", progress=False)
     rows = rows_by_uid(tmp_path)
     assert {u for u, r in rows.items() if r["status"] == "ok"} == {"asset0", "asset1", "asset2"}
     for u in ("asset0", "asset1", "asset2"):
@@ -221,7 +165,7 @@ def test_sigkill_halfway_then_rerun_renders_each_asset_once(tmp_path):
 def test_eval_mode_orbit_and_inputs(tmp_path):
     make_assets(tmp_path, 1, bad=False)
     cfg = small(tmp_path, samples=2, resolution=24)
-    run(cfg, eval_mode=True, use_ray=False, progress=False)
+    run(cfg, eval_mode=True, executor="local", progress=False)
     d = tmp_path / "renders_eval" / "asset0"
     orbit, inputs = np.load(d / "orbit" / "cameras.npz"), np.load(d / "inputs" / "cameras.npz")
     assert orbit["c2w"].shape == (20, 4, 4) and inputs["c2w"].shape == (4, 4, 4)

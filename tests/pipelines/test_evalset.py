@@ -1,68 +1,47 @@
-"""eval/evalset.py without Blender: slugs, held-out procedural indices, the val split, exclusion of training
-uids and the leak check (the render stage is replaced by a recorder; test_run.py renders for real)."""
+"""pipelines/evalset.py (`make render-eval`) without Blender: held-out procedural indices, the val split,
+exclusion of training uids, and what evaluation then reads (core.evalsets) and refuses (an unbuilt set). The
+render stage is replaced by a recorder; tests/eval/test_run.py renders for real."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import trimesh
 
+from core import evalsets as E
 from core import manifest as mf
 from core.config import load_config
-from core.layout import INDEX_SCHEMA
-from eval import evalset as E
 from eval.report import markdown
+from pipelines import evalset as P
 from pipelines.sources import candidates
 from pipelines.sources.local import uid_for as local_uid
-
-
-def _index(out: Path, train: list[str], val: list[str] = ()) -> None:
-    rows = [{"shard": f"{s}-000000.tar", "split": s, "uids": list(u), "count": len(u), "bytes": 1, "sha256": "",
-             "licenses": [], "attributions": []} for s, u in (("train", train), ("val", val)) if u]
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), out / "shards" / "index.parquet")
+from tests.core.test_evalsets import write_index as _index
 
 
 @pytest.fixture
 def renders(monkeypatch):
     """Stand-in for pipelines.render.run: records which config (eval root) and mode it was called with."""
     calls = []
-    monkeypatch.setattr("pipelines.render.run", lambda cfg, eval_mode=False, **kw: calls.append((cfg, eval_mode)))
+    monkeypatch.setattr(P, "render_run", lambda cfg, eval_mode=False, **kw: calls.append((cfg, eval_mode)))
     return calls
 
 
-def test_slugs_and_bad_sources(tmp_path, monkeypatch):
-    from eval.run import main
+def test_bad_or_unbuilt_sets_exit_2_with_the_command(tmp_path, capsys):
+    from eval.run import main as eval_main
 
-    assert main(["--out", str(tmp_path / "o"), "--source", "s3:x"]) == 2
-    assert main(["--out", str(tmp_path / "o"), "--source", "procedural", "--no-render"]) == 2  # not built yet
-    a, b = tmp_path / "x" / "My GSO!", tmp_path / "y" / "My GSO!"
-    a.mkdir(parents=True)
-    b.mkdir(parents=True)
-    sa = E.slug_for(*E.parse_eval_source(f"gso:{a}"))
-    assert sa.startswith("gso-My_GSO-") and len(sa.rsplit("-", 1)[1]) == 8
-    monkeypatch.chdir(tmp_path)
-    assert E.slug_for(*E.parse_eval_source("gso:x/My GSO!")) == sa  # same folder by a relative path
-    assert E.slug_for(*E.parse_eval_source(f"gso:{b}")) != sa  # same name, another folder
-    assert E.slug_for(*E.parse_eval_source(f"local:{a}")).startswith("local-My_GSO-")
-    assert E.slug_for("procedural", "") == "procedural-heldout" and E.slug_for("val", "") == "val"
-    lst = tmp_path / "gso eval.txt"
-    lst.write_text("u1\nu2\n")
-    s1 = E.slug_for("objaverse", "", str(lst))
-    lst.write_text("u1\nu3\n")
-    assert s1.startswith("objaverse-gso_eval-") and E.slug_for("objaverse", "", str(lst)) != s1
-    for bad, msg in [("s3:x", "unknown source"), (f"gso:{tmp_path / 'nope'}", "not found"), ("val:x", "unknown")]:
-        with pytest.raises(E.EvalSetError, match=msg):
-            E.parse_eval_source(bad)
+    assert P.main(["--out", str(tmp_path / "o"), "--source", "s3:x"]) == 2
+    assert "unknown source" in capsys.readouterr().err
+    assert eval_main(["--out", str(tmp_path / "o"), "--source", "s3:x"]) == 2
+    assert eval_main(["--out", str(tmp_path / "o"), "--source", "procedural"]) == 2  # not built yet
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: eval set procedural-heldout is not built") and "make render-eval SOURCE=procedural" in err[-1]
 
 
 def test_procedural_held_out_indices(tmp_path):
     cfg = load_config(None, [f"out={tmp_path}", "data.procedural_count=8", "eval.max_assets=24"])
-    ecfg = E.eval_config(cfg, "procedural", "", tmp_path / "evalsets" / "procedural-heldout")
+    ecfg = P.eval_config(cfg, "procedural", "", tmp_path / "evalsets" / "procedural-heldout")
     train = candidates(cfg)[0].to_pylist()
     held = candidates(ecfg)[0].to_pylist()
     assert [r["uid"] for r in held] == [f"procedural-{i:04d}" for i in range(8, 32)]
@@ -85,7 +64,7 @@ def test_val_split_from_the_training_assets(tmp_path, renders, monkeypatch):
     _index(out, ["u0", "u2", "u5"], ["u1", "u3", "u4"])
     monkeypatch.chdir(tmp_path)  # paths in the training table are relative to OUT, not to here
     cfg = load_config(None, ["out=out", "eval.max_assets=2"])
-    es = E.prepare(cfg, "val", progress=False)
+    es = P.build(cfg, "val", progress=False)
     assert es.slug == "val" and es.uids == ["u1", "u3"] and not es.held_out
     ((ecfg, eval_mode),) = renders
     assert eval_mode and ecfg.out_path == Path("out/evalsets/val")
@@ -98,7 +77,7 @@ def test_val_split_from_the_training_assets(tmp_path, renders, monkeypatch):
     assert leak["checked"] and leak["overlap"] == [] and "train split" in leak["against"]
     _index(out, ["u0", "u2", "u3"], ["u1", "u4"])
     assert E.leak_check(cfg, es)["overlap"] == ["u3"]
-    assert E.resolve(cfg, "val").uids == ["u1", "u3"]  # evalset.json: what --no-render uses
+    assert E.load_built(cfg, "val").uids == ["u1", "u3"]  # evalset.json: what eval.run reads
 
 
 def test_training_uids_excluded_and_the_leak_warning(tmp_path, renders):
@@ -107,24 +86,18 @@ def test_training_uids_excluded_and_the_leak_warning(tmp_path, renders):
     for name in ("a", "b", "c"):
         trimesh.creation.icosphere(1).export(src / f"{name}.ply")
     _index(out, [local_uid("a.ply"), "procedural-0000"])
-    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=inline"])
-    es = E.prepare(cfg, f"local:{src}", progress=False)
+    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=local"])
+    es = P.build(cfg, f"local:{src}", progress=False)
     assert es.uids == [local_uid("b.ply")] and es.excluded_training == 1  # a.ply trained on: the next one
     assert (es.root / "assets" / f"{local_uid('b.ply')}.ply").is_file() and len(renders) == 1
     assert json.loads((es.root / "evalset.json").read_text())["uids"] == es.uids
     assert E.leak_check(cfg, es)["overlap"] == []
 
-    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=inline", "eval.exclude_training=false"])
-    es = E.prepare(cfg, f"local:{src}", progress=False)
+    cfg = load_config(None, [f"out={out}", "eval.max_assets=1", "data.executor=local", "eval.exclude_training=false"])
+    es = P.build(cfg, f"local:{src}", progress=False)
     assert es.uids == [local_uid("a.ply")] and es.excluded_training == 0
     assert [r["uid"] for r in mf.read_rows(mf.manifest_path(es.root, "download"))] == es.uids
     leak = E.leak_check(cfg, es)
     assert leak["overlap"] == es.uids and "all splits" in leak["against"]
     md = markdown([], {"eval_set": E.describe(es, leak)})
     assert "TRAIN/EVAL LEAK: 1 of 1" in md and local_uid("a.ply") in md
-
-
-def test_training_uids_fall_back_to_the_download_table(tmp_path):
-    assert E.training_uids(tmp_path) == (set(), "")
-    mf.write_rows(mf.manifest_path(tmp_path, "download"), [{"uid": "x", "status": "ok"}, {"uid": "y", "status": "failed"}])
-    assert E.training_uids(tmp_path)[0] == {"x"}
