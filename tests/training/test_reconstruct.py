@@ -13,13 +13,8 @@ from PIL import Image
 
 from core.config import Config, load_config, save_config
 from training.model import GTR
-from training.reconstruct import (
-    CheckpointMismatch,
-    EmptyMeshError,
-    load_model,
-    main,
-    reconstruct,
-)
+from training.inference import CheckpointMismatch, EmptyMeshError, load_model, reconstruct
+from training.reconstruct import main
 
 SMALL = ["loader.input_size=48", "refine.render_size=48", "mesh.grid=24", "refine.texture_size=64",
          "refine.steps=6"]
@@ -29,10 +24,11 @@ class SphereGTR(GTR):
     """A real GTR whose density is replaced by an analytic sphere of radius 0.35 (colour stays f_c on the
     triplane), so the mesh is known in closed form and the texture path is the real one."""
 
+    def query_density(self, planes, points):
+        return 10.0 + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True))  # level 10 at |p| = 0.35
+
     def query(self, planes, points):
-        _, rgb = super().query(planes, points)
-        density = 10.0 + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True))  # level 10 at |p| = 0.35
-        return density, rgb
+        return self.query_density(planes, points), self.query_color(planes, points)
 
 
 def _fresh(model_cls=GTR, overrides=()) -> tuple[GTR, Config]:
@@ -49,13 +45,13 @@ def _views(size: int = 48):
     """4 eval-layout views of a two-coloured sphere (left half red, right half blue) with its mask."""
     import trimesh
 
-    from training.ops.raster import make_rasterizer
+    from training.mesh import rasterize_mesh
+    from training.ops.raster import Rasterizer
     from training.recon_inputs import eval4_cameras
-    from training.refine import rasterize_surface
 
     m = trimesh.creation.icosphere(subdivisions=4, radius=0.35)
     c2w, K = (torch.tensor(a) for a in eval4_cameras(size))
-    surf = rasterize_surface(make_rasterizer("torch"), torch.tensor(m.vertices, dtype=torch.float32),
+    surf = rasterize_mesh(Rasterizer("torch"), torch.tensor(m.vertices, dtype=torch.float32),
                              torch.tensor(m.faces), c2w, K, size, size)
     rgb = torch.ones(4, size, size, 3)
     red = surf.points[..., 1] > 0
