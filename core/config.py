@@ -64,9 +64,9 @@ class RenderConfig:
     views: int = 32  # random training views per asset
     fov_deg: float = 40.0  # vertical = horizontal field of view
     distance_min: float = 2.4  # camera distance range (normalised units)
-    distance_max: float = 2.8
+    distance_max: float = 2.8  # upper end of the camera distance range
     elevation_min_deg: float = -30.0  # elevation range, drawn area-uniformly
-    elevation_max_deg: float = 70.0
+    elevation_max_deg: float = 70.0  # upper end of the elevation range
     samples: int = 64  # Cycles samples per pixel (bench.render: 64 adaptive, no denoiser >= 45 dB, ~3x faster than 128+denoise)
     adaptive_threshold: float = 0.01  # Cycles adaptive sampling noise threshold (0 = off)
     denoise: bool = False  # OpenImageDenoise on the combined pass
@@ -262,15 +262,15 @@ class Config:
     out: str = "work"  # root of everything a run writes
     source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir>
     seed: int = 0  # global seed
-    data: DataConfig = field(default_factory=DataConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    nerf: NerfConfig = field(default_factory=NerfConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # sources, filter, download (`make data`)
+    render: RenderConfig = field(default_factory=RenderConfig)  # Blender renders (`make render`)
+    shards: ShardConfig = field(default_factory=ShardConfig)  # WebDataset packing (`make shards`)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # the training loader, both stages
+    model: ModelConfig = field(default_factory=ModelConfig)  # the GTR architecture
+    nerf: NerfConfig = field(default_factory=NerfConfig)  # stage 1 (`make train-nerf`)
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # stage 2 (`make train-mesh`); also meshing at inference
+    refine: RefineConfig = field(default_factory=RefineConfig)  # texture refinement and export (`make reconstruct`)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation (`make eval`)
 
     @property
     def out_path(self) -> Path:

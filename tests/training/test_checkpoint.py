@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import OptimConfig
 from training.checkpoint import (
     CheckpointError,
     TrainState,
@@ -24,7 +25,6 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from core.config import OptimConfig
 from training.loop import make_optimizer, make_scheduler, train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -148,9 +148,15 @@ class ShardLoader:
         self._skipped = {}
         on_device = self.composite == "device"
         if self.workers > 0:
-            it: Any = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+            # The workers' base seed comes from a generator of its own (our pipeline seeds its RNGs itself):
+            # drawn from the global torch RNG, it would shift the trainer's random stream by the moment an
+            # epoch starts, and a run resumed mid-epoch (RNG restored from the checkpoint, then a new
+            # DataLoader) would diverge from the uninterrupted one.
+            s = self.stream
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([s.seed, s.epoch, s.rank]).generate_state(1)[0]))
+            it: Any = torch.utils.data.DataLoader(s, batch_size=None, num_workers=self.workers,
                                                   persistent_workers=False, collate_fn=_identity,
-                                                  pin_memory=on_device and torch.cuda.is_available())
+                                                  pin_memory=on_device and torch.cuda.is_available(), generator=gen)
         else:
             it = self.stream
         for b in it:
