@@ -100,6 +100,7 @@ class Result:
                     rasterizer: Rasterizer | None = None) -> np.ndarray:
         """Straight-alpha RGBA uint8 [V,size,size,4] views of the textured mesh (cameras c2w [V,4,4], K [V,3,3]
         numpy for size²): colour un-premultiplied from a render on black, alpha the antialiased coverage."""
+        rasterizer = rasterizer or Rasterizer("auto", self.planes.device)  # one backend context for all views
         out = []
         for i in range(len(c2w)):  # one view at a time bounds memory at 512²
             r = self.render(model, torch.from_numpy(c2w[i:i + 1]), torch.from_numpy(K[i:i + 1]), size,
