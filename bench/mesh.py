@@ -76,7 +76,7 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
     """GPU measures for `make gpu-check`: twin vs diso at 256³, twin vs nvdiffrast for 8 × 512², and one
     mesh-stage step of `cfg` (the paper config) on one asset: seconds and peak memory."""
     from training.ops.marching_cubes import TorchDiffMC, cuda_marching_cubes
-    from training.ops.raster import make_rasterizer
+    from training.ops.raster import Rasterizer
 
     dev = "cuda"
     sync = torch.cuda.synchronize
@@ -93,7 +93,7 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
     rows.append(result("marching cubes 256^3 forward+backward", timeit(lambda: fwd_bwd(TorchDiffMC()), 5),
                        timeit(lambda: fwd_bwd(diso), 5), "diso.DiffMC", "s", "torch twin on the same GPU"))
     pos, f = _raster_inputs(dev)
-    tw, nv = make_rasterizer("torch", dev), make_rasterizer("nvdiffrast", dev)
+    tw, nv = Rasterizer("torch", dev), Rasterizer("nvdiffrast", dev)
 
     def rast(r) -> None:
         out, _ = r.rasterize(pos, f, (512, 512))
@@ -113,8 +113,8 @@ class _ZeroLoss(torch.nn.Module):
 
 def _paper_step(cfg: Config, dev: str) -> list[dict]:
     """One optimisation step of the mesh stage at the config's sizes, on a synthetic one-asset batch."""
+    from training.mesh_objective import MeshObjective
     from training.model import GTR
-    from training.train_mesh import MeshObjective
 
     torch.manual_seed(0)
     model = GTR(cfg.model).to(dev)

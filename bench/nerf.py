@@ -50,14 +50,14 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, Any]:
 
 
 def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
-    from training.loop import LoopSettings, make_optimizer, train_step
+    from training.loop import make_optimizer, train_step
     from training.model import GTR
     from training.nerf_objective import NerfObjective
 
     torch.manual_seed(0)
     batch = synthetic_batch(cfg)
     objective = NerfObjective(GTR(cfg.model), cfg.nerf)
-    s = LoopSettings.from_section(cfg.nerf)
+    s = cfg.nerf
     opt = make_optimizer(objective, s)
     cpu = torch.device("cpu")
 

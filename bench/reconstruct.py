@@ -31,9 +31,12 @@ def _sphere_model(cfg: Config, device: str) -> torch.nn.Module:
     from training.model import GTR
 
     class SphereGTR(GTR):
+        def query_density(self, planes, points):
+            density = super().query_density(planes, points)  # the real f_d work
+            return density * 0 + cfg.mesh.sdf_level + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True))
+
         def query(self, planes, points):
-            density, rgb = super().query(planes, points)  # the real f_d and f_c work
-            return density * 0 + cfg.mesh.sdf_level + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True)), rgb
+            return self.query_density(planes, points), self.query_color(planes, points)
 
     torch.manual_seed(0)
     model = SphereGTR(cfg.model).to(device).eval()
@@ -46,13 +49,13 @@ def _sphere_model(cfg: Config, device: str) -> torch.nn.Module:
 def _inputs(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import trimesh
 
-    from training.ops.raster import make_rasterizer
+    from training.mesh import rasterize_mesh
+    from training.ops.raster import Rasterizer
     from training.recon_inputs import eval4_cameras
-    from training.refine import rasterize_surface
 
     m = trimesh.creation.icosphere(subdivisions=5, radius=0.35)
     c2w, K = (torch.tensor(a, device=device) for a in eval4_cameras(size))
-    surf = rasterize_surface(make_rasterizer("auto", device), torch.tensor(m.vertices, dtype=torch.float32,
+    surf = rasterize_mesh(Rasterizer("auto", device), torch.tensor(m.vertices, dtype=torch.float32,
                              device=device), torch.tensor(m.faces, device=device), c2w, K, size, size)
     rgb = torch.ones(4, size, size, 3, device=device)
     stripes = (torch.sin(30.0 * surf.points[..., 2:3]) > 0).float()
@@ -64,7 +67,7 @@ def _inputs(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def _measure(cfg: Config, device: str, out_dir: Path, label: str) -> list[dict]:
     from training.export import export_glb
-    from training.reconstruct import reconstruct
+    from training.inference import reconstruct
 
     model = _sphere_model(cfg, device)
     images, c2w, K = _inputs(cfg.loader.input_size, device)

@@ -5,8 +5,8 @@ Data: real renders. The procedural demo assets are rendered by the render stage 
 upsampled with PIL (bicubic colour/normals, bilinear depth, no added noise), K scaled. Without Blender it
 falls back to synthetic folders (noted in every row). Compared in the same run, 4 input + 4 supervision
 views per sample at full size, composited on white, batches of 2:
-- ours: `training.data.make_loader(raw=True)` over the shards, as the trainers use it: decodes only the 8
-  picked RGBA PNGs (libspng) and hands uint8 RGBA to the trainer, which composites on the GPU
+- ours: `training.data.stream.make_loader(composite="device")` over the shards, as the trainers use it:
+  decodes only the 8 picked RGBA PNGs (libspng) and hands uint8 RGBA to the trainer, which composites on the GPU
   (`finish_batch`, not timed here: no GPU; on one it is a few elementwise ops on the batch);
 - ours, CPU composite: the same loader finishing float32 batches in the loading process (CPU training);
 - (a) per-asset PNG folders, a map-style Dataset that opens the 8 picked PNGs and composites them the way
@@ -160,11 +160,11 @@ def decode_costs(root: Path) -> dict[str, float]:
     from PIL import Image
 
     from core.layout import read_index
-    from training.data import _rgba
+    from training.data.decode import rgba_png
 
     uid = read_index(root)[0]["uids"][0]
     costs = {}
-    for kind, fn in (("rgba", None), ("depth", None), ("normal", None), ("rgba_ours", _rgba)):
+    for kind, fn in (("rgba", None), ("depth", None), ("normal", None), ("rgba_ours", rgba_png)):
         times = []
         for p in sorted((root / "renders" / uid).glob(f"*.{kind.removesuffix('_ours')}.png")):
             data = p.read_bytes()
@@ -252,7 +252,8 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: 
 
     torch.set_num_threads(1)
     from core.layout import read_index
-    from training.data import ViewSpec, make_loader
+    from training.data.decode import ViewSpec
+    from training.data.stream import make_loader
 
     spec = ViewSpec(**spec_kw)
     cfg = Config(out=root)
@@ -261,7 +262,7 @@ def _measure_here(method: str, root: str, spec_kw: dict, workers: int, samples: 
     urls = [str(Path(root) / "shards" / r["shard"]) for r in index if r["split"] == "train"]
     if method in ("ours", "ours_cpu"):
         it = make_loader(cfg, urls, "nerf", batch_size=BATCH, resampled=True, epoch_samples=10 ** 6,
-                         workers=workers, seed=0, raw=method == "ours", **spec_kw)
+                         workers=workers, seed=0, composite="device" if method == "ours" else "loader", **spec_kw)
     elif method == "folders":
         folders = [str(Path(root) / "renders" / u) for r in index for u in r["uids"]]
         ds = FolderDataset(folders, spec)

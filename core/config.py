@@ -10,7 +10,6 @@ it. Nothing is ever `exec`'d.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,9 +66,9 @@ class RenderConfig:
     views: int = 32  # random training views per asset
     fov_deg: float = 40.0  # vertical = horizontal field of view
     distance_min: float = 2.4  # camera distance range (normalised units)
-    distance_max: float = 2.8
+    distance_max: float = 2.8  # upper end of the camera distance range
     elevation_min_deg: float = -30.0  # elevation range, drawn area-uniformly
-    elevation_max_deg: float = 70.0
+    elevation_max_deg: float = 70.0  # upper end of the elevation range
     samples: int = 64  # Cycles samples per pixel (bench.render: 64 adaptive, no denoiser >= 45 dB, ~3x faster than 128+denoise)
     adaptive_threshold: float = 0.01  # Cycles adaptive sampling noise threshold (0 = off)
     denoise: bool = False  # OpenImageDenoise on the combined pass
@@ -156,61 +155,69 @@ class ModelConfig:
 
 
 @dataclass
-class NerfConfig:
-    steps: int = 1000  # optimisation steps (paper 150k); demo: ~5 min on 2 free CPU cores (docs/training.md)
+class OptimConfig:
+    """The optimisation and bookkeeping knobs both training stages share; `training.loop.train` takes one.
+
+    NerfConfig and MeshConfig inherit these fields, so the YAML keys stay `nerf.lr`, `mesh.steps`, ...; a
+    stage restates only the defaults it changes."""
+
+    steps: int = 100  # optimisation steps (the LR schedule ends at 0 here)
+    lr: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW weight decay (matrices and kernels only; biases and norms are not shrunk)
+    warmup_steps: int = 0  # linear warm-up steps, then cosine to 0
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model's repeated blocks
+    activation_checkpointing: bool = False  # recompute the transformer blocks' activations in backward
+    ckpt_every: int = 100  # checkpoint period in steps
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # scalar logging period in steps
+    image_every: int = 100  # validation and TensorBoard image period in steps
+    wandb_project: str = ""  # also log to this W&B project when wandb is installed ("" = TensorBoard only)
+
+
+@dataclass
+class NerfConfig(OptimConfig):
+    steps: int = 1000  # (OptimConfig) paper 150k; demo: ~5 min on 2 free CPU cores (docs/training.md)
+    lr: float = 5e-3  # (OptimConfig) paper 1e-4
+    warmup_steps: int = 20  # (OptimConfig)
+    ckpt_every: int = 200  # (OptimConfig) also one loader epoch (training.train_nerf)
+    image_every: int = 200  # (OptimConfig)
     batch_size: int = 4  # assets per step (paper 512 over the cluster); demo 4 x 1 view: more assets per step told
     # them apart sooner than 2 x 2 views at the same rendering cost
     sup_views: int = 1  # supervision views per asset (paper 4)
     render_size: int = 32  # supervision image side (paper 512)
     patch_size: int = 0  # random patch side rendered per supervision view (paper 128; 0 = the whole view). Demo:
     # whole 32² views, so every step sees whole silhouettes (a 32² window of a 64² view is often background)
-    lr: float = 5e-3  # AdamW peak learning rate (paper 1e-4)
-    weight_decay: float = 0.05  # AdamW weight decay
-    warmup_steps: int = 20  # linear warm-up, then cosine to 0
-    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     lpips_weight: float = 0.2  # λ_p (paper 0.5); demo 0.2 (not tuned further): on 32² views LPIPS is coarse (AlexNet's
     # deepest maps are 1x1), so MSE and the mask carry most of the signal; LPIPS stays on, as in the paper
     lpips_net: str = "alex"  # vgg | alex (paper vgg); demo alex: the demo step with VGG takes 1.5x as long (bench.nerf)
     mask_weight: float = 1.0  # optional mask (opacity) MSE (paper 0); demo 1: silhouettes, and opacity -> 1 inside, drive
     # the density above the mesh level (10) that stage 2 needs
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # checkpoint transformer blocks
-    ckpt_every: int = 200  # checkpoint period in steps
-    keep_last: int = 2  # checkpoints kept
-    log_every: int = 10  # scalar logging period
-    image_every: int = 200  # TensorBoard image period
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
     val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
     val_assets: int = 2  # assets in the fixed validation batch (PSNR, TensorBoard images)
-    wandb_project: str = ""  # also log to this W&B project when wandb is installed ("" = TensorBoard only)
 
 
 @dataclass
-class MeshConfig:
-    steps: int = 300  # optimisation steps (paper 50k); demo 300: ~95 s on 2 CPU cores (docs/training.md, "The demo")
+class MeshConfig(OptimConfig):
+    steps: int = 300  # (OptimConfig) paper 50k; demo 300: ~95 s on 2 CPU cores (docs/training.md, "The demo")
+    lr: float = 2e-4  # (OptimConfig) paper 5e-5; demo 2e-4: 100 steps of batch 1 barely move at the paper's
+    ckpt_every: int = 50  # (OptimConfig)
+    image_every: int = 50  # (OptimConfig)
     batch_size: int = 1  # assets per step (paper 192)
     sup_views: int = 4  # supervision views per asset (paper 8); demo 4: half the CPU rasterization per step
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
     sdf_level: float = 10.0  # sdf = -(density - sdf_level)
-    lr: float = 2e-4  # AdamW learning rate (paper 5e-5); demo 2e-4: 100 steps of batch 1 barely move at the paper's
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    rgb_weight: float = 1.0
-    lpips_weight: float = 0.5
-    depth_weight: float = 0.5
-    mask_weight: float = 1.0
+    rgb_weight: float = 1.0  # weight of the rendered-colour MSE
+    lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
+    depth_weight: float = 0.5  # weight of the squared depth error on ground-truth foreground pixels
+    mask_weight: float = 1.0  # weight of the silhouette (coverage) MSE
     reg_weight: float = 0.5  # ray-opacity regulariser
     lpips_net: str = "alex"  # vgg (paper) | alex (demo: the cheaper trunk, as in stage 1; not timed separately here)
     mc_backend: str = "auto"  # auto | torch | diso
     raster_backend: str = "auto"  # auto | torch | nvdiffrast
-    precision: str = "auto"
-    ckpt_every: int = 50
-    keep_last: int = 2
-    log_every: int = 10
-    image_every: int = 50
     init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
     val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
@@ -256,15 +263,15 @@ class Config:
     out: str = "work"  # root of everything a run writes
     source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir>
     seed: int = 0  # global seed
-    data: DataConfig = field(default_factory=DataConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    nerf: NerfConfig = field(default_factory=NerfConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # sources, filter, download (`make data`)
+    render: RenderConfig = field(default_factory=RenderConfig)  # Blender renders (`make render`)
+    shards: ShardConfig = field(default_factory=ShardConfig)  # WebDataset packing (`make shards`)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # the training loader, both stages
+    model: ModelConfig = field(default_factory=ModelConfig)  # the GTR architecture
+    nerf: NerfConfig = field(default_factory=NerfConfig)  # stage 1 (`make train-nerf`)
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # stage 2 (`make train-mesh`); also meshing at inference
+    refine: RefineConfig = field(default_factory=RefineConfig)  # texture refinement and export (`make reconstruct`)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation (`make eval`)
 
     @property
     def out_path(self) -> Path:
@@ -418,12 +425,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict) -> Config:
-    cfg = Config()
-    _apply(cfg, data)
-    return _check(cfg)
-
-
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
     from core.io import atomic_write_text
@@ -431,10 +432,3 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     path = Path(path)
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-
-def config_hash(section: Any) -> str:
-    """Stable short hash of a section (e.g. the render settings), to tell stale outputs from fresh ones."""
-    import hashlib
-
-    blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -4,7 +4,7 @@ Conventions (DESIGN "Evaluation"): images are [B,3,H,W] float in [0, 1], RGBA re
 first; PSNR and SSIM with data range 1; SSIM with an 11-tap Gaussian window of σ 1.5, K1 0.01, K2 0.03 and
 population (not sample) covariances, averaged over the valid interior and the channels — equal to
 `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-data_range=1, channel_axis=...)`; LPIPS v0.1 with ImageNet trunks (`training.lpips_weights`), fed [-1, 1].
+data_range=1, channel_axis=...)`; LPIPS v0.1 with ImageNet trunks (`training.lpips_weights`, through `training.inference`), fed [-1, 1].
 Every metric returns one value per image ([B]); averaging over views and assets is the report's job.
 """
 
@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from training.metrics import psnr as shared_psnr
+from training.inference import load_lpips
+from training.inference import psnr as shared_psnr
 
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # skimage: int(truncate 3.5 * σ 1.5 + 0.5) -> an 11-tap window
@@ -144,7 +145,7 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0, chunk_pi
 class Lpips:
     """LPIPS v0.1 with a real ImageNet trunk; images [B,3,H,W] in [0, 1] (mapped to [-1, 1] inside) -> [B].
 
-    Trunks load lazily and once per instance (`training.lpips_weights.load_lpips`; raises if they are
+    Trunks load lazily and once per instance (`training.inference.load_lpips`; raises if they are
     missing — never a random trunk). `chunk` bounds the images per forward pass (memory).
     """
 
@@ -155,8 +156,6 @@ class Lpips:
 
     def model(self, net: str) -> torch.nn.Module:
         if net not in self._models:
-            from training.lpips_weights import load_lpips
-
             self._models[net] = load_lpips(net, self.device)
         return self._models[net]
 

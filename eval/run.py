@@ -40,6 +40,7 @@ from core.io import atomic_write_bytes, atomic_write_text
 from eval import geometry as G
 from eval.metrics import Lpips, composite_on_white, image_metrics, mean_finite
 from eval.report import contact_sheet, write_report
+from training.inference import export_glb, glb_bytes, load_model, query_colors, read_views, reconstruct
 
 ABLATION = {"refined_color": "color", "refined_triplane": "triplane"}
 
@@ -70,22 +71,6 @@ def load_ground_truth(folder: Path) -> dict:
     return {"rgba": rgba, "c2w": c2w, "K": K, "geometry": geom}
 
 
-def render_rgba(model, planes, verts, faces, c2w, K, size: int, color_mlp=None) -> np.ndarray:
-    """Rasterize the predicted mesh: straight-alpha RGBA uint8 [V,size,size,4] (f_c at the surface)."""
-    from training.mesh import render_mesh
-    from training.refine import color_model
-
-    out = []
-    with torch.no_grad(), color_model(model, color_mlp) as m:
-        for i in range(len(c2w)):  # one view at a time bounds memory at 512²
-            r = render_mesh(m, planes, verts, faces, torch.from_numpy(c2w[i:i + 1]), torch.from_numpy(K[i:i + 1]),
-                            size, size, background=0.0)
-            a = r["mask"][0].clamp(0, 1)  # [1,H,W]
-            rgb = torch.where(a > 0, r["rgb"][0] / a.clamp_min(1e-6), torch.zeros_like(r["rgb"][0])).clamp(0, 1)
-            out.append(torch.cat([rgb, a]).permute(1, 2, 0).cpu().numpy())
-    return (np.stack(out) * 255 + 0.5).astype(np.uint8)
-
-
 def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -94,9 +79,6 @@ def _png(img: np.ndarray) -> bytes:
 
 def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpips: Lpips, out: Path) -> tuple[dict, np.ndarray]:
     """Reconstruct, re-render, score one (asset, method). -> (row, predicted RGBA views)."""
-    from training.export import export_glb, glb_bytes, query_colors
-    from training.reconstruct import reconstruct
-
     t = {}
     images = torch.from_numpy(np.concatenate([views.rgb, views.mask[..., None]], -1)).permute(0, 3, 1, 2)
     refine = method not in ("feedforward", "nerf_mc")
@@ -105,8 +87,7 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
     t.update({f"t_{k}": v for k, v in res.timings.items()})
     size = gt["rgba"].shape[1]
     s = time.perf_counter()
-    fc = res.color_mlp if refine else None
-    pred = render_rgba(model, res.planes, res.verts, res.faces, gt["c2w"], gt["K"], size, fc)
+    pred = res.render_rgba(model, gt["c2w"], gt["K"], size)
     t["t_render"] = time.perf_counter() - s
     for i, img in enumerate(pred):
         atomic_write_bytes(out / "views" / method / uid / f"{i:02d}.png", _png(img))
@@ -145,8 +126,6 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
 
 
 def _load(checkpoint: str, default: Path, cfg: Config):
-    from training.reconstruct import load_model
-
     path = Path(checkpoint) if checkpoint else default
     return load_model(path, cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -196,8 +175,6 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
             continue
         try:
             gt = load_ground_truth(folder)
-            from training.recon_inputs import read_views
-
             views = read_views(folder / "inputs", cfg.loader.input_size, background=1.0)
         except Exception as e:  # noqa: BLE001
             rows += [{**r, "name": names.get(uid, "")} for r in _failed(uid, methods, f"ground truth/inputs: {e}")]

@@ -169,11 +169,6 @@ def points_to_official_frame(points: Tensor, scale: float = 2.0) -> Tensor:
     return scale * (points @ ZUP_TO_YUP.to(points).T)
 
 
-def points_from_official_frame(points: Tensor, scale: float = 2.0) -> Tensor:
-    """Inverse of `points_to_official_frame` (e.g. for a mesh extracted in their frame): p = Aᵀ·p'/s."""
-    return (points @ ZUP_TO_YUP.to(points)) / scale
-
-
 def _check_cameras(c2w: Tensor, K: Tensor) -> None:
     if c2w.shape[-2:] != (4, 4) or K.shape[-2:] != (3, 3) or c2w.shape[:-2] != K.shape[:-2]:
         raise ValueError(f"c2w [...,4,4] and K [...,3,3] with matching leading dims expected, got "

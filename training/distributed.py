@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node N [--nnodes M --rdzv_endpoint host:port] -m training.train_nerf ...` sets RANK,
 WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; a plain `python -m ...` has none of them and runs as a world of
-one without a process group. NCCL is used on CUDA, gloo on CPU. The shard loader's node splitter calls
+one without a process group. NCCL is used on CUDA, gloo on CPU. The shard loader splits shards by
 `rank()` / `world_size()` from here, so data splitting and gradient averaging agree on who is who.
 """
 
@@ -95,7 +95,7 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around `module` when there is more than one rank; the module itself otherwise.
 
     Wrap the module whose `forward` computes the loss (the training objective), since DDP synchronises
@@ -104,12 +104,5 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused: bool = 
     if not is_distributed() or world_size() == 1:
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
 
-
-def split_by_node(src: Any, group: Any = None) -> Any:
-    """WebDataset node splitter: every `world_size()`-th item starting at `rank()` (shards or resampled URLs)."""
-    r, w = rank(), world_size()
-    for i, item in enumerate(src):
-        if i % w == r:
-            yield item

@@ -27,38 +27,12 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
+from core.config import OptimConfig
 from training import distributed as D
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from training.data import RAW_KEYS, finish_batch
+from training.data.batch import UINT8_KEYS, finish_batch
 from training.logging import Logger
-
-
-@dataclass
-class LoopSettings:
-    """The loop's knobs; `from_section(cfg.nerf)` / `from_section(cfg.mesh)` reads them from a config."""
-
-    steps: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto | fp32 | bf16
-    compile: bool = False
-    activation_checkpointing: bool = False
-    ckpt_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    image_every: int = 100  # also the validation period
-    wandb_project: str = ""
-    find_unused: bool = False  # DDP find_unused_parameters
-    seed: int = 0
-    progress: bool = True
-
-    @classmethod
-    def from_section(cls, section: Any, seed: int = 0, **overrides: Any) -> LoopSettings:
-        names = {f for f in cls.__dataclass_fields__}
-        values = {k: getattr(section, k) for k in names if hasattr(section, k)}
-        return cls(**{**values, "seed": seed, **overrides})
+from training.schedule import lr_factor
 
 
 @dataclass
@@ -76,15 +50,7 @@ class LoopResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak LR before optimisation step `step` (0-based): linear warm-up, cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(objective: torch.nn.Module, s: LoopSettings) -> torch.optim.AdamW:
+def make_optimizer(objective: torch.nn.Module, s: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices/kernels only (biases, norms and 1-d parameters are not shrunk)."""
     if hasattr(objective, "param_groups"):
         groups = objective.param_groups(s.weight_decay)
@@ -95,7 +61,7 @@ def make_optimizer(objective: torch.nn.Module, s: LoopSettings) -> torch.optim.A
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.95))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, s: LoopSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, s: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s.warmup_steps, s.steps))
 
 
@@ -108,7 +74,7 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def apply_speedups(model: torch.nn.Module, s: LoopSettings) -> int:
+def apply_speedups(model: torch.nn.Module, s: OptimConfig) -> int:
     """Activation checkpointing and torch.compile on the repeated blocks, in place; return how many.
 
     Both patch the instance (`forward` / `compile()`), so parameter names and state dicts do not change.
@@ -136,8 +102,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of `batch` (nested dicts, lists) on `device`; a raw loader batch is composited there."""
-    if isinstance(batch, dict) and any(k in batch for k in RAW_KEYS):
+    """Tensors of `batch` (nested dicts, lists) on `device`; a loader batch's uint8 views are composited there."""
+    if isinstance(batch, dict) and any(k in batch for k in UINT8_KEYS):
         return to_device(finish_batch(batch, device), device)
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -148,14 +114,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def epoch_stream(loader: Any, position: int, batches_per_epoch: int) -> Iterator[dict]:
-    """Batches of an epoch-based loader (`set_epoch(e)` reseeds it) from `position` batches in.
+def epoch_stream(loader: Any, position: int) -> Iterator[dict]:
+    """Batches of an epoch-based loader from `position` batches in: `loader.set_epoch(e)` reseeds it and
+    `loader.batches_per_epoch` is what one epoch yields in this process (all its DataLoader workers).
 
     Whole epochs before the position are skipped without reading anything (the epoch's seed fixes its
     content); inside the epoch the first batches are read and dropped, so a resume costs at most one epoch.
     """
+    batches_per_epoch = loader.batches_per_epoch
     if batches_per_epoch <= 0:
-        raise ValueError("batches_per_epoch must be positive")
+        raise ValueError("batches_per_epoch must be positive (a resampled loader)")
     epoch, skip = divmod(position, batches_per_epoch)
     while True:
         loader.set_epoch(epoch)
@@ -175,7 +143,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, s: LoopSettings,
+def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, s: OptimConfig,
                device: torch.device, dtype: torch.dtype | None) -> tuple[float, dict[str, float], bool]:
     """One optimisation step. Returns (loss, scalars, applied); a non-finite loss or gradient on any rank
     skips the update on every rank, leaving parameters and optimizer state untouched."""
@@ -203,12 +171,13 @@ def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict,
 
 
 def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run_dir: str | Path,
-          s: LoopSettings, val_batch: dict | None = None, config: dict | None = None,
-          stop_at: int | None = None) -> LoopResult:
-    """Train `objective` to `s.steps`, resuming from the newest valid checkpoint under `run_dir`.
+          s: OptimConfig, *, seed: int = 0, val_batch: dict | None = None, config: dict | None = None,
+          stop_at: int | None = None, progress: bool = True) -> LoopResult:
+    """Train `objective` to `s.steps` (a stage's `cfg.nerf` / `cfg.mesh`), resuming from the newest valid
+    checkpoint under `run_dir`. Rank r seeds python, numpy and torch with `seed + r`.
 
     `stop_at` ends this process early (after that step, checkpointing it) without changing the schedule —
-    what an interruption looks like, for tests and time-boxed jobs.
+    what an interruption looks like, for tests and time-boxed jobs. `progress` shows a tqdm bar (rank 0).
     """
     run_dir = Path(run_dir)
     device = D.init()
@@ -216,14 +185,14 @@ def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run
     apply_speedups(objective.model, s)
     opt, dtype = make_optimizer(objective, s), autocast_dtype(s.precision, device)
     sched = make_scheduler(opt, s)
-    seed_all(s.seed + D.rank())
+    seed_all(seed + D.rank())
     result = LoopResult(step=0, skipped=0)
     state = TrainState()
     if (ckpt := latest_checkpoint(run_dir)) is not None:
         state = load_checkpoint(ckpt, objective.model, opt, sched, D.rank(), D.world_size())
         result.resumed_from = ckpt
-    module = D.wrap_ddp(objective, device, s.find_unused)
-    log = Logger(run_dir, D.is_main(), s.steps, state.step, s.wandb_project, config, s.progress)
+    module = D.wrap_ddp(objective, device)
+    log = Logger(run_dir, D.is_main(), s.steps, state.step, s.wandb_project, config, progress)
     if ckpt is not None:
         log.message(f"resumed from {ckpt} (step {state.step}, {state.skipped} skipped so far)")
     end = min(s.steps, stop_at if stop_at is not None else s.steps)
@@ -273,7 +242,7 @@ def validate(objective: torch.nn.Module, batch: dict, device: torch.device, dtyp
 
 
 def checkpoint(run_dir: Path, state: TrainState, objective: torch.nn.Module, opt: torch.optim.Optimizer,
-               sched: Any, s: LoopSettings, config: dict | None) -> Path | None:
+               sched: Any, s: OptimConfig, config: dict | None) -> Path | None:
     """Gather every rank's RNG state; rank 0 writes the folder; everyone waits for it."""
     states = D.gather_objects(rng_state())
     path = None
@@ -282,36 +251,3 @@ def checkpoint(run_dir: Path, state: TrainState, objective: torch.nn.Module, opt
                                extra_meta={"total_steps": s.steps})
     D.barrier()
     return path
-
-
-def stage_main(doc: str, run: Callable[..., LoopResult], summary: Callable[[Any, LoopResult], str],
-               argv: list[str] | None = None) -> int:
-    """The command line of a training stage: shared CLI + `--stop-at`, run, shut the process group down,
-    print `summary(cfg, result)` on rank 0."""
-    from core.cli import config_from_args, stage_parser
-    from training import distributed as D
-
-    p = stage_parser(doc)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (checkpointed) without changing the schedule; rerun to continue")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        result = run(cfg, stop_at=args.stop_at)
-    finally:
-        D.shutdown()
-    if D.is_main():
-        print(summary(cfg, result))
-    return 0
-
-
-def stage_shards(out: str | Path, shards: str, val_shards: str, key: str) -> tuple[str, str]:
-    """(train, validation) shard patterns of a stage section (`key` = nerf | mesh): the section's own, else
-    OUT/shards/{train,val}-*.tar; validation falls back to the training shards when none exist."""
-    from training.data import expand_urls
-
-    train_urls = shards or str(Path(out) / "shards" / "train-*.tar")
-    val_urls = val_shards or str(Path(out) / "shards" / "val-*.tar")
-    if not expand_urls(train_urls):
-        raise SystemExit(f"error: no training shards match {train_urls} (run `make shards` first, or set {key}.shards)")
-    return train_urls, val_urls if expand_urls(val_urls) else train_urls

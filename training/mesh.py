@@ -3,10 +3,13 @@ render it with the differentiable rasterizer, colour from f_c at the interpolate
 
     verts, faces = extract_mesh(model, planes, grid=256, level=10.0)          # our normalised world frame
     out = render_mesh(model, planes, verts, faces, c2w, K, H, W, background)  # rgb/depth/mask/normal
+    surface = rasterize_mesh(rasterizer, verts, faces, c2w, K, H, W)           # the same render in two steps:
+    out = shade(model, planes, surface, background)                           # rasterize once, shade often
 
 Both are differentiable end to end: image → barycentrics → vertex positions → sdf values → f_d and the
-triplane; and image → surface points → f_c and the triplane. Used by stage 2 (`training.train_mesh`), texture
-refinement and evaluation.
+triplane; and image → surface points → f_c and the triplane. This is the one textured-mesh renderer: stage 2
+(`training.mesh_objective`), texture refinement (`training.refine`: rasterize once, shade every step),
+reconstruction and evaluation (`training.inference`) all render through it.
 
 `model` is a GTR or anything with its frame API: `box_half_size_ours()` (the grid covers [-h, h]^3 of OUR
 frame, whatever frame the model works in), `query_density(planes, points)` and `query_color(planes, points)`
@@ -16,13 +19,15 @@ model's units.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from training.cameras import opencv_to_clip
 from training.ops.marching_cubes import marching_cubes
-from training.ops.raster import Rasterizer, make_rasterizer
+from training.ops.raster import Rasterizer
 
 CLIP_NEAR, CLIP_FAR = 0.05, 100.0  # rasterizer depth range (world units); cameras sit ~2.6 from the origin
 
@@ -86,10 +91,79 @@ def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
     return F.normalize(torch.cross(v1 - v0, v2 - v0, dim=-1), dim=-1)
 
 
+@dataclass
+class Surface:
+    """What each pixel of V views sees of one mesh: rasterized once (`rasterize_mesh`), shaded any number of
+    times (`shade`): texture refinement changes only the colour on a fixed mesh."""
+
+    points: Tensor  # [V,H,W,3] surface point (our frame) at each pixel centre; 0 where nothing is hit
+    depth: Tensor  # [V,H,W,1] planar z of that point (DESIGN's depth convention); 0 where nothing is hit
+    hit: Tensor  # [V,H,W] bool: a triangle covers the pixel centre
+    rast: Tensor  # [V,H,W,4] the rasterizer's output (u, v, z/w, triangle id + 1), for antialiasing
+    clip: Tensor  # [V,N,4] the vertices in clip space
+    faces: Tensor  # [F,3] int64
+    rasterizer: Rasterizer  # the backend that rasterized it (and antialiases its shading)
+
+
+def rasterize_mesh(rasterizer: Rasterizer, verts: Tensor, faces: Tensor, c2w: Tensor, K: Tensor,
+                   height: int, width: int) -> Surface:
+    """Rasterize mesh verts [N,3] / faces [F,3] (our frame) into V cameras: c2w [V,4,4] OpenCV, K [V,3,3]
+    for height x width. Points, depth and clip positions are differentiable in `verts` (stage 2 moves them)."""
+    if c2w.ndim != 3 or K.ndim != 3 or c2w.shape[0] != K.shape[0]:
+        raise ValueError(f"c2w [V,4,4] and K [V,3,3] expected, got {tuple(c2w.shape)} and {tuple(K.shape)}")
+    dev = verts.device
+    verts, faces = verts.float(), faces.long()
+    c2w, K = c2w.to(dev, torch.float32), K.to(dev, torch.float32)
+    V = c2w.shape[0]
+    mvp = opencv_to_clip(c2w, K, height, width, CLIP_NEAR, CLIP_FAR)  # [V, 4, 4]
+    vh = torch.cat([verts, torch.ones_like(verts[:, :1])], dim=1)  # [N, 4]
+    clip = torch.einsum("nj,vij->vni", vh, mvp).contiguous()  # [V, N, 4] clip space
+    z_cam = torch.einsum("nj,vj->vn", vh, torch.linalg.inv(c2w)[:, 2, :])[..., None]  # [V, N, 1] planar depth
+    rast, _ = rasterizer.rasterize(clip, faces, (height, width))
+    attrs = torch.cat([verts[None].expand(V, -1, -1), z_cam], dim=-1).contiguous()  # [V, N, 4]
+    interp, _ = rasterizer.interpolate(attrs, rast, faces)  # [V, H, W, 4]
+    hit = rast[..., 3] > 0
+    return Surface(points=interp[..., :3], depth=interp[..., 3:] * hit[..., None], hit=hit, rast=rast,
+                   clip=clip, faces=faces, rasterizer=rasterizer)
+
+
+def _background(background: float | Tensor, device: torch.device) -> Tensor:
+    bg = torch.as_tensor(background, dtype=torch.float32, device=device).reshape(-1)
+    return bg.expand(3) if bg.numel() == 1 else bg
+
+
+def shade(model: torch.nn.Module, planes: Tensor, surface: Surface, background: float | Tensor = 1.0,
+          antialias: bool = True, chunk: int = 1 << 18) -> dict[str, Tensor]:
+    """Colour a rasterized surface: rgb [V,3,H,W] = f_c at each hit point (`model.query_color`) composited
+    on `background` (a float or [3]) by the coverage, and that coverage, mask [V,1,H,W].
+
+    Differentiable in planes and f_c, and in the vertices through the surface. With `antialias` the
+    silhouettes are smoothed (coverage becomes fractional and gives the mask gradients to vertices; for
+    renders people look at and for reported PSNRs); refinement's loss leaves it out: the CPU twin's
+    antialias backward costs 10x the rest of a step, and it only moves silhouette pixels.
+    """
+    planes = _one_asset(planes)
+    V, H, W, _ = surface.points.shape
+    bg = _background(background, surface.points.device)
+    hit = surface.hit[..., None].to(surface.points.dtype)  # [V,H,W,1]
+    rgb = torch.zeros(V, H, W, 3, device=surface.points.device, dtype=surface.points.dtype)
+    pts = surface.points[surface.hit]  # [P,3]
+    if len(pts):
+        cols = torch.cat([model.query_color(planes, p[None])[0] for p in pts.split(chunk)])
+        rgb = rgb.index_put((surface.hit,), cols.to(rgb.dtype))
+    mask = hit
+    if antialias:
+        mixed = surface.rasterizer.antialias(torch.cat([rgb, hit], dim=-1).contiguous(), surface.rast,
+                                             surface.clip, surface.faces)
+        rgb, mask = mixed[..., :3], mixed[..., 3:]
+    rgb = rgb + (1.0 - mask) * bg  # colour is premultiplied by coverage; background fills the rest
+    return {"rgb": rgb.permute(0, 3, 1, 2), "mask": mask.permute(0, 3, 1, 2)}
+
+
 def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Tensor, c2w: Tensor, K: Tensor,
                 H: int, W: int, background: float | Tensor = 1.0, rasterizer: Rasterizer | None = None,
                 antialias: bool = True, chunk: int = 1 << 18) -> dict[str, Tensor]:
-    """Render one asset's mesh from V cameras.
+    """Render one asset's textured mesh from V cameras: `rasterize_mesh`, then `shade`.
 
     verts [N, 3], faces [F, 3] (normalised world frame); c2w [V, 4, 4] OpenCV, K [V, 3, 3] for an H×W image;
     background a float or [3]. Returns rgb [V, 3, H, W] (f_c at the surface point of each pixel, composited
@@ -102,40 +176,13 @@ def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Te
         raise ValueError(f"c2w [V,4,4] and K [V,3,3] expected, got {tuple(c2w.shape)} and {tuple(K.shape)}")
     V = c2w.shape[0]
     dev = verts.device
-    bg = torch.as_tensor(background, dtype=torch.float32, device=dev).reshape(-1)
-    bg = bg.expand(3) if bg.numel() == 1 else bg
     if len(faces) == 0:
+        bg = _background(background, dev)
         zeros = torch.zeros(V, 1, H, W, device=dev)
         return {"rgb": bg.view(1, 3, 1, 1).expand(V, 3, H, W).clone(), "depth": zeros, "mask": zeros.clone(),
                 "normal": torch.zeros(V, 3, H, W, device=dev)}
-    rast_ops = rasterizer or make_rasterizer("auto", dev)
-    c2w, K = c2w.to(dev, torch.float32), K.to(dev, torch.float32)
-    mvp = opencv_to_clip(c2w, K, H, W, CLIP_NEAR, CLIP_FAR)  # [V, 4, 4]
-    vh = torch.cat([verts, torch.ones_like(verts[:, :1])], dim=1)  # [N, 4]
-    pos = torch.einsum("nj,vij->vni", vh, mvp).contiguous()  # [V, N, 4] clip space
-    w2c = torch.linalg.inv(c2w)
-    z_cam = torch.einsum("nj,vj->vn", vh, w2c[:, 2, :])[..., None]  # [V, N, 1] planar depth
-    rast, _ = rast_ops.rasterize(pos, faces, (H, W))
-    hit = (rast[..., 3:] > 0).float()  # [V, H, W, 1]
-    attrs = torch.cat([verts[None].expand(V, -1, -1), z_cam], dim=-1)  # [V, N, 4]
-    interp, _ = rast_ops.interpolate(attrs.contiguous(), rast, faces)  # [V, H, W, 4]
-    surf, depth = interp[..., :3], interp[..., 3:]
-    # Colour only where a triangle was hit: f_c at the surface points.
-    sel = hit[..., 0] > 0
-    rgb = torch.zeros(V, H, W, 3, device=dev, dtype=surf.dtype)
-    pts = surf[sel]
-    if len(pts):
-        cols = torch.cat([model.query_color(planes, p[None])[0] for p in pts.split(chunk)])
-        rgb = rgb.index_put((sel,), cols.to(rgb.dtype))
-    fid = (rast[..., 3].long() - 1).clamp(min=0)
-    normal = face_normals(verts, faces)[fid] * hit  # [V, H, W, 3]
-    mask = hit
-    if antialias:
-        mixed = rast_ops.antialias(torch.cat([rgb, hit], dim=-1).contiguous(), rast, pos, faces)
-        rgb, mask = mixed[..., :3], mixed[..., 3:]
-    rgb = rgb + (1.0 - mask) * bg  # colour is premultiplied by coverage; background fills the rest
-
-    def chw(t: Tensor) -> Tensor:
-        return t.permute(0, 3, 1, 2)
-
-    return {"rgb": chw(rgb), "depth": chw(depth * hit), "mask": chw(mask), "normal": chw(normal)}
+    surface = rasterize_mesh(rasterizer or Rasterizer("auto", dev), verts, faces, c2w, K, H, W)
+    out = shade(model, planes, surface, background, antialias, chunk)
+    fid = (surface.rast[..., 3].long() - 1).clamp(min=0)
+    normal = face_normals(verts.float(), surface.faces)[fid] * surface.hit[..., None]  # [V, H, W, 3]
+    return {**out, "depth": surface.depth.permute(0, 3, 1, 2), "normal": normal.permute(0, 3, 1, 2)}

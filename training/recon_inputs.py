@@ -19,7 +19,6 @@ Images are RGBA (straight alpha), or RGB with a mask file beside them (`NAME.mas
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,7 +316,3 @@ def read_views(folder: str | Path, size: int, layout: str | None = None, backgro
     return Views(rgb=rgb.astype(np.float32), mask=a.astype(np.float32), c2w=c2w.astype(np.float32),
                  K=K, names=names, source=source)
 
-
-def fov_of(K: np.ndarray, size: int) -> float:
-    """Horizontal field of view in degrees of a K for `size`-wide images (for messages and sheets)."""
-    return math.degrees(2 * math.atan(0.5 * size / float(K[0, 0])))

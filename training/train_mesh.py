@@ -1,13 +1,11 @@
 """`make train-mesh`: stage 2 — fine-tune GTR through its mesh (paper §3.2, "Geometry refinement with NeRF
 initialization"): differentiable marching cubes on sdf = −(density − s), rasterized images coloured by f_c,
-depth and mask at the full supervision resolution.
+depth and mask at the full supervision resolution (`training.mesh_objective.MeshObjective`).
 
     python -m training.train_mesh [--config configs/demo.yaml] [--out work] [key=value ...]
 
 Initialised from the newest stage-1 checkpoint under OUT/runs/nerf (or `mesh.init`, a run or step folder);
 writes OUT/runs/mesh/{config.yaml, step-N/, tensorboard/}. Rerunning resumes from the newest mesh checkpoint.
-Loss: w_rgb·MSE + w_p·LPIPS + w_d·depth + w_m·mask + w_r·ray-opacity regulariser (weights in `mesh.*`).
-A step whose meshes are all empty (no level crossing) is counted (`empty_meshes`) and contributes zero loss.
 """
 
 from __future__ import annotations
@@ -16,143 +14,17 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from core.cli import save_resolved
-from core.config import Config, MeshConfig, save_config, to_dict
+from core.config import Config, save_config, to_dict
 from training import distributed as D
-from training.cameras import camera_rays
 from training.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from training.data import make_loader
-from training.loop import LoopSettings, epoch_stream, stage_main, stage_shards, train
-from training.losses import (
-    LPIPSLoss,
-    bin_length,
-    depth_loss,
-    mask_loss,
-    mse,
-    planar_to_ray_depth,
-    psnr,
-    ray_opacity_regulariser,
-)
-from training.mesh import extract_mesh, render_mesh
+from training.data.stream import make_loader
+from training.loop import LoopResult, epoch_stream, train
+from training.mesh_objective import MeshObjective
 from training.model import GTR
-from training.ops.raster import Rasterizer, make_rasterizer
-
-
-class MeshObjective(nn.Module):
-    """`forward(batch) -> (loss, scalars)` for the mesh stage; `.model` is the GTR being fine-tuned."""
-
-    def __init__(self, model: nn.Module, cfg: MeshConfig, lpips: nn.Module | None = None):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.lpips = lpips if lpips is not None or cfg.lpips_weight == 0 else LPIPSLoss(cfg.lpips_net)
-        self._raster: Rasterizer | None = None
-        self.empty_total = 0  # assets whose mesh came out empty, since construction
-
-    def rasterizer(self, device: torch.device) -> Rasterizer:
-        if self._raster is None or (self._raster.backend == "nvdiffrast") != (device.type == "cuda"):
-            self._raster = make_rasterizer(self.cfg.raster_backend, device)
-        return self._raster
-
-    def render(self, batch: dict) -> tuple[list[dict[str, Tensor] | None], Tensor]:
-        """Per asset: the mesh render of its supervision views (None when the mesh is empty); and planes."""
-        images = torch.cat([batch["input_rgb"], batch["input_mask"]], dim=2)  # [B,Vi,4,H,W]
-        planes = self.model.triplane(images, batch["input_c2w"], batch["input_K"])  # [B,3,C,R,R]
-        h, w = batch["sup_rgb"].shape[-2:]
-        outs: list[dict[str, Tensor] | None] = []
-        for b in range(planes.shape[0]):
-            pl = planes[b:b + 1].float()
-            verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.cfg.sdf_level, self.cfg.mc_backend,
-                                        self.cfg.query_chunk)
-            if len(faces) == 0:
-                outs.append(None)
-                continue
-            outs.append(render_mesh(self.model, pl, verts, faces, batch["sup_c2w"][b], batch["sup_K"][b], h, w,
-                                    batch["background"][b], self.rasterizer(verts.device),
-                                    antialias=self.cfg.antialias, chunk=self.cfg.query_chunk))
-        return outs, planes
-
-    def regulariser(self, batch: dict, planes: Tensor) -> Tensor:
-        """Ray opacity at one random point per ray in front of the ground-truth surface (DESIGN), L1 to 0."""
-        B, Vs = batch["sup_c2w"].shape[:2]
-        h, w = batch["sup_rgb"].shape[-2:]
-        o, d = camera_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]
-        depth = batch["sup_depth"].float().permute(0, 1, 3, 4, 2)  # [B,Vs,h,w,1]
-        fwd = batch["sup_c2w"].float()[:, :, None, None, :3, 2].expand_as(d)
-        t = planar_to_ray_depth(depth, d, fwd)
-        n = min(self.cfg.reg_rays, Vs * h * w)
-        pick = torch.stack([torch.randperm(Vs * h * w, device=d.device)[:n] for _ in range(B)])  # [B,n]
-
-        def take(x: Tensor) -> Tensor:
-            x = x.reshape(B, Vs * h * w, -1)
-            return torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1]))
-
-        ro, rd, rt = take(o), take(d), take(t)
-        # Box, near plane and density units come from the model, in our frame (docs/model.md "Frames").
-        box, near, mc = self.model.box_half_size_ours(), self.model.near_min_ours(), self.model.cfg
-        delta = bin_length(ro, rd, box, mc.samples_per_ray, near) * self.model.units_per_ours
-        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), ro, rd, rt, box, delta,
-                                       near)
-
-    def losses(self, batch: dict, outs: list[dict[str, Tensor] | None], planes: Tensor
-               ) -> tuple[Tensor, dict[str, Tensor]]:
-        c = self.cfg
-        keep = [i for i, o in enumerate(outs) if o is not None]
-        dev = planes.device
-        terms: dict[str, Tensor] = {"empty_meshes": torch.tensor(float(len(outs) - len(keep)), device=dev)}
-        if not keep:
-            # Nothing to rasterize: a zero loss tied to every trainable parameter, not just the planes. With
-            # planes alone f_d / f_c would get no gradient, and DDP (find_unused_parameters=False) raises on
-            # the next step because their all-reduce never ran; a zero grad for each keeps ranks in step.
-            zero = sum((p.sum() for p in self.parameters() if p.requires_grad), planes.sum()) * 0.0
-            return zero, terms
-        pred = {k: torch.cat([outs[i][k] for i in keep]).float() for k in ("rgb", "depth", "mask")}
-        gt_rgb = torch.cat([batch["sup_rgb"][i] for i in keep]).float()  # [N,3,h,w]
-        gt_mask = torch.cat([batch["sup_mask"][i] for i in keep]).float()
-        gt_depth = torch.cat([batch["sup_depth"][i] for i in keep]).float()
-        terms["rgb"] = mse(pred["rgb"], gt_rgb)
-        terms["mask"] = mask_loss(pred["mask"], gt_mask)
-        terms["depth"] = depth_loss(pred["depth"], gt_depth, gt_mask)
-        loss = c.rgb_weight * terms["rgb"] + c.mask_weight * terms["mask"] + c.depth_weight * terms["depth"]
-        if c.lpips_weight > 0:
-            terms["lpips"] = self.lpips(pred["rgb"].clamp(0, 1), gt_rgb)
-            loss = loss + c.lpips_weight * terms["lpips"]
-        if c.reg_weight > 0:
-            idx = torch.tensor(keep, device=dev)
-            sub = {k: batch[k].index_select(0, idx) for k in ("sup_c2w", "sup_K", "sup_rgb", "sup_depth")}
-            terms["reg"] = self.regulariser(sub, planes.index_select(0, idx).float())
-            loss = loss + c.reg_weight * terms["reg"]
-        terms["psnr"] = psnr(pred["rgb"].detach().clamp(0, 1), gt_rgb).mean()
-        return loss, terms
-
-    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        outs, planes = self.render(batch)
-        self.empty_total += sum(o is None for o in outs)
-        loss, terms = self.losses(batch, outs, planes)
-        terms["empty_meshes_total"] = torch.tensor(float(self.empty_total))
-        return loss, {k: v.detach() for k, v in terms.items()}
-
-    @torch.no_grad()
-    def validate(self, batch: dict) -> dict[str, float]:
-        outs, planes = self.render(batch)
-        _, terms = self.losses(batch, outs, planes)
-        return {k: float(v) for k, v in terms.items()}
-
-    @torch.no_grad()
-    def images(self, batch: dict) -> dict[str, Tensor]:
-        """TensorBoard rows: renders, ground truth, normals, masks and depth of the first asset's views."""
-        outs, _ = self.render(batch)
-        gt = batch["sup_rgb"][0].float()
-        o = outs[0]
-        if o is None:
-            return {"ground_truth": gt}
-        far = batch["sup_depth"][0].max().clamp_min(1e-6)
-        return {"render": o["rgb"].clamp(0, 1), "ground_truth": gt, "normal": (o["normal"] + 1) * 0.5,
-                "mask": o["mask"].expand(-1, 3, -1, -1),
-                "depth": (o["depth"] / far).clamp(0, 1).expand(-1, 3, -1, -1),
-                "depth_gt": (batch["sup_depth"][0].float() / far).clamp(0, 1).expand(-1, 3, -1, -1)}
+from training.stage import stage_main, stage_shards
 
 
 def init_weights(cfg: Config, model: nn.Module, run_dir: Path) -> Path | None:
@@ -167,7 +39,7 @@ def init_weights(cfg: Config, model: nn.Module, run_dir: Path) -> Path | None:
                          f"or set mesh.init=<run or step folder>") from None
 
 
-def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None = None):
+def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None = None) -> LoopResult:
     """Build loader, model (from stage 1) and objective from `cfg` and train; resumes OUT/runs/mesh."""
     run_dir = cfg.out_path / "runs" / "mesh"
     D.init()
@@ -180,15 +52,13 @@ def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None
     if D.is_main():
         save_config(cfg, run_dir / "config.yaml")
         save_resolved(cfg, "train_mesh")
-    loader = make_loader(cfg, train_urls, "mesh", raw=True)  # composited on the training device
-    per_epoch = loader.stream.batches_per_epoch
+    loader = make_loader(cfg, train_urls, "mesh", composite="device")
     val = None
     if D.is_main():
         vl = make_loader(cfg, val_urls, "mesh", batch_size=cfg.mesh.val_assets, resampled=False, workers=0,
                          seed=cfg.seed + 12345, rank=0, world_size=1)
         val = next(iter(vl))
-    settings = LoopSettings.from_section(cfg.mesh, seed=cfg.seed)
-    return train(objective, lambda position: epoch_stream(loader, position, per_epoch), run_dir, settings,
+    return train(objective, lambda position: epoch_stream(loader, position), run_dir, cfg.mesh, seed=cfg.seed,
                  val_batch=val, config=to_dict(cfg), stop_at=stop_at)
 
 

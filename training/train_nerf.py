@@ -17,10 +17,11 @@ import torch
 from core.cli import save_resolved
 from core.config import Config, save_config, to_dict
 from training import distributed as D
-from training.data import make_loader
-from training.loop import LoopSettings, epoch_stream, stage_main, stage_shards, train
+from training.data.stream import make_loader
+from training.loop import LoopResult, epoch_stream, train
 from training.model import GTR
 from training.nerf_objective import NerfObjective
+from training.stage import stage_main, stage_shards
 
 
 def fixed_val_batch(cfg: Config, urls: str) -> dict:
@@ -31,7 +32,7 @@ def fixed_val_batch(cfg: Config, urls: str) -> dict:
     return next(iter(loader))
 
 
-def run(cfg: Config, stop_at: int | None = None):
+def run(cfg: Config, stop_at: int | None = None) -> LoopResult:
     """Build loader, model and objective from `cfg` and train (resuming if OUT/runs/nerf has checkpoints)."""
     run_dir = cfg.out_path / "runs" / "nerf"
     D.init()  # before the loader: its node splitting reads rank / world size
@@ -45,16 +46,15 @@ def run(cfg: Config, stop_at: int | None = None):
     # One loader epoch = one checkpoint period, so resuming from a periodic checkpoint reads nothing twice.
     workers = max(1, cfg.loader.workers)
     per_worker = -(-cfg.nerf.ckpt_every // workers)
-    # raw: views arrive as uint8 RGBA and are composited on the training device (training.loop.to_device)
-    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size, raw=True)
-    per_epoch = loader.stream.batches_per_epoch * workers
+    # Views arrive as uint8 RGBA and are composited on the training device (training.loop.to_device).
+    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size,
+                         composite="device")
     val = fixed_val_batch(cfg, val_urls) if D.is_main() else None
-    settings = LoopSettings.from_section(cfg.nerf, seed=cfg.seed)
-    return train(objective, lambda position: epoch_stream(loader, position, per_epoch), run_dir, settings,
+    return train(objective, lambda position: epoch_stream(loader, position), run_dir, cfg.nerf, seed=cfg.seed,
                  val_batch=val, config=to_dict(cfg), stop_at=stop_at)
 
 
-def _summary(cfg: Config, r) -> str:
+def _summary(cfg: Config, r: LoopResult) -> str:
     last = r.val.get(max(r.val)) if r.val else {}
     return (f"nerf: step {r.step}/{cfg.nerf.steps}, {r.skipped} skipped, "
             f"checkpoint {r.checkpoint or Path(cfg.out) / 'runs/nerf'}"

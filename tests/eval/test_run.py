@@ -44,17 +44,21 @@ TRAINING = [f"procedural-{i:04d}" for i in range(8)]  # what the fake training r
 class SphereGTR(GTR):
     """A real GTR (f_c on its triplane) whose density is an analytic sphere of radius 0.35 at the sdf level."""
 
+    def query_density(self, planes, points):
+        return 10.0 + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True))
+
     def query(self, planes, points):
-        _, rgb = super().query(planes, points)
-        return 10.0 + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True)), rgb
+        return self.query_density(planes, points), self.query_color(planes, points)
 
 
 class EmptyGTR(GTR):
     """Density 0 everywhere: no surface at level 10, so every reconstruction fails with EmptyMeshError."""
 
+    def query_density(self, planes, points):
+        return torch.zeros_like(points[..., :1])
+
     def query(self, planes, points):
-        _, rgb = super().query(planes, points)
-        return torch.zeros_like(points[..., :1]), rgb
+        return self.query_density(planes, points), self.query_color(planes, points)
 
 
 def _model(cls, cfg):

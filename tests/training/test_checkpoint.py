@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import OptimConfig
 from training.checkpoint import (
     CheckpointError,
     TrainState,
@@ -24,7 +25,7 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.loop import LoopSettings, make_optimizer, make_scheduler, train
+from training.loop import make_optimizer, make_scheduler, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,11 +53,13 @@ def toy_data(position: int):
         yield {"x": x, "y": torch.sin(x @ w), "uid": [f"a{i}"] * 8}
 
 
-def settings(**kw) -> LoopSettings:
-    base = dict(steps=8, lr=1e-2, warmup_steps=2, ckpt_every=100, keep_last=2, log_every=1, image_every=1000,
-                progress=False, seed=3)
+def settings(**kw) -> OptimConfig:
+    base = dict(steps=8, lr=1e-2, warmup_steps=2, ckpt_every=100, keep_last=2, log_every=1, image_every=1000)
     base.update(kw)
-    return LoopSettings(**base)
+    return OptimConfig(**base)
+
+
+RUN = {"seed": 3, "progress": False}  # train()'s own arguments in every run here
 
 
 def fresh() -> ToyObjective:
@@ -152,13 +155,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """8 steps straight vs. stopped after 3 (checkpoint) and resumed by rerunning: the next steps' losses
     and the final weights agree (bitwise here; the tolerance is only the contract's 1e-6)."""
     torch.set_num_threads(1)
-    straight = train(fresh(), toy_data, tmp_path / "a", settings())
-    first = train(fresh(), toy_data, tmp_path / "b", settings(), stop_at=3)
+    straight = train(fresh(), toy_data, tmp_path / "a", settings(), **RUN)
+    first = train(fresh(), toy_data, tmp_path / "b", settings(), stop_at=3, **RUN)
     assert first.step == 3 and latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "step-3"
     torch.manual_seed(123)  # a different process state before the rerun must not matter
     np.random.seed(123)
     resumed_obj = fresh()
-    resumed = train(resumed_obj, toy_data, tmp_path / "b", settings())
+    resumed = train(resumed_obj, toy_data, tmp_path / "b", settings(), **RUN)
     assert resumed.resumed_from == tmp_path / "b" / "step-3"
     assert sorted(resumed.losses) == [4, 5, 6, 7, 8]
     for step in range(4, 9):
@@ -168,5 +171,5 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for k in a["state"]:
         assert torch.allclose(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"], atol=1e-7, rtol=0)
     # And the rerun of a finished run does nothing.
-    again = train(fresh(), toy_data, tmp_path / "b", settings())
+    again = train(fresh(), toy_data, tmp_path / "b", settings(), **RUN)
     assert again.losses == {} and again.step == 8

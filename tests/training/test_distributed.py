@@ -1,8 +1,10 @@
-"""Multi-process training: `torchrun --nproc_per_node 2` with gloo runs stage 1 for 2 steps; each rank reads
-its own shards (the loader's node splitting) and DDP keeps the replicas identical."""
+"""Multi-process training on CPU with gloo: the loop's DDP path (gradient averaging, the all-rank skip of a
+non-finite step, rank-0 checkpoints with every rank's RNG) against a single-process reference on the same
+data, and `torchrun --nproc_per_node 2` running stage 1, each rank reading its own shards."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -13,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import Config
+from core.config import Config, OptimConfig
 from pipelines.shards import pack
 from tests.fake_renders import write_renders
 from training import distributed as D
+from training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +31,8 @@ DRIVER = textwrap.dedent("""
     out = sys.argv[1]
     real_stream, real_train = T.epoch_stream, T.train
 
-    def recording_stream(loader, position, per_epoch):
-        for batch in real_stream(loader, position, per_epoch):
+    def recording_stream(loader, position):
+        for batch in real_stream(loader, position):
             with open(f"{out}/uids-rank{D.rank()}.jsonl", "a") as f:
                 f.write(json.dumps(batch["uid"]) + "\\n")
             yield batch
@@ -57,12 +60,107 @@ def test_rank_helpers_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
-    assert D.init() == torch.device("cpu") or torch.cuda.is_available()
-    assert not D.is_distributed()
-    assert list(D.split_by_node(iter(range(5)))) == [0, 1, 2, 3, 4]
-    monkeypatch.setenv("RANK", "1")
+    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert D.init() == want and not D.is_distributed()
+    monkeypatch.setenv("RANK", "1")  # before a process group exists, the loader's split reads the environment
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert list(D.split_by_node(iter(range(5)))) == [1, 3]
+    assert (D.rank(), D.world_size(), D.is_main()) == (1, 2, False)
+
+
+STEPS, ROWS = 5, 8  # rows of the global batch; each of 2 ranks gets half
+
+
+class Regression(torch.nn.Module):
+    """A small deterministic objective (no dropout): MSE of an MLP; `batch["poison"]` makes its loss NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same initial weights in every process (DDP would broadcast rank 0's anyway)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = ((self.model(batch["x"]) - batch["y"]) ** 2).mean()
+        return (loss * float("nan") if batch["poison"] else loss), {}
+
+
+def global_batches(rows: slice, poison: tuple[int, int] | None = None):
+    """data(position) for the loop: step i's batch is rows `rows` of one fixed global batch; `poison` =
+    (step, row) makes the batch holding that row non-finite."""
+    def data(position: int):
+        for i in itertools.count(position):
+            g = torch.Generator().manual_seed(100 + i)
+            x = torch.randn(ROWS, 4, generator=g)
+            y = torch.sin(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
+            bad = poison is not None and poison[0] == i + 1 and rows.start <= poison[1] < rows.stop
+            yield {"x": x[rows], "y": y[rows], "uid": ["a"] * (rows.stop - rows.start), "poison": bad}
+    return data
+
+
+def _settings() -> OptimConfig:
+    # grad_clip 0.5 is hit on the first steps: clipping must act on the averaged gradient, as in one process
+    return OptimConfig(steps=STEPS, lr=0.05, warmup_steps=1, grad_clip=0.5, ckpt_every=100, log_every=1)
+
+
+POISONS = {"clean": None, "nan_on_rank1_step3": (3, 6)}  # (step, row): row 6 is in rank 1's half
+
+
+def _ddp_rank(rank: int, world: int, ports: list[int], out: str) -> None:
+    """One rank: both scenarios in turn (one process group each), so the test pays one spawn."""
+    torch.set_num_threads(1)
+    half = ROWS // world
+    for (name, poison), port in zip(POISONS.items(), ports):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        objective = Regression()
+        try:
+            result = train(objective, global_batches(slice(rank * half, (rank + 1) * half), poison),
+                           Path(out) / name / "run", _settings(), seed=0, progress=False)
+        finally:
+            D.shutdown()
+        torch.save({"params": [p.detach() for p in objective.model.parameters()], "skipped": result.skipped},
+                   Path(out) / name / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_on_2_gloo_ranks_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    """2 ranks, each with half of every batch, train through the loop's DDP path; a single process trains
+    on the whole batches (its mean loss = the mean of the two halves' means, so its gradient = DDP's
+    average). Parameters after the run are equal on both ranks and to the reference. With a NaN loss on
+    rank 1 only, both ranks skip that step (the reference skips the same step)."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on CPU in the ranks, also on a GPU machine
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.start_processes(_ddp_rank, args=(2, [_free_port() for _ in POISONS], str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch.set_num_threads(1)
+    init = list(Regression().model.parameters())
+    for name, poison in POISONS.items():
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        reference = Regression()
+        ref = train(reference, global_batches(slice(0, ROWS), poison), tmp_path / name / "reference", _settings(),
+                    seed=0, progress=False)
+        assert ref.skipped == (1 if poison else 0), name
+        assert ranks[0]["skipped"] == ranks[1]["skipped"] == ref.skipped, name
+        for p0, p1, p in zip(ranks[0]["params"], ranks[1]["params"], reference.model.parameters()):
+            assert torch.equal(p0, p1), name  # DDP keeps the replicas identical
+            # float32 reduction order differs (all-reduce of two half-batch gradients vs one backward)
+            torch.testing.assert_close(p0, p.detach(), rtol=1e-5, atol=1e-6)
+        assert any((a - b).abs().max() > 1e-3 for a, b in zip(ranks[0]["params"], init)), name  # it trained
+        step = tmp_path / name / "run" / f"step-{STEPS}"
+        meta = json.loads((step / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["skipped"] == ref.skipped
+        rng = torch.load(step / "rng.pt", weights_only=True)
+        assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
 
 
 def _uids_in(shard: Path) -> str:

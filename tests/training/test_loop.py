@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from core.config import OptimConfig
 from training.checkpoint import CheckpointError, TrainState, rng_state, save_checkpoint
 from training.loop import (
-    LoopSettings,
     apply_speedups,
     autocast_dtype,
     make_optimizer,
@@ -50,9 +50,9 @@ def batches(poison_at: dict[int, str]):
     return data
 
 
-def settings(**kw) -> LoopSettings:
-    return LoopSettings(**{**dict(steps=6, lr=1e-2, warmup_steps=0, ckpt_every=3, log_every=1,
-                                  image_every=100, progress=False), **kw})
+def settings(**kw) -> OptimConfig:
+    return OptimConfig(**{**dict(steps=6, lr=1e-2, warmup_steps=0, ckpt_every=3, log_every=1, image_every=100),
+                          **kw})
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf_grad"])
@@ -73,7 +73,7 @@ def test_non_finite_step_leaves_parameters_and_optimizer_untouched(poison):
 
 
 def test_non_finite_steps_are_counted_and_never_checkpointed(tmp_path):
-    res = train(Poisonable(), batches({2: "nan", 3: "inf_grad", 5: "nan"}), tmp_path, settings())
+    res = train(Poisonable(), batches({2: "nan", 3: "inf_grad", 5: "nan"}), tmp_path, settings(), progress=False)
     assert res.step == 6 and res.skipped == 3
     assert math.isnan(res.losses[2]) and math.isfinite(res.losses[4])
     meta = json.loads((tmp_path / "step-6" / "meta.json").read_text())
@@ -187,10 +187,16 @@ def test_precision_choice():
         autocast_dtype("fp8", CPU)
 
 
-def test_settings_from_config_section():
-    from core.config import load_config
+def test_stage_sections_are_the_loop_settings():
+    """Both stages' sections are OptimConfigs: the YAML keys the loop reads are `nerf.lr`, `mesh.steps`, ...,
+    and a stage's own default changes only that stage."""
+    from core.config import MeshConfig, NerfConfig, load_config
 
-    cfg = load_config("configs/paper.yaml")
-    s = LoopSettings.from_section(cfg.nerf, seed=7)
-    assert (s.steps, s.lr, s.weight_decay, s.seed) == (150000, 1e-4, 0.05, 7)
-    assert s.activation_checkpointing
+    cfg = load_config("configs/paper.yaml", ["mesh.compile=true", "mesh.warmup_steps=7"])
+    assert isinstance(cfg.nerf, OptimConfig) and isinstance(cfg.mesh, OptimConfig)
+    assert (cfg.nerf.steps, cfg.nerf.lr, cfg.nerf.weight_decay, cfg.nerf.warmup_steps) == (150000, 1e-4, 0.05, 2000)
+    assert cfg.nerf.activation_checkpointing and not cfg.mesh.activation_checkpointing
+    assert (cfg.mesh.steps, cfg.mesh.lr, cfg.mesh.compile, cfg.mesh.warmup_steps) == (50000, 5e-5, True, 7)
+    assert (NerfConfig().lr, MeshConfig().lr, OptimConfig().lr) == (5e-3, 2e-4, 1e-4)
+    opt = make_optimizer(Poisonable(), cfg.mesh)
+    assert opt.param_groups[0]["lr"] == 5e-5 and opt.param_groups[0]["weight_decay"] == 0.05

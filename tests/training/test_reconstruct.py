@@ -1,95 +1,20 @@
-"""Tests for training/reconstruct.py: the API on a model with a known surface, the command end to end, and
-each bad input (exit code 2 with the problem named)."""
+"""Tests for training/reconstruct.py, the command: end to end on a model with a known surface, a checkpoint
+of another config, and each bad input (exit code 2 with the problem named)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from core.config import Config, load_config, save_config
+from core.config import load_config, save_config
+from tests.training.test_inference import SMALL, SphereGTR, _fresh, _views
+from training.inference import CheckpointMismatch, load_model
 from training.model import GTR
-from training.reconstruct import (
-    CheckpointMismatch,
-    EmptyMeshError,
-    load_model,
-    main,
-    reconstruct,
-)
-
-SMALL = ["loader.input_size=48", "refine.render_size=48", "mesh.grid=24", "refine.texture_size=64",
-         "refine.steps=6"]
-
-
-class SphereGTR(GTR):
-    """A real GTR whose density is replaced by an analytic sphere of radius 0.35 (colour stays f_c on the
-    triplane), so the mesh is known in closed form and the texture path is the real one."""
-
-    def query(self, planes, points):
-        _, rgb = super().query(planes, points)
-        density = 10.0 + 40.0 * (0.35 - points.norm(dim=-1, keepdim=True))  # level 10 at |p| = 0.35
-        return density, rgb
-
-
-def _fresh(model_cls=GTR, overrides=()) -> tuple[GTR, Config]:
-    cfg = load_config(None, SMALL + list(overrides))
-    torch.manual_seed(0)
-    model = model_cls(cfg.model).eval()
-    for layer in model.color_mlp.layers:  # He init: a default-init f_c is flat (see test_refine.py)
-        torch.nn.init.normal_(layer.weight, std=math.sqrt(2.0 / layer.in_features))
-        torch.nn.init.zeros_(layer.bias)
-    return model, cfg
-
-
-def _views(size: int = 48):
-    """4 eval-layout views of a two-coloured sphere (left half red, right half blue) with its mask."""
-    import trimesh
-
-    from training.ops.raster import make_rasterizer
-    from training.recon_inputs import eval4_cameras
-    from training.refine import rasterize_surface
-
-    m = trimesh.creation.icosphere(subdivisions=4, radius=0.35)
-    c2w, K = (torch.tensor(a) for a in eval4_cameras(size))
-    surf = rasterize_surface(make_rasterizer("torch"), torch.tensor(m.vertices, dtype=torch.float32),
-                             torch.tensor(m.faces), c2w, K, size, size)
-    rgb = torch.ones(4, size, size, 3)
-    red = surf.points[..., 1] > 0
-    rgb[surf.hit & red] = torch.tensor([0.9, 0.1, 0.1])
-    rgb[surf.hit & ~red] = torch.tensor([0.1, 0.2, 0.9])
-    mask = surf.hit.float()
-    return torch.cat([rgb.permute(0, 3, 1, 2), mask[:, None]], 1), c2w, K
-
-
-def test_api_feedforward_and_refined_on_a_known_surface():
-    torch.set_num_threads(2)
-    model, cfg = _fresh(SphereGTR)
-    images, c2w, K = _views()
-    ff = reconstruct(model, images, c2w, K, cfg, refine=False)
-    # The mesh is the analytic sphere: every vertex at radius 0.35 (grid 24 over 1.1: cell 0.048).
-    r = ff.verts.norm(dim=-1)
-    assert abs(r.mean().item() - 0.35) < 0.01 and (r - 0.35).abs().max() < 0.03
-    assert ff.psnr_before == ff.psnr_after and set(ff.timings) == {"triplane", "mesh", "refine"}
-    ref = reconstruct(model, images, c2w, K, cfg, refine=True)
-    assert ref.psnr_after > ref.psnr_before + 1.0, (ref.psnr_before, ref.psnr_after)
-    assert abs(ref.psnr_before - ff.psnr_before) < 1e-4  # same feed-forward start
-    # Colours exported come from the refined planes and f_c: the refined render equals the colour function
-    # evaluated at the surface points of the render.
-    col = ref.color_fn(model)(np.array([[0.0, 0.35, 0.0], [0.0, -0.35, 0.0]], np.float32))
-    assert col.shape == (2, 3) and np.isfinite(col).all()
-    t = reconstruct(model, images, c2w, K, cfg, refine=True, tune="triplane")
-    assert t.refine is not None and t.refine.color_mlp is not model.color_mlp
-
-
-def test_empty_field_is_a_clear_error():
-    model, cfg = _fresh()  # a fresh model's density (softplus of ~0) never reaches level 10
-    images, c2w, K = _views()
-    with pytest.raises(EmptyMeshError, match="no surface at level 10"):
-        reconstruct(model, images, c2w, K, cfg, refine=False)
+from training.reconstruct import main
 
 
 def _save_run(tmp_path, overrides=()) -> tuple:

@@ -13,10 +13,11 @@ import torch
 import trimesh
 
 from core.config import Config, RefineConfig
+from training.mesh import rasterize_mesh, shade
 from training.model import GTR
-from training.ops.raster import make_rasterizer
+from training.ops.raster import Rasterizer
 from training.recon_inputs import eval4_cameras, read_views
-from training.refine import psnr, rasterize_surface, refine_texture, shade
+from training.refine import color_model, psnr, refine_texture
 
 
 def _model(seed: int = 0) -> GTR:
@@ -40,7 +41,7 @@ def test_surface_points_match_ray_sphere_intersection():
     torch.set_num_threads(2)
     verts, faces = _sphere(0.4)
     c2w, K = (torch.tensor(a) for a in eval4_cameras(48))
-    surf = rasterize_surface(make_rasterizer("torch"), verts, faces, c2w, K, 48, 48)
+    surf = rasterize_mesh(Rasterizer("torch"), verts, faces, c2w, K, 48, 48)
     # Closed form: first hit of the ray through each pixel centre with the sphere |p| = 0.4.
     v, u = torch.meshgrid(torch.arange(48) + 0.5, torch.arange(48) + 0.5, indexing="ij")
     pix = torch.stack([u, v, torch.ones_like(u)], -1).double()
@@ -65,7 +66,7 @@ def _synthetic_views(size: int = 48):
     """Targets with a striped colour function on a sphere (no Blender): images [4,3,S,S], cameras."""
     verts, faces = _sphere(0.4)
     c2w, K = (torch.tensor(a) for a in eval4_cameras(size))
-    surf = rasterize_surface(make_rasterizer("torch"), verts, faces, c2w, K, size, size)
+    surf = rasterize_mesh(Rasterizer("torch"), verts, faces, c2w, K, size, size)
     img = torch.ones(4, size, size, 3)
     img[surf.hit] = (0.5 + 0.5 * torch.sin(25 * surf.points))[surf.hit]
     return verts, faces, img.permute(0, 3, 1, 2).contiguous(), surf.hit[:, None].float(), c2w, K
@@ -99,9 +100,9 @@ def test_l1_constant_variant_and_loss_definition():
     model = _model()
     with torch.no_grad():
         planes = model.triplane(torch.cat([img, mask], 1)[None], c2w[None], K[None])
-        surf = rasterize_surface(make_rasterizer("torch"), verts, faces, c2w, K, 48, 48)
+        surf = rasterize_mesh(Rasterizer("torch"), verts, faces, c2w, K, 48, 48)
         # Independent of refine's loss code: the mean absolute / squared error of the first render.
-        first = shade(model, planes, surf)
+        first = shade(model, planes, surf, antialias=False)["rgb"]  # the loss renders without antialiasing
         want_l1 = (first - img).abs().mean().item()
         want_l2 = ((first - img) ** 2).mean().item()
     r1 = refine_texture(model, planes, verts, faces, img, c2w, K,
@@ -151,13 +152,14 @@ def test_refinement_on_printed_text_raises_input_psnr_and_keeps_novel_views(text
     cfg = RefineConfig(render_size=96)  # the paper's recipe: 20 steps, L2, cosine, lr 0.15 / 1e-4, both
     res = refine_texture(model, planes, verts, faces, img, c2w, K, cfg)
 
-    rz = make_rasterizer("torch")
+    rz = Rasterizer("torch")
     o_c2w, o_K = torch.tensor(orbit.c2w), torch.tensor(orbit.K)
     o_img = torch.tensor(orbit.rgb).permute(0, 3, 1, 2)
-    surf = rasterize_surface(rz, verts, faces, o_c2w, o_K, 96, 96)
+    surf = rasterize_mesh(rz, verts, faces, o_c2w, o_K, 96, 96)
     with torch.no_grad():
-        novel_before = psnr(shade(model, planes, surf, None, 1.0, rz), o_img)
-        novel_after = psnr(shade(model, res.planes, surf, res.color_mlp, 1.0, rz), o_img)
+        novel_before = psnr(shade(model, planes, surf, 1.0)["rgb"], o_img)
+        with color_model(model, res.color_mlp) as refined:
+            novel_after = psnr(shade(refined, res.planes, surf, 1.0)["rgb"], o_img)
     print(f"\ninput-view PSNR {res.psnr_before:.2f} -> {res.psnr_after:.2f} dB; "
           f"novel-view PSNR {novel_before:.2f} -> {novel_after:.2f} dB; {res.seconds:.1f} s")
     assert res.psnr_after > res.psnr_before + 3.0

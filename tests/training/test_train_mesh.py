@@ -1,6 +1,7 @@
 """`make train-mesh` on real data: a procedural asset → Blender renders → shards → a stage-1 checkpoint →
-mesh-stage training lowers the mesh loss; an all-empty mesh step is counted and does not crash. And the
-empty-step loss reaches every trainable parameter (what DDP needs), checked by autograd directly."""
+mesh-stage training lowers the mesh loss; an all-empty mesh step is counted and does not crash. The
+empty-step loss reaches every trainable parameter (what DDP needs), checked by autograd directly. And a run
+of 2 loader workers stopped and rerun continues exactly where the uninterrupted run would be."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _stage1_checkpoint(cfg: Config) -> Path:
     """A stage-1 stand-in: the tiny GTR fitted so that f_d crosses the level (a ball of radius 0.3), saved
     with the trainer's own checkpoint writer under OUT/runs/nerf."""
     from training.checkpoint import TrainState, rng_state, save_checkpoint
-    from training.data import make_loader
+    from training.data.stream import make_loader
     from training.model import GTR
 
     torch.manual_seed(0)
@@ -83,9 +84,10 @@ def _fixed_loss(objective, batch: dict) -> float:
 def test_mesh_stage_lowers_loss_and_handles_empty_meshes(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     from training.checkpoint import latest_checkpoint, load_weights
-    from training.data import make_loader
+    from training.data.stream import make_loader
+    from training.mesh_objective import MeshObjective
     from training.model import GTR
-    from training.train_mesh import MeshObjective, run
+    from training.train_mesh import run
 
     cfg = _cfg(tmp_path)
     _shards(cfg)
@@ -100,7 +102,17 @@ def test_mesh_stage_lowers_loss_and_handles_empty_meshes(tmp_path: Path) -> None
     assert result.step == 6 and result.skipped == 0
     ckpt = latest_checkpoint(tmp_path / "runs" / "mesh")
     assert ckpt is not None and ckpt.name == "step-6"
-    assert (tmp_path / "runs" / "mesh" / "tensorboard").exists() or any((tmp_path / "runs" / "mesh").iterdir())
+    # What the run logged: the step losses it returned (mesh.log_every=3), validation at the last step
+    # (mesh.image_every=6) with its picture sheet, read back from TensorBoard's event file.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "mesh" / "tensorboard"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(logged) == [3, 6] and all(abs(logged[k] - result.losses[k]) < 1e-5 for k in logged), logged
+    assert [e.step for e in acc.Scalars("val/psnr")] == [6] and acc.Scalars("val/psnr")[0].value == pytest.approx(
+        result.val[6]["psnr"], abs=1e-4)
+    assert (tmp_path / "runs" / "mesh" / "images" / "step-6.png").is_file()
     trained = GTR(cfg.model)
     load_weights(ckpt, trained)
     after = _fixed_loss(MeshObjective(trained, cfg.mesh), val)
@@ -120,8 +132,8 @@ def test_mesh_stage_lowers_loss_and_handles_empty_meshes(tmp_path: Path) -> None
 def test_all_empty_step_gives_every_trainable_parameter_a_zero_grad() -> None:
     """DDP without find_unused_parameters raises on the step after one where a parameter got no gradient; an
     all-empty mesh step must therefore still reach f_d and f_c (and everything else that trains)."""
+    from training.mesh_objective import MeshObjective
     from training.model import GTR
-    from training.train_mesh import MeshObjective
 
     torch.manual_seed(0)
     cfg = Config()
@@ -140,3 +152,55 @@ def test_all_empty_step_gives_every_trainable_parameter_a_zero_grad() -> None:
     missing = [n for n, p in trainable if p.grad is None]
     assert not missing, missing
     assert all(torch.count_nonzero(p.grad) == 0 for _, p in trainable)
+
+
+# A tiny GTR and mesh stage on fake 32² renders: each step takes well under a second on one CPU core.
+TINY = ["model.width=32", "model.heads=2", "model.head_dim=16", "model.depth=1", "model.plane_res=4",
+        "model.upsample=2", "model.plane_channels=4", "model.mlp_hidden=16", "loader.input_size=32",
+        "loader.input_views=2", "loader.shuffle_buffer=1", "shards.val_fraction=0.0", "shards.max_count=2",
+        "mesh.batch_size=1", "mesh.sup_views=2", "mesh.render_size=16", "mesh.grid=16", "mesh.lpips_weight=0",
+        "mesh.reg_rays=64", "mesh.lr=0.001", "mesh.steps=7", "mesh.ckpt_every=100", "mesh.log_every=100",
+        "mesh.image_every=100", "mesh.val_assets=1",
+        # the fresh model's density lies in ~[0.02, 0.16]: a level inside it gives every asset a surface
+        "mesh.sdf_level=0.09"]
+
+
+def test_resume_of_a_2_worker_run_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    """loader.workers=2: each worker streams its own epoch of `epoch_samples`, so an epoch is 2x the
+    per-worker batch count. A run stopped at step 3 (inside epoch 0) and rerun must read epoch 0's fourth
+    batch next, as the straight run does; the per-step losses after the resume must be the straight run's
+    (same seed, bitwise here; 1e-6 is the resume contract)."""
+    from pipelines.shards import pack
+    from tests.fake_renders import write_renders
+    from training.checkpoint import TrainState, latest_checkpoint, rng_state, save_checkpoint
+    from training.model import GTR
+    from training.train_mesh import run
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    write_renders(data, [f"asset{i}" for i in range(6)], views=6, size=32)
+    pack(load_config(None, [f"out={data}", *TINY]), executor="local")
+    torch.manual_seed(0)
+    init_cfg = load_config(None, TINY)
+    model = GTR(init_cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stage1 = save_checkpoint(data / "runs" / "nerf", TrainState(step=1), model, opt,
+                             torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [rng_state()])
+
+    def cfg(out: Path) -> Config:
+        # 2 workers x 2 batches of one sample: epochs of 4 batches; 7 steps = epoch 0, epoch 1, one of epoch 2
+        return load_config(None, [f"out={out}", *TINY, "loader.workers=2", "loader.epoch_samples=2",
+                                  f"mesh.init={stage1}", f"mesh.shards={data / 'shards' / 'train-*.tar'}"])
+
+    straight = run(cfg(tmp_path / "a"))
+    assert straight.step == 7 and sorted(straight.losses) == list(range(1, 8))
+    first = run(cfg(tmp_path / "b"), stop_at=3)
+    assert first.step == 3 and latest_checkpoint(tmp_path / "b" / "runs" / "mesh").name == "step-3"
+    for step in (1, 2, 3):
+        assert abs(first.losses[step] - straight.losses[step]) <= 1e-6, step
+    resumed = run(cfg(tmp_path / "b"))
+    assert resumed.resumed_from is not None and sorted(resumed.losses) == [4, 5, 6, 7]
+    # the losses tell the batches apart: a resume at the wrong place would not match
+    assert len({round(v, 6) for v in straight.losses.values()}) == 7, straight.losses
+    for step in range(4, 8):
+        assert abs(resumed.losses[step] - straight.losses[step]) <= 1e-6, (step, resumed.losses, straight.losses)

@@ -27,7 +27,7 @@ Triangles with any vertex at w ≤ 0 are dropped (nvdiffrast clips them against 
 with z/w outside [−1, 1] are not drawn, as in nvdiffrast.
 
 On CUDA the same calls go to nvdiffrast (`diffrp-nvdiffrast`, `RasterizeCudaContext`), loaded lazily by
-`cuda_context()`; `make_rasterizer(backend, device)` picks one ('auto' | 'torch' | 'nvdiffrast').
+`cuda_context()`; `Rasterizer(backend, device)` picks one ('auto' | 'torch' | 'nvdiffrast').
 """
 
 from __future__ import annotations
@@ -329,6 +329,3 @@ class Rasterizer:
             return self.dr.antialias(color.contiguous(), rast, pos.float().contiguous(), tri.int().contiguous())
         return antialias(color, rast, pos, tri)
 
-
-def make_rasterizer(backend: str = "auto", device: torch.device | str = "cpu") -> Rasterizer:
-    return Rasterizer(backend, device)

@@ -9,7 +9,7 @@ import torch
 
 from core.cameras import intrinsics, look_at, spherical_position
 from training.cameras import opencv_to_clip
-from training.ops.raster import antialias, interpolate, make_rasterizer, rasterize
+from training.ops.raster import Rasterizer, antialias, interpolate, rasterize
 
 
 def _box_mesh(half: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +133,9 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="tri must be"):
         rasterize(None, torch.zeros(1, 3, 4), torch.zeros(3, dtype=torch.long), 8)
     with pytest.raises(ValueError, match="backend"):
-        make_rasterizer("opengl")
+        Rasterizer("opengl")
     with pytest.raises(ValueError, match="CUDA"):
-        make_rasterizer("nvdiffrast", "cpu")
+        Rasterizer("nvdiffrast", "cpu")
 
 
 @pytest.mark.blender
@@ -193,7 +193,7 @@ def test_twin_matches_nvdiffrast() -> None:
     K = np.repeat(intrinsics(40.0, W)[None], 3, 0)
     mvp = opencv_to_clip(torch.tensor(c2w).cuda(), torch.tensor(K).cuda(), H, W, 0.1, 10.0)
     pos = torch.cat([verts, torch.ones(len(verts), 1, device="cuda")], 1) @ mvp.transpose(-1, -2)
-    nv, tw = make_rasterizer("nvdiffrast", "cuda"), make_rasterizer("torch", "cuda")
+    nv, tw = Rasterizer("nvdiffrast", "cuda"), Rasterizer("torch", "cuda")
     attr = torch.rand(1, len(verts), 3, device="cuda")
     with torch.no_grad():  # which pixels both rasterizers give to the same triangle
         ids = [r.rasterize(pos, faces, (H, W))[0][..., 3] for r in (nv, tw)]

@@ -1,4 +1,4 @@
-"""training/tario.py: the streaming tar reader against Python's own `tarfile` (an independent reader), and
+"""training/data/tario.py: the streaming tar reader against Python's own `tarfile` (an independent reader), and
 hostile shards built with `tarfile` (oversize, too many members, bad keys/fields, links, base-256 sizes)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from training import tario
-from training.tario import DataStalled, SkipCounter, tar_members, tar_samples
+from training.data import tario
+from training.data.tario import DataStalled, SkipCounter, tar_members, tar_samples
 
 
 def test_tar_reader_matches_tarfile_on_pax_and_long_names(tmp_path):

@@ -2,7 +2,7 @@
 
 A small streaming tar reader (Python's `tarfile` is slower than decoding the picked PNGs at demo size) that
 keeps only the members a sample needs, URL expansion and opening (local, `pipe:`, http(s), fsspec), the
-handler that skips and counts corrupt shards and samples, and a bounded `.npz` reader. `training/data.py`
+handler that skips and counts corrupt shards and samples, and a bounded `.npz` reader. `training.data.stream`
 builds its pipeline on it.
 
 Shards are untrusted input (they may come from anywhere by URL), so memory is bounded before anything is
