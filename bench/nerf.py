@@ -27,7 +27,7 @@ from core.config import Config
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, Any]:
-    """A batch with the loader's keys and shapes (docs/ARCHITECTURE.md), cameras on DESIGN's sphere."""
+    """A batch with the loader's keys and shapes (docs/ARCHITECTURE.md), cameras on the contract's sphere."""
     from core.cameras import intrinsics, look_at, spherical_position
 
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ goals on one H100: feed-forward mesh < 1 s, 20 refinement steps < 1 s — the pa
 The model is a freshly initialised GTR of the config's size (timings do not depend on training) whose
 density is an analytic sphere of radius 0.35 added on top of its own f_d evaluation, so mesh extraction
 does the real work (f_d over the whole grid) and yields a realistic closed surface (~165 k faces at 256³).
-Inputs: 4 views of a two-coloured sphere in DESIGN's evaluation layout. Compared approaches, in the same
+Inputs: 4 views of a two-coloured sphere in the contract's evaluation layout. Compared approaches, in the same
 run: refinement as the paper gives it (20 steps, L2, cosine) vs the released code's (50 steps, L1,
 constant lr); the UV-textured GLB vs the released code's vertex-colour export.
 

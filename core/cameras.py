@@ -1,4 +1,4 @@
-"""Camera conventions of the toolkit (DESIGN "Coordinates and cameras"), in numpy, with no Blender import.
+"""Camera conventions of the toolkit (docs/CONTRACTS.md "Coordinates and cameras"), in numpy, with no Blender import.
 
 World: Blender's, right-handed, Z up. Poses are camera-to-world 4x4 float32 in **OpenCV** axes (x right,
 y down, z forward). Blender's camera axes (x right, y up, looking down -z) convert in exactly one place:
@@ -64,7 +64,7 @@ def uid_seed(uid: str) -> int:
 
 def random_views(uid: str, n: int = 32, distance: tuple[float, float] = (2.4, 2.8),
                  elevation_deg: tuple[float, float] = (-30.0, 70.0)) -> dict[str, np.ndarray]:
-    """DESIGN's random training views, seeded by the uid.
+    """The contract's random training views, seeded by the uid.
 
     Azimuth uniform in [0, 360), elevation area-uniform in the band (sin(el) uniform), distance uniform.
     Returns arrays `azimuth`, `elevation`, `distance` (degrees / units) and `c2w` [n, 4, 4].

@@ -6,7 +6,7 @@ in `OUT/evalsets/<slug>/`, laid out like a run of its own:
 
     manifest/{filter,download,render_eval}.parquet    the stages' status tables for this set only
     assets/                                           fetched / generated / linked source files
-    renders_eval/<uid>/{orbit,inputs}/                the 20 orbit views and the 4 input views (DESIGN)
+    renders_eval/<uid>/{orbit,inputs}/                the 20 orbit views and the 4 input views (docs/CONTRACTS.md)
     evalset.json                                      source, slug, the chosen uids in order, exclusions
 
 | source | slug |

@@ -1,6 +1,6 @@
 """Geometry metrics of the paper's protocol: normalisation, surface sampling, ICP, Chamfer, F-score, volume IoU.
 
-Protocol (paper §4.1 after InstantMesh; DESIGN "Evaluation"): both meshes are centred on their bounding-box
+Protocol (paper §4.1 after InstantMesh; docs/CONTRACTS.md "Evaluation"): both meshes are centred on their bounding-box
 centre and scaled so the largest half-side is 1 (they fit [-1, 1]^3); the prediction is aligned to the
 ground truth with rigid point-to-point ICP; 16,000 area-weighted surface points are drawn from each (seeded).
 

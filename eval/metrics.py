@@ -1,6 +1,6 @@
 """Image metrics of the paper's protocol, batched in torch: PSNR, SSIM, LPIPS (VGG and AlexNet).
 
-Conventions (DESIGN "Evaluation"): images are [B,3,H,W] float in [0, 1], RGBA renders composited on white
+Conventions (docs/CONTRACTS.md "Evaluation"): images are [B,3,H,W] float in [0, 1], RGBA renders composited on white
 first; PSNR and SSIM with data range 1; SSIM with an 11-tap Gaussian window of σ 1.5, K1 0.01, K2 0.03 and
 population (not sample) covariances, averaged over the valid interior and the channels — equal to
 `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,

@@ -3,7 +3,7 @@
     python -m pipelines.render [--eval] [--config C] [--out OUT] [key=value ...]
 
 Training mode writes OUT/renders/<uid>/ (random views seeded by the uid) and OUT/manifest/render.parquet;
-`--eval` writes OUT/renders_eval/<uid>/{orbit,inputs}/ (DESIGN's 20-view orbit and 4 input views) and
+`--eval` writes OUT/renders_eval/<uid>/{orbit,inputs}/ (the contract's 20-view orbit and 4 input views) and
 OUT/manifest/render_eval.parquet. The step is `render.blender.render_asset` (no Ray), held by a stateful
 executor worker (`RenderWorker`: one bpy, asset after asset). `render.executor`: `ray` (default; Ray
 actors) or `process` (worker processes) kill and replace a renderer after a per-asset timeout, a crash, or

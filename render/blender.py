@@ -1,4 +1,4 @@
-"""Render one asset with Blender (bpy) into DESIGN's asset folder (meta.json, cameras.npz, geometry.npz,
+"""Render one asset with Blender (bpy) into the contract's asset folder (meta.json, cameras.npz, geometry.npz,
 NN.{rgba,depth,normal}.png): the scene (render/scene.py: reset, import, normalise), Cycles (render/cycles.py:
 settings, lighting, one render per view), the quality check, and the folder written atomically.
 
@@ -80,7 +80,7 @@ def quiet_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scene_info: dict,
                   settings: dict, light: dict, cam: Any, tmp: Path, eval_mode: bool = False) -> dict[str, Any]:
-    """One DESIGN render folder for one set of views; returns its quality verdict."""
+    """One render folder (docs/CONTRACTS.md) for one set of views; returns its quality verdict."""
     out.mkdir(parents=True, exist_ok=True)
     width = cfg.resolution
     K = intrinsics(cfg.fov_deg, width)

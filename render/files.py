@@ -1,5 +1,5 @@
 """Blender-free file work of the renderer: where an asset's files may come from, image sizes from file
-headers, a pre-import check of vertex coordinates, and the encoding of render passes into DESIGN's PNGs.
+headers, a pre-import check of vertex coordinates, and the encoding of render passes into the contract's PNGs.
 (render/scene.py, render/cycles.py and render/blender.py hold everything that needs bpy.)"""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def srgb_encode(linear: np.ndarray) -> np.ndarray:
 
 
 def encode_view(passes: dict[str, np.ndarray], depth_scale: float) -> dict[str, np.ndarray]:
-    """Passes -> DESIGN's 8-bit straight-alpha RGBA, 16-bit depth (0 = no hit) and 8-bit (n+1)/2 normals."""
+    """Passes -> the contract's 8-bit straight-alpha RGBA, 16-bit depth (0 = no hit) and 8-bit (n+1)/2 normals."""
     rgba = passes["rgba"]
     alpha = np.clip(rgba[..., 3], 0.0, 1.0)
     straight = np.where(alpha[..., None] > 1e-6, rgba[..., :3] / np.maximum(alpha[..., None], 1e-6), 0.0)

@@ -168,7 +168,7 @@ def scene_geometry(max_triangles: int | None = None) -> tuple[np.ndarray, np.nda
 
 
 def normalise_scene() -> tuple[np.ndarray, float]:
-    """Centre the scene on its bounding-box centre and scale its largest side to 1 (DESIGN).
+    """Centre the scene on its bounding-box centre and scale its largest side to 1 (docs/CONTRACTS.md).
 
     The box covers all geometry of all roots after every parent transform. Returns (center [3], scale) with
     p_normalised = scale * (p_imported - center); the transform is applied to every root object.

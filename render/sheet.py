@@ -1,7 +1,7 @@
 """Contact sheet of render folders: one PNG with a row per rendered asset (a few views, RGBA over a
 checkerboard) for a person. Drawn by core.sheets.
 
-Reads DESIGN render folders only (no Blender). A row is labelled with the folder name and its quality flags,
+Reads render folders (docs/CONTRACTS.md) only, no Blender. A row is labelled with the folder name and its quality flags,
 so a flagged asset stands out.
 """
 

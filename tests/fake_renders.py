@@ -1,4 +1,4 @@
-"""Test helper: write render folders in exactly the render stage's layout (DESIGN, docs/ARCHITECTURE.md).
+"""Test helper: write render folders in exactly the render stage's layout (docs/CONTRACTS.md, docs/ARCHITECTURE.md).
 
 The shard and loader tests build their inputs with this instead of Blender, so they can compare what comes
 out against the exact arrays that went in. Images are random (pixel-exact checks), alpha has 0, 255 and

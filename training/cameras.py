@@ -1,7 +1,7 @@
 """Camera maths for the model, in torch: rays through pixel centres, Plücker channels, the 10-channel input,
 OpenCV → clip space for a rasterizer, and the one fixed similarity into the released model's frame.
 
-Every convention here is derived from DESIGN's single camera convention: `c2w` 4×4 in OpenCV axes (x right,
+Every convention here is derived from the contract's single camera convention: `c2w` 4×4 in OpenCV axes (x right,
 y down, z forward), `K` 3×3 in pixels, pixel (col i, row j) centred at (i + 0.5, j + 0.5). Each derived
 convention lives in exactly one function:
 

@@ -1,7 +1,7 @@
 """Convert the authors' released checkpoint (`ckpt.pth`) into our `official`-preset GTR model.
 
 The released file is `{"pipeline": {"generator": state_dict, "field": state_dict}}` (key layout:
-../shared/fixtures/official-gtr-tiny/official_full_keys.txt). It is read with `torch.load(weights_only=True)`
+tests/fixtures/official-gtr-tiny/official_full_keys.txt). It is read with `torch.load(weights_only=True)`
 so it stays data, and is size-bounded. Every released key must map onto exactly one of ours with the same
 shape, and every one of ours must be filled; anything else is an error naming the keys.
 

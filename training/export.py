@@ -1,6 +1,6 @@
 """Textured mesh export: xatlas UV unwrap, a texture baked from a colour function at the surface, GLB out.
 
-The mesh comes out of marching cubes in the canonical normalised frame (DESIGN: Z up, the asset inside
+The mesh comes out of marching cubes in the canonical normalised frame (docs/CONTRACTS.md: Z up, the asset inside
 [-0.5, 0.5]^3). glTF is Y up, so the GLB stores every position as
 
     p_gltf = (x, z, -y)          for p = (x, y, z) in our frame (a proper rotation, det +1)

@@ -97,7 +97,7 @@ class Surface:
     times (`shade`): texture refinement changes only the colour on a fixed mesh."""
 
     points: Tensor  # [V,H,W,3] surface point (our frame) at each pixel centre; 0 where nothing is hit
-    depth: Tensor  # [V,H,W,1] planar z of that point (DESIGN's depth convention); 0 where nothing is hit
+    depth: Tensor  # [V,H,W,1] planar z of that point (the contract's depth convention); 0 where nothing is hit
     hit: Tensor  # [V,H,W] bool: a triangle covers the pixel centre
     rast: Tensor  # [V,H,W,4] the rasterizer's output (u, v, z/w, triangle id + 1), for antialiasing
     clip: Tensor  # [V,N,4] the vertices in clip space
@@ -167,7 +167,7 @@ def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Te
 
     verts [N, 3], faces [F, 3] (normalised world frame); c2w [V, 4, 4] OpenCV, K [V, 3, 3] for an H×W image;
     background a float or [3]. Returns rgb [V, 3, H, W] (f_c at the surface point of each pixel, composited
-    on the background by the mask), depth [V, 1, H, W] (planar z, 0 = empty, DESIGN's convention),
+    on the background by the mask), depth [V, 1, H, W] (planar z, 0 = empty, the contract's convention),
     mask [V, 1, H, W] (antialiased coverage) and normal [V, 3, H, W] (world-space face normals, 0 = empty).
     An empty mesh renders as background with zero mask and depth.
     """

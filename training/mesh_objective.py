@@ -63,7 +63,7 @@ class MeshObjective(nn.Module):
         return outs, planes
 
     def regulariser(self, batch: dict, planes: Tensor) -> Tensor:
-        """Ray opacity at one random point per ray in front of the ground-truth surface (DESIGN), L1 to 0."""
+        """Ray opacity at one random point per ray in front of the ground-truth surface (docs/CONTRACTS.md), L1 to 0."""
         B, Vs = batch["sup_c2w"].shape[:2]
         h, w = batch["sup_rgb"].shape[-2:]
         o, d = camera_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]

@@ -2,11 +2,11 @@
 
 Three ways to give the cameras (checked in this order):
 
-1. a render folder of this project (`cameras.npz` + `NN.rgba.png`, DESIGN "What is rendered"), e.g.
+1. a render folder of this project (`cameras.npz` + `NN.rgba.png`, docs/CONTRACTS.md "What is rendered"), e.g.
    `OUT/renders_eval/<uid>/inputs/`;
 2. `cameras.json`: `{"frames": [{"file": "a.png", "c2w": 4x4, "K": 3x3, "mask": "a_mask.png"?}, ...]}` with
    OpenCV `c2w` in our normalised Z-up frame (object inside [-0.5, 0.5]^3) and `K` in pixels of that file;
-3. a named layout (`--layout`): `eval4` — DESIGN's 4 evaluation input views (azimuth 0/90/180/270,
+3. a named layout (`--layout`): `eval4` — the contract's 4 evaluation input views (azimuth 0/90/180/270,
    elevation 20°, distance 2.6, FoV 40°), images taken in sorted file-name order; `zero123pp` — the
    Zero123++ v1.2 6-view output, one 3×2 grid image (3 rows, 2 columns, read row by row) or 6 images,
    azimuths 30° + 60°·k, elevations 20°/−10° alternating, FoV 30°, radius 4 for an object in [−1, 1]^3,
@@ -31,7 +31,7 @@ MAX_SIDE = 8192  # refuse larger images (bounded memory; PIL's bomb guard is per
 MAX_VIEWS = 64  # the transformer's sequence grows with views; more than this is a mistake
 MAX_JSON_BYTES = 4 << 20
 
-# Zero123++ v1.2 output layout (DESIGN facts), in our frame.
+# Zero123++ v1.2 output layout (the released code's facts in docs/CONTRACTS.md), in our frame.
 ZERO123PP_AZIMUTHS = tuple(30.0 + 60.0 * k for k in range(6))
 ZERO123PP_ELEVATIONS = (20.0, -10.0, 20.0, -10.0, 20.0, -10.0)
 ZERO123PP_DISTANCE = 4.0 / 2.0  # radius 4 around an object in [-1, 1]^3; ours is half that size
@@ -67,7 +67,7 @@ class Views:
 
 def eval4_cameras(size: int, elevation_deg: float = 20.0, distance: float = 2.6, fov_deg: float = 40.0
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """DESIGN's 4 evaluation input views: c2w [4,4,4], K [4,3,3] for `size`² images."""
+    """The contract's 4 evaluation input views: c2w [4,4,4], K [4,3,3] for `size`² images."""
     c2w = eval_input_views(elevation_deg, distance)["c2w"]
     return c2w.astype(np.float32), np.stack([intrinsics(fov_deg, size)] * 4)
 

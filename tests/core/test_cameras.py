@@ -1,4 +1,4 @@
-"""core/cameras.py against closed forms: orthonormal poses, OpenCV axes, DESIGN's angles, area-uniform
+"""core/cameras.py against closed forms: orthonormal poses, OpenCV axes, the contract's angles, area-uniform
 elevation statistics, projection/unprojection."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_random_views_are_seeded_and_area_uniform():
     # ... whereas elevation itself is not uniform (more views near the equator).
     assert stats.kstest((el + 30) / 100, "uniform").pvalue < 1e-6
     # The tangent cone of the sphere inscribed in the normalised box (radius 0.5) stays inside the 40°
-    # frustum. DESIGN's "bounding sphere (radius √3/2) stays in frame" does not hold below distance 2.53:
+    # frustum. The contract's "bounding sphere (radius √3/2) stays in frame" does not hold below distance 2.53:
     # box corners can leave a 64-px frame by ~2 px at distance 2.4 (see docs/render.md).
     assert (np.degrees(np.arcsin(0.5 / r)) < 20.0).all()
     assert np.degrees(np.arcsin(math.sqrt(3) / 2 / 2.4)) > 20.0

@@ -169,7 +169,7 @@ def test_eval_mode_orbit_and_inputs(tmp_path):
     d = tmp_path / "renders_eval" / "asset0"
     orbit, inputs = np.load(d / "orbit" / "cameras.npz"), np.load(d / "inputs" / "cameras.npz")
     assert orbit["c2w"].shape == (20, 4, 4) and inputs["c2w"].shape == (4, 4, 4)
-    for i in range(20):  # DESIGN: azimuth 18°·i, elevation 30°·sin(2·azimuth), distance 2.6
+    for i in range(20):  # docs/CONTRACTS.md: azimuth 18°·i, elevation 30°·sin(2·azimuth), distance 2.6
         az = 18.0 * i
         eye = spherical_position(az, 30.0 * np.sin(np.radians(2 * az)), 2.6)
         np.testing.assert_allclose(orbit["c2w"][i], look_at(eye), atol=1e-5)

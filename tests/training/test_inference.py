@@ -32,7 +32,7 @@ class SphereGTR(GTR):
         return self.query_density(planes, points), self.query_color(planes, points)
 
 
-def _fresh(model_cls=GTR, overrides=()) -> tuple[GTR, Config]:
+def fresh_model(model_cls=GTR, overrides=()) -> tuple[GTR, Config]:
     cfg = load_config(None, SMALL + list(overrides))
     torch.manual_seed(0)
     model = model_cls(cfg.model).eval()
@@ -42,7 +42,7 @@ def _fresh(model_cls=GTR, overrides=()) -> tuple[GTR, Config]:
     return model, cfg
 
 
-def _views(size: int = 48):
+def sphere_views(size: int = 48):
     """4 eval-layout views of a two-coloured sphere (left half red, right half blue) with its mask."""
     import trimesh
 
@@ -62,8 +62,8 @@ def _views(size: int = 48):
 
 def test_api_feedforward_and_refined_on_a_known_surface():
     torch.set_num_threads(2)
-    model, cfg = _fresh(SphereGTR)
-    images, c2w, K = _views()
+    model, cfg = fresh_model(SphereGTR)
+    images, c2w, K = sphere_views()
     ff = reconstruct(model, images, c2w, K, cfg, refine=False)
     # The mesh is the analytic sphere: every vertex at radius 0.35 (grid 24 over 1.1: cell 0.048).
     r = ff.verts.norm(dim=-1)
@@ -90,8 +90,8 @@ def test_api_feedforward_and_refined_on_a_known_surface():
 
 
 def test_empty_field_is_a_clear_error():
-    model, cfg = _fresh()  # a fresh model's density (softplus of ~0) never reaches level 10
-    images, c2w, K = _views()
+    model, cfg = fresh_model()  # a fresh model's density (softplus of ~0) never reaches level 10
+    images, c2w, K = sphere_views()
     with pytest.raises(EmptyMeshError, match="no surface at level 10"):
         reconstruct(model, images, c2w, K, cfg, refine=False)
 
@@ -109,8 +109,8 @@ def test_render_rgba_of_a_sphere_against_ray_casting():
     outside, colour p + 0.5 at the hit point; away from the one-pixel rim, up to the marching-cubes mesh's
     distance from the sphere (grid 24 over 1.1: < 0.03 in position, so < 0.03 in colour)."""
     torch.set_num_threads(2)
-    model, cfg = _fresh(ColoredSphere)
-    images, c2w, K = _views()
+    model, cfg = fresh_model(ColoredSphere)
+    images, c2w, K = sphere_views()
     res = reconstruct(model, images, c2w, K, cfg, refine=False)
     from core.cameras import intrinsics, orbit_views
 

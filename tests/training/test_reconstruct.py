@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.config import load_config, save_config
-from tests.training.test_inference import SMALL, SphereGTR, _fresh, _views
+from tests.training.test_inference import SMALL, SphereGTR, fresh_model, sphere_views
 from training.inference import CheckpointMismatch, load_model
 from training.model import GTR
 from training.reconstruct import main
@@ -21,7 +21,7 @@ def _save_run(tmp_path, overrides=()) -> tuple:
     """A run folder with one step checkpoint of a fresh demo model and its config.yaml."""
     from training.checkpoint import TrainState, rng_state, save_checkpoint
 
-    model, cfg = _fresh(GTR, overrides)
+    model, cfg = fresh_model(GTR, overrides)
     run = tmp_path / "runs" / "mesh"
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -33,7 +33,7 @@ def _save_run(tmp_path, overrides=()) -> tuple:
 def _input_folder(tmp_path, n=4, size=48):
     folder = tmp_path / "inputs"
     folder.mkdir()
-    images, _, _ = _views(size)
+    images, _, _ = sphere_views(size)
     for i in range(n):
         rgba = images[i].permute(1, 2, 0).numpy()
         Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA").save(folder / f"{i}.png")

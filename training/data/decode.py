@@ -1,6 +1,6 @@
 """Decoding one sample: its raw field bytes -> checked header, cameras and picked views as arrays, bounded.
 
-A sample is one asset of a shard (DESIGN "Shards"): `{"__key__": uid, "meta.json": bytes, "cameras.npz":
+A sample is one asset of a shard (docs/CONTRACTS.md "Shards"): `{"__key__": uid, "meta.json": bytes, "cameras.npz":
 bytes, "NN.rgba.png": bytes, "NN.depth.png": bytes, ...}`, as `training.data.tario` reads it. Everything
 here treats those bytes as untrusted: sizes are checked from headers (PNG IHDR, the npz directory) before
 anything is decompressed, and any problem raises with the sample's uid and the reason (the stream's handler

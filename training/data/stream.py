@@ -1,6 +1,6 @@
 """The training loader: WebDataset shards -> a stream of batches of picked views (`make_loader`).
 
-Per sample (one asset, DESIGN "Shards") it draws `Vi` input and `Vs` supervision views (disjoint, seeded),
+Per sample (one asset, docs/CONTRACTS.md "Shards") it draws `Vi` input and `Vs` supervision views (disjoint, seeded),
 decodes just those PNGs from the raw tar bytes (`training.data.decode`), composites RGBA on a background,
 resizes inputs to `loader.input_size` (K scaled), brings supervision views to the stage's `render_size` with
 an optional random patch (K shifted), and writes them into the batch documented in docs/ARCHITECTURE.md

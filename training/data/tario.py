@@ -7,7 +7,7 @@ builds its pipeline on it.
 
 Shards are untrusted input (they may come from anywhere by URL), so memory is bounded before anything is
 read: a member over MAX_FIELD_BYTES, a sample with more than MAX_FIELDS members or MAX_SAMPLE_BYTES of kept
-data, a field name outside DESIGN's (FIELD_RE), a key that is not a uid (core.layout.UID_RE: no `/`, no
+data, a field name outside the contract's (FIELD_RE), a key that is not a uid (core.layout.UID_RE: no `/`, no
 `..`), a duplicate field, or a member that is not a regular file (symlink, hard link, device, folder) makes
 the sample skipped and counted; its members are never extracted anywhere. `.npz` members are sized from the
 zip directory and the `.npy` headers before any array is allocated (no zip or shape bombs).
@@ -210,12 +210,12 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def check_member(key: str, field: str) -> str | None:
-    """Why a member may not be part of a sample (None if it may): key a uid, field one of DESIGN's names."""
+    """Why a member may not be part of a sample (None if it may): key a uid, field one of the contract's names."""
     if not UID_RE.match(key):
         return f"key {key[:80]!r} is not a uid ([A-Za-z0-9_-]{{1,64}}: no '/', no '..')"
     m = FIELD_RE.match(field)
     if m is None:
-        return f"field {field[:80]!r} is not one of DESIGN's sample fields"
+        return f"field {field[:80]!r} is not one of the contract's sample fields"
     if m.group(2) is not None and int(m.group(2)) >= MAX_VIEWS:
         return f"view index {m.group(2)} >= {MAX_VIEWS}"
     return None

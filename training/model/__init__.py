@@ -1,5 +1,5 @@
 """The GTR model: image encoder, triplane transformer, PixelShuffle upsampler, density/colour MLPs, triplane
-sampling and volume rendering (paper §3.1, §3.2; DESIGN "Model"). See docs/model.md."""
+sampling and volume rendering (paper §3.1, §3.2; docs/CONTRACTS.md "Model"). See docs/model.md."""
 
 from training.model.gtr import GTR, flops_per_sample, parameter_count
 

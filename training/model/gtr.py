@@ -8,7 +8,7 @@
     out = model.render_rays(planes, o, d)         # rays [B,N,3] -> rgb [B,N,3], depth [B,N,1], opacity [B,N,1]
     out = model.render_views(planes, c2w, K, h, w) # -> rgb [B,V,3,h,w], depth/opacity [B,V,1,h,w]
 
-The API always speaks DESIGN's frame and cameras. With `cfg.official_frame` (the released weights), the fixed
+The API always speaks the contract's frame and cameras. With `cfg.official_frame` (the released weights), the fixed
 similarity of `training.cameras` is applied inside `_to_model_frame`, the single place cameras, points and
 rays enter the model's own frame; depths come back in our units. `cfg.scene_box` and `cfg.near_min` are in
 the model's units, so code outside the model never reads them: it asks `box_half_size_ours`, `near_min_ours`,
@@ -162,7 +162,7 @@ class GTR(nn.Module):
 
         patch = (top, left, h, w) renders only that window (the same one for every view; for per-view
         windows pass K already shifted to each window, as the loader does, with height, width = the window).
-        Returns rgb [B,V,3,h,w], depth [B,V,1,h,w] as planar z in our units (DESIGN's depth convention),
+        Returns rgb [B,V,3,h,w], depth [B,V,1,h,w] as planar z in our units (the contract's depth convention),
         opacity [B,V,1,h,w]. Other keywords go to `render_rays`.
         """
         B, V = c2w.shape[:2]

@@ -141,7 +141,7 @@ def test_too_many_members_per_sample_stops_reading_it(tmp_path, monkeypatch):
     ["a/b.meta.json", "a/b.00.rgba.png"],
     ["x/../../etc/passwd.meta.json"],
     ["/abs.meta.json"],
-    ["ok.script.py"],  # a field name DESIGN does not have
+    ["ok.script.py"],  # a field name docs/CONTRACTS.md does not have
     ["ok.00.rgba.png", "ok.00.rgba.png"],  # a duplicate field
     ["ok.1000.rgba.png"],  # view index beyond MAX_VIEWS
 ])
