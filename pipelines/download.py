@@ -31,6 +31,7 @@ DOWNLOAD_SCHEMA = pa.schema([
     ("source", pa.string()), ("name", pa.string()), ("license", pa.string()), ("attribution", pa.string()),
     ("format", pa.string()), ("path", pa.string()),  # path: the main file later stages open
     ("bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64()),
+    ("description", pa.string()),  # procedural: JSON of parts, kinds, augmentations, textures, ... (else null)
 ])
 FORMATS = ("glb", "gltf", "obj", "ply", "stl", "fbx")
 _MAGICS = [(b"glTF", "glb"), (b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"PK\x03\x04", "zip"),
