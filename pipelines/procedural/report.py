@@ -116,6 +116,11 @@ def write_report(cfg: Config, rows: list[dict[str, Any]], sheet: bool = True) ->
     ok = sum(r["status"] == manifest.OK for r in rows)
     written["histograms"] = draw_histograms(histogram_panels(table), root / "histograms.png", ok)
     if sheet and cfg.data.procedural_sheet_assets > 0 and ok:
+        from pipelines.procedural.sheet import current
+
+        if current(cfg)[2]:  # the sheet already shows these very files: no Blender
+            written["sheet"] = root / "sheet.png"
+            return written
         resolved = cfg.out_path / "configs" / "data.yaml"
         cmd = [sys.executable, "-m", "pipelines.procedural.sheet", "--out", str(cfg.out_path)]
         cmd += ["--config", str(resolved)] if resolved.is_file() else []

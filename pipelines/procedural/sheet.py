@@ -4,9 +4,10 @@
 
 Draws `data.procedural_sheet_assets` ok assets of OUT/manifest/download.parquet at random (seeded by
 `seed`), renders them with `pipelines.render.run` (in-process Blender, one random view each at an
-elevation of 15-35 degrees, the run's resolution, at most 32 samples) under a scratch root
-OUT/procedural/sheet_run/ that is removed afterwards, and writes OUT/procedural/sheet.png: a grid of
-8 columns, each tile labelled with the asset's index and its primitive kinds.
+elevation of 15-35 degrees, at most 128² and 16 samples) under a scratch root OUT/procedural/sheet_run/
+that is removed afterwards, and writes OUT/procedural/sheet.png: a grid of 8 columns, each tile labelled
+with the asset's index and its primitive kinds. OUT/procedural/sheet.json records what it shows; a rerun
+over the same files and settings renders nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from core import manifest
 from core.config import Config
-from core.io import atomic_path
+from core.io import atomic_path, atomic_write_text
 
 COLUMNS = 8
 TILE = 112  # pixels per asset on the sheet
@@ -38,6 +39,27 @@ def pick(rows: list[dict], count: int, seed: int) -> list[dict]:
     return sorted(chosen, key=lambda r: json.loads(r.get("description") or "{}").get("index", 0))
 
 
+def sheet_config(cfg: Config) -> Config:
+    """The run's config with the sheet's render settings: one view from above the horizon, at most 128² and
+    16 samples (a preview: a 112-pixel tile shows no more), in-process."""
+    scfg = copy.deepcopy(cfg)
+    r = scfg.render
+    r.views, r.elevation_min_deg, r.elevation_max_deg = 1, 15.0, 35.0
+    r.resolution, r.samples = min(r.resolution, 128), min(r.samples, 16)
+    r.executor, r.sheet_assets = "local", 0
+    return scfg
+
+
+def sheet_key(cfg: Config, chosen: list[dict]) -> str:
+    """What the sheet shows: the chosen files (uid + sha256) and the render settings; equal key, same sheet."""
+    import hashlib
+
+    from render.blender import output_hash  # the settings that change pixels, not threads or executors
+
+    blob = json.dumps([[r["uid"], r.get("sha256") or ""] for r in chosen] + [output_hash(sheet_config(cfg).render)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def render_sample(cfg: Config, chosen: list[dict], scratch: Path) -> dict[str, Path]:
     """Render `chosen` download rows through the render stage under `scratch`; uid -> rgba PNG of its view."""
     from pipelines.download import DOWNLOAD_SCHEMA
@@ -50,11 +72,8 @@ def render_sample(cfg: Config, chosen: list[dict], scratch: Path) -> dict[str, P
             path = cfg.out_path / path if (cfg.out_path / path).exists() else path
         rows.append({**{f: r.get(f) for f in DOWNLOAD_SCHEMA.names}, "path": str(path.resolve())})
     manifest.write_rows(manifest.manifest_path(scratch, "download"), rows, schema=DOWNLOAD_SCHEMA)
-    scfg = copy.deepcopy(cfg)
+    scfg = sheet_config(cfg)
     scfg.out = str(scratch)
-    r = scfg.render
-    r.views, r.elevation_min_deg, r.elevation_max_deg = 1, 15.0, 35.0
-    r.samples, r.executor, r.sheet_assets = min(r.samples, 32), "local", 0
     out = render_run(scfg, eval_mode=False, use_ray=False, progress=False)
     return {row["uid"]: scratch / "renders" / row["uid"] / "00.rgba.png" for row in out
             if row["status"] == manifest.OK}
@@ -83,20 +102,36 @@ def compose(chosen: list[dict], views: dict[str, Path], path: str | Path) -> Pat
     return Path(path)
 
 
-def make_sheet(cfg: Config) -> Path | None:
-    """Render and compose OUT/procedural/sheet.png for the run under `cfg.out`; None if there is nothing."""
+def current(cfg: Config) -> tuple[list[dict], str, bool]:
+    """(the rows the sheet shows, their key, whether OUT/procedural/sheet.png already shows exactly them)."""
     rows = manifest.read_rows(manifest.manifest_path(cfg.out, "download"))
     chosen = pick(rows, cfg.data.procedural_sheet_assets, cfg.seed)
+    key = sheet_key(cfg, chosen)
+    root = cfg.out_path / "procedural"
+    stamp, sheet = root / "sheet.json", root / "sheet.png"
+    done = bool(chosen) and sheet.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+    return chosen, key, done
+
+
+def make_sheet(cfg: Config) -> Path | None:
+    """Render and compose OUT/procedural/sheet.png for the run under `cfg.out`; None if there is nothing."""
+    chosen, key, done = current(cfg)
+    root = cfg.out_path / "procedural"
+    stamp, sheet = root / "sheet.json", root / "sheet.png"
     if not chosen:
         return None
-    root = cfg.out_path / "procedural"
+    if done:
+        return sheet  # a rerun over the same assets: nothing to render
     scratch = root / "sheet_run"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         views = render_sample(cfg, chosen, scratch)
-        return compose(chosen, views, root / "sheet.png")
+        compose(chosen, views, sheet)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    atomic_write_text(stamp, json.dumps({"key": key, "uids": [r["uid"] for r in chosen],
+                                         "rendered": sorted(views)}, indent=1))
+    return sheet
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pipelines.sources import SourceError, parse_source
 from pipelines.sources.local import candidates as local_candidates
 from pipelines.sources.procedural import SHAPES, TEXTURES, describe, make_procedural_asset
 
-INLINE = ["data.executor=inline", "data.max_assets=0"]
+INLINE = ["data.executor=inline", "data.max_assets=0", "data.procedural_sheet_assets=0"]  # no Blender sheet here
 
 
 def rows_of(out: Path, stage: str) -> dict[str, dict]:
