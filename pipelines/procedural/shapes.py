@@ -12,7 +12,7 @@ import numpy as np
 
 from pipelines.procedural.recipe import Part
 
-DISPLACED_TRIANGLES = 3000  # refinement budget of one displaced part
+DISPLACED_TRIANGLES = 2000  # refinement budget of one displaced part (a wave spans >= 6 edges within it)
 
 
 # ---------------------------------------------------------------------------------------------- primitives

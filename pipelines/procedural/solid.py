@@ -220,7 +220,7 @@ def build(recipe: Recipe, tiles: list[Tile], part_fn: PartFn = solid_part) -> Ge
     for i, part in enumerate(recipe.parts):
         if part.wire:
             rng = np.random.default_rng(np.random.SeedSequence([recipe.seed, recipe.index, 2, i]))
-            frame = wire_frame(part, 0.5 * part.wire * object_size, 4 + part.segments % 3, rng)
+            frame = wire_frame(part, 0.5 * part.wire * object_size, 4 + part.segments % 2, rng)
             if _ok(frame):
                 place(frame, i)
             else:
@@ -248,10 +248,12 @@ def _assemble(recipe: Recipe, frames: Frames, placed: list[m3d.Manifold], owner:
         union = m3d.Manifold.batch_boolean(placed, m3d.OpType.Add)
         if not _ok(union):
             raise ProceduralError(f"union of {len(placed)} parts failed ({union.status().name})")
-        b = np.asarray(union.bounding_box(), float)
-        # Collapse the slivers where beams and parts meet: vertices closer than float32 can keep apart
-        # would be one position in the file while the topology says two (not watertight when read back).
-        union = union.simplify(SLIVER * float((b[3:] - b[:3]).max()))
+        if any(p.wire for p in recipe.parts):
+            # Collapse the slivers where beams meet beams and parts: vertices closer than float32 keeps apart
+            # would be one position in the file while the topology says two (not watertight when read back).
+            # Without beams they are rare enough for `open_edges` below to record instead.
+            b = np.asarray(union.bounding_box(), float)
+            union = union.simplify(SLIVER * float((b[3:] - b[:3]).max()))
         mesh = union.calculate_normals(0, SHARP_DEG).to_mesh()
         vp = np.asarray(mesh.vert_properties, np.float64)  # x y z nx ny nz
         tri = np.asarray(mesh.tri_verts).astype(np.int64)

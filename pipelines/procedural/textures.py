@@ -99,7 +99,7 @@ def stripes(size: int, rng: np.random.Generator, detail: float) -> Image.Image:
     k = int(rng.integers(2, 4))
     pal = [colour(rng) for _ in range(k)]
     if rng.random() < 0.7:
-        return _indexed(np.floor(t).astype(np.int64) % k, pal)
+        return _indexed(np.mod(np.floor(t), np.float32(k)).astype(np.uint8), pal)
     levels = 32  # soft stripes: a sine quantised to 32 levels, blended between two colours
     w = np.floor((0.5 + 0.5 * np.sin(np.float32(2 * np.pi) * t)) * (levels - 1) + 0.5).astype(np.uint8)
     return _indexed(w, [pal[0] * (i / (levels - 1)) + pal[1] * (1 - i / (levels - 1)) for i in range(levels)])
@@ -108,12 +108,12 @@ def stripes(size: int, rng: np.random.Generator, detail: float) -> Image.Image:
 def checker(size: int, rng: np.random.Generator, detail: float) -> Image.Image:
     """A two-colour checker with 2 to 128 cells per side, sometimes with a coarser colour checker over it."""
     cell = max(2, int(round(_period_px(size, rng, detail, 1 / 2, 1 / 128))))
-    i = np.arange(size) // cell
-    idx = (i[:, None] + i[None, :]) % 2
+    i = ((np.arange(size) // cell) % 2).astype(np.uint8)
+    idx = i[:, None] ^ i[None, :]
     pal = [colour(rng), colour(rng)]
     if rng.random() < 0.3 and cell * 8 < size:
-        j = np.arange(size) // (cell * 8)
-        idx = idx + 2 * ((j[:, None] + j[None, :]) % 2)
+        j = ((np.arange(size) // (cell * 8)) % 2).astype(np.uint8)
+        idx = idx + 2 * (j[:, None] ^ j[None, :])
         tint = colour(rng)
         pal += [p * 0.55 + 0.45 * tint for p in pal]
     return _indexed(idx, pal)
@@ -178,7 +178,7 @@ def voronoi(size: int, rng: np.random.Generator, detail: float) -> Image.Image:
         d.polygon([tuple(p) for p in corners[vor.regions[vor.point_region[i]]].tolist()], fill=i)
     cell = np.asarray(ids)
     pal = np.stack([_u8(colour(rng)) for _ in range(n)])
-    img = pal[cell]
+    img = np.take(pal, cell, axis=0)  # a plain gather: several times faster than fancy indexing here
     if rng.random() < 0.5:
         width = max(1, int(round(size / rng.uniform(150, 400))))
         edge = np.zeros((size, size), bool)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +94,45 @@ def asset_name(desc: dict[str, Any]) -> str:
     return f"{n} part{'s' if n > 1 else ''} ({kinds}); {augs}; {', '.join(desc['textures'])} #{desc['index']}"
 
 
-def make_world_asset(seed: int, index: int, difficulty: float, path: str | Path, texture_size: int = 512
-                     ) -> dict[str, Any]:
+def make_world_asset(seed: int, index: int, difficulty: float, path: str | Path, texture_size: int = 512,
+                     timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Write world asset (seed, index, difficulty) as a .glb at `path` (atomically); return its description
-    (plus uid, name, bytes and path)."""
+    (plus uid, name, bytes and path). `timings`, when given, accumulates seconds per step (bench.procedural)."""
     if texture_size < 16:
         raise ValueError(f"procedural texture_size must be >= 16, got {texture_size}")
+    clock = _Clock(timings)
     recipe = make_recipe(seed, index, difficulty)
+    clock("recipe")
     geom = build(recipe, atlas_tiles(len(recipe.materials)))
+    clock("geometry")
+    image = atlas(recipe, texture_size)
+    clock("textures")
     buf = io.BytesIO()
-    atlas(recipe, texture_size).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    clock("jpeg")
     mats = [GlbMaterial(f"{m.texture}_{k}", m.roughness, m.metallic) for k, m in enumerate(recipe.materials)]
     data = write_glb(geom.positions @ Z_UP_TO_GLTF.T, geom.normals @ Z_UP_TO_GLTF.T, geom.uvs, geom.faces,
                      geom.face_material, mats, buf.getvalue(), "image/jpeg")
+    clock("glb")
     path = Path(path)
     atomic_write_bytes(path, data)
+    clock("write")
     desc = describe(recipe, geom, texture_size)
     return {"uid": uid_for(seed, index, difficulty), "name": asset_name(desc), "description": desc,
             "bytes": len(data), "path": str(path)}
+
+
+class _Clock:
+    """Adds the seconds since the previous call to `timings[step]` (nothing when `timings` is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.t = timings, time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[step] = self.timings.get(step, 0.0) + now - self.t
+            self.t = now
 
 
 def description_json(desc: dict[str, Any]) -> str:
