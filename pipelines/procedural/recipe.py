@@ -10,8 +10,8 @@ functions of it. Every random draw comes from one generator seeded by `SeedSeque
 | difficulty | parts | per part: displaced / cut / wire-frame / separate | hard textures | materials |
 | --- | --- | --- | --- | --- |
 | 0 | 1 | never | 20 % | 1 |
-| 0.5 | 1-5 | 20 % / 22 % / 12 % / 12 % | 47 % | 1 (65 %) or 2-4 |
-| 1 | 1-9 | 40 % / 45 % / 25 % / 25 % | 60 % | 1 (30 %) or 2-4 |
+| 0.5 | 1-5 | 20 % / 22 % / 8 % / 12 % | 47 % | 1 (65 %) or 2-4 |
+| 1 | 1-9 | 40 % / 45 % / 16 % / 25 % | 60 % | 1 (30 %) or 2-4 |
 
 At 1 it is the Zeroverse-class mix of LRM-Zero (up to 9 primitives, boolean cut-outs, wire-frames, height
 fields); at 0 single primitives with mostly easy textures.
@@ -194,7 +194,7 @@ def make_recipe(seed: int, index: int, difficulty: float) -> Recipe:
     parts: list[Part] = []
     placed: list[tuple[np.ndarray, float]] = []  # (centre, bounding radius) of earlier parts
     for i in range(n):
-        wire = rng.random() < 0.25 * d
+        wire = rng.random() < 0.16 * d  # thin: a third of the assets at 0.5 with 0.25 was too many
         kind = str(rng.choice(WIRE_KINDS if wire else PRIMITIVES))
         if i == 0:
             size = _extents(kind, 1.0, rng, 0.5 + 0.3 * d)

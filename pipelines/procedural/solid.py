@@ -287,8 +287,8 @@ def _assemble(recipe: Recipe, frames: Frames, placed: list[m3d.Manifold], owner:
         bad = open_edges(positions, faces)
         if bad:
             watertight = False
-            log.fallbacks.append(f"{bad} edges are not shared by exactly two faces once written (vertices of "
-                                 "different surfaces at one float32 position): recorded as not watertight")
+            log.fallbacks.append(f"{bad} edge{'s are' if bad > 1 else ' is'} not shared by exactly two faces once "
+                                 "written (vertices of two surfaces at one float32 position): not watertight")
     return Geometry(positions=positions, normals=n.astype(np.float32),
                     uvs=np.concatenate([o[2] for o in out]).astype(np.float32), faces=faces,
                     face_material=material[np.concatenate([o[4] for o in out])], watertight=watertight,
