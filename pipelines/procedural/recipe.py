@@ -216,7 +216,7 @@ def make_recipe(seed: int, index: int, difficulty: float) -> Recipe:
         if not wire and rng.random() < 0.4 * d:
             displacement = "bump" if rng.random() < 0.6 else "heightfield"
             amplitude = float(rng.uniform(0.03, 0.08))
-            frequency = float(rng.uniform(2.0, 6.0) if displacement == "bump" else rng.uniform(1.0, 3.0))
+            frequency = float(rng.uniform(1.5, 4.0) if displacement == "bump" else rng.uniform(1.0, 2.5))
         if not wire and rng.random() < 0.45 * d:
             cut = _cut(size, rng)
         parts.append(Part(kind=kind, size=_vec(size), rotation=_mat(rot), position=_vec(pos),
