@@ -219,8 +219,13 @@ def make_recipe(seed: int, index: int, difficulty: float) -> Recipe:
             frequency = float(rng.uniform(1.5, 4.0) if displacement == "bump" else rng.uniform(1.0, 2.5))
         if not wire and rng.random() < 0.45 * d:
             cut = _cut(size, rng)
+        segments = int(rng.integers(16, 33))
+        if kind in ("sphere", "capsule", "torus"):
+            segments = max(24, segments)  # curved both ways: fewer segments show as facets in the silhouette
+        if i > 0:  # a smaller part needs fewer (and the union's cost follows the triangles)
+            segments = max(12, round(segments * min(1.0, 0.5 + size.max() / (2 * placed[0][1]))))
         parts.append(Part(kind=kind, size=_vec(size), rotation=_mat(rot), position=_vec(pos),
-                          material=int(owners[i]), segments=int(rng.integers(16, 33)), shape=float(shape),
+                          material=int(owners[i]), segments=segments, shape=float(shape),
                           displacement=displacement, amplitude=amplitude, frequency=frequency, cut=cut,
                           wire=float(rng.uniform(0.01, 0.03)) if wire else 0.0, separate=separate))
         placed.append((pos, 0.5 * float(np.linalg.norm(size))))

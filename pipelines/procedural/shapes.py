@@ -41,8 +41,6 @@ def primitive(kind: str, size: np.ndarray, segments: int, shape: float) -> m3d.M
     """Primitive `kind` with bounding box `size` centred at the origin (its own frame)."""
     M = m3d.Manifold
     size = np.asarray(size, float)
-    if kind in ("sphere", "capsule", "torus"):
-        segments = max(24, segments)  # curved both ways: fewer segments show as facets in the silhouette
     if kind == "box":
         return M.cube(tuple(size), True)
     if kind == "rounded_box":
