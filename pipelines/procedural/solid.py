@@ -144,6 +144,11 @@ def _ok(man: m3d.Manifold) -> bool:
     return man.status() == m3d.Error.NoError and not man.is_empty()
 
 
+def _why(man: m3d.Manifold) -> str:
+    """manifold3d's reason for a result that is no solid: its error status, or `empty`."""
+    return "empty" if man.status() == m3d.Error.NoError else man.status().name
+
+
 def solid_part(part: Part, rng: np.random.Generator, log: Log, i: int) -> m3d.Manifold:
     """One solid part in its own frame: the primitive, its cut (undone if it fails or leaves too little) and
     its displacement (undone if it fails). A primitive that is no solid is returned as it is (its status
@@ -167,7 +172,7 @@ def solid_part(part: Part, rng: np.random.Generator, log: Log, i: int) -> m3d.Ma
         if _ok(shaped):
             man = shaped
         else:
-            log.undo(i, part.displacement, f"{part.displacement} displacement failed ({shaped.status().name}); kept flat")
+            log.undo(i, part.displacement, f"{part.displacement} displacement failed ({_why(shaped)}); kept flat")
     return man
 
 
@@ -201,9 +206,9 @@ def build(recipe: Recipe, tiles: list[Tile], part_fn: PartFn = solid_part) -> Ge
         if _ok(man):
             place(man, i)
             continue
-        log.undo(i, "solid", f"{part.kind} is not a closed 2-manifold ({man.status().name}); kept as a shell, "
-                             "uncut and flat")
         shell = _shell(part)
+        kept = "kept as a shell, uncut and flat" if shell is not None else "left out"
+        log.undo(i, "solid", f"{part.kind} is not a closed 2-manifold ({_why(man)}); {kept}")
         if shell is not None:
             shells.append((shell, i))
     lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
@@ -224,7 +229,7 @@ def build(recipe: Recipe, tiles: list[Tile], part_fn: PartFn = solid_part) -> Ge
             if _ok(frame):
                 place(frame, i)
             else:
-                log.undo(i, "wire", f"wire-frame of a {part.kind} failed ({frame.status().name}); left out")
+                log.undo(i, "wire", f"wire-frame of a {part.kind} failed ({_why(frame)}); left out")
     return _assemble(recipe, Frames.of(recipe, tiles, boxes), placed, owner, shells, log)
 
 
@@ -247,7 +252,7 @@ def _assemble(recipe: Recipe, frames: Frames, placed: list[m3d.Manifold], owner:
     if placed:
         union = m3d.Manifold.batch_boolean(placed, m3d.OpType.Add)
         if not _ok(union):
-            raise ProceduralError(f"union of {len(placed)} parts failed ({union.status().name})")
+            raise ProceduralError(f"union of {len(placed)} parts failed ({_why(union)})")
         if any(p.wire for p in recipe.parts):
             # Collapse the slivers where beams meet beams and parts: vertices closer than float32 keeps apart
             # would be one position in the file while the topology says two (not watertight when read back).
