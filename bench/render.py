@@ -47,7 +47,7 @@ CANDIDATES = [  # (name, settings) tried against the reference; the public setti
 
 def make_assets(folder: Path, n: int, texture: int = 256) -> list[dict[str, Any]]:
     """n procedural textured GLBs (the data stage's generator) as render jobs."""
-    from pipelines.sources.procedural import make_procedural_asset
+    from pipelines.procedural.basic import make_procedural_asset
 
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []

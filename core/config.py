@@ -46,9 +46,14 @@ class DataConfig:
     download_retries: int = 3  # attempts per file
     download_timeout_s: float = 120.0  # per-file timeout
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
-    procedural_count: int = 8  # number of procedural demo assets
+    procedural_count: int = 8  # number of procedural assets (SOURCE=procedural; data.max_assets does not sample them)
     procedural_start: int = 0  # index of the first procedural asset (eval's held-out set starts after the training ones)
-    procedural_texture_size: int = 512  # texture side of procedural assets
+    procedural_texture_size: int = 512  # texture (atlas) side of procedural assets
+    procedural_preset: str = "world"  # world (Zeroverse-class generator) | basic (8 shapes x 4 textures, fast tests)
+    procedural_seed: int = 0  # world: which world; asset i is a function of (seed, difficulty, i), all three in its uid
+    procedural_difficulty: float = 0.5  # world: 0 = one primitive, easy textures .. 1 = up to 9 parts, every augmentation
+    # often (docs/data.md "Procedural world"); 0.5: every kind still appears, and a tiny demo model can learn from it
+    procedural_sheet_assets: int = 64  # make data (procedural): random assets rendered onto OUT/procedural/sheet.png (0 = none)
     executor: str = "ray"  # ray (Ray tasks; local Ray, or RAY_ADDRESS) | process (worker processes) | local (this process, no timeout)
     workers: int = 2  # downloads in flight at once (Ray tasks / worker processes; local: 1)
     objaverse_mirror: str = ""  # base URL standing in for huggingface.co/.../objaverse/resolve/main ("" = Hugging Face)

@@ -15,6 +15,7 @@ arguments or configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -40,6 +41,8 @@ def run_filter(cfg: Config) -> tuple[list[dict], list[dict]]:
     failed_uids = {r["uid"] for r in failed}
     if failed_uids:  # a uid that failed to be listed is not a candidate too
         table = table.filter(pa.compute.invert(pa.compute.is_in(table["uid"], value_set=pa.array(sorted(failed_uids)))))
+    if parse_source(cfg.source)[0] == "procedural":  # procedural_count is the selection, not a pool to sample
+        d = dataclasses.replace(d, max_assets=0)
     filtered = filter_table(table, d, seed=cfg.seed, allow=allow, deny=deny)
     rows = filtered.to_pylist()
     fail_rows = [{f: r.get(f) for f in FILTER_SCHEMA.names} for r in failed]
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         kept, listing_failed = run_filter(cfg)
-    except FileNotFoundError as e:  # a uid list named in the config that is not there
+    except (FileNotFoundError, SourceError) as e:  # a uid list that is not there, a bad procedural setting
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in [*listing_failed, *rows]:
         if r["status"] == manifest.FAILED:
             print(f"  failed {r['uid']} ({r.get('name') or ''}): {r['reason']}", file=sys.stderr)
+    if parse_source(cfg.source)[0] == "procedural":  # description table, histograms, rendered contact sheet
+        from pipelines.procedural_report import write_report
+
+        for what, path in write_report(cfg, rows).items():
+            print(f"procedural {what}: {path}")
     return EXIT_PARTIAL if n_failed else 0
 
 

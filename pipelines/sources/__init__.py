@@ -37,7 +37,9 @@ def candidates(cfg: Config) -> tuple[pa.Table, list[dict[str, Any]]]:
     if kind == "procedural":
         from pipelines.sources import procedural
 
-        return candidate_table(procedural.candidates(cfg.data.procedural_count, cfg.data.procedural_start)), []
+        d = cfg.data
+        return candidate_table(procedural.candidates(d.procedural_count, d.procedural_start, d.procedural_preset,
+                                                     d.procedural_seed, d.procedural_difficulty)), []
     if kind == "local":
         from pipelines.sources import local
 
@@ -61,7 +63,9 @@ def fetch_step(cfg: Config) -> tuple[Callable[..., dict], dict[str, Any]]:
     if kind == "procedural":
         from pipelines.sources import procedural
 
-        return procedural.fetch, {"assets_dir": out, "texture_size": d.procedural_texture_size}
+        return procedural.fetch, {"assets_dir": out, "texture_size": d.procedural_texture_size,
+                                  "preset": d.procedural_preset, "seed": d.procedural_seed,
+                                  "difficulty": d.procedural_difficulty}
     if kind == "local":
         from pipelines.sources import local
 

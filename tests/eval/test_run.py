@@ -26,8 +26,8 @@ from core.config import load_config
 from core.layout import INDEX_SCHEMA
 from eval import run as eval_run
 from pipelines.evalset import build as build_evalset
+from pipelines.procedural.basic import make_procedural_asset
 from pipelines.sources.local import uid_for as local_uid
-from pipelines.sources.procedural import make_procedural_asset
 from training.model import GTR
 
 pytestmark = pytest.mark.blender
@@ -36,6 +36,7 @@ ORBIT = 6
 SIZE = 24
 SMALL = [f"render.resolution={SIZE}", "render.samples=4", f"render.eval_orbit_views={ORBIT}", "render.executor=local",
          "render.threads=2", "render.sheet_views=2", "data.executor=local", "data.procedural_texture_size=64",
+         "data.procedural_preset=basic",  # the uids below are the basic preset's
          "loader.input_size=32", "mesh.grid=24", "refine.steps=2", "refine.render_size=32", "eval.points=2000",
          "eval.iou_resolution=16", "eval.icp_iterations=5", "eval.sheet_views=3", "eval.methods=[feedforward,refined]"]
 TRAINING = [f"procedural-{i:04d}" for i in range(8)]  # what the fake training run below used

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.assets import VerifyError, is_inside, place_file, place_folder, sniff, verify_file
-from pipelines.sources.procedural import make_procedural_asset
+from pipelines.procedural.basic import make_procedural_asset
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def rows(out: Path) -> dict[str, dict]:
 def test_resume_after_simulated_crash_redoes_only_what_is_not_ok(tmp_path):
     out = tmp_path / "out"
     args = ["--source", "procedural", "--out", str(out), "data.procedural_count=5",
-            "data.procedural_texture_size=16", "data.executor=local", "data.max_assets=0"]
+            "data.procedural_texture_size=16", "data.executor=local", "data.max_assets=0",
+            "data.procedural_sheet_assets=0"]  # no rendered contact sheet: this tests the download
     assert data_main(args) == 0
     first = rows(out)
     inodes = {u: os.stat(r["path"]).st_ino for u, r in first.items()}
@@ -56,7 +57,7 @@ def test_sigkill_halfway_leaves_nothing_taken_as_done(tmp_path):
            # 60 assets with 1024² textures (~0.1-0.3 s each): the job is still running after the manifest's
            # first flush (every 2 s) on a quiet machine too (with 40 at 512² it had finished, seen in CI).
            "data.procedural_count=60", "data.procedural_texture_size=1024", "data.executor=local",
-           "data.max_assets=0"]
+           "data.max_assets=0", "data.procedural_sheet_assets=0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assets = out / "assets"
     deadline = time.monotonic() + 120

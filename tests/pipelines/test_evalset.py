@@ -40,7 +40,8 @@ def test_bad_or_unbuilt_sets_exit_2_with_the_command(tmp_path, capsys):
 
 
 def test_procedural_held_out_indices(tmp_path):
-    cfg = load_config(None, [f"out={tmp_path}", "data.procedural_count=8", "eval.max_assets=24"])
+    cfg = load_config(None, [f"out={tmp_path}", "data.procedural_count=8", "eval.max_assets=24",
+                             "data.procedural_preset=basic"])  # basic: its (shape, texture) pairing is checked
     ecfg = P.eval_config(cfg, "procedural", "", tmp_path / "evalsets" / "procedural-heldout")
     train = candidates(cfg)[0].to_pylist()
     held = candidates(ecfg)[0].to_pylist()

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data import main as data_main
+from pipelines.procedural.basic import make_procedural_asset
 from pipelines.sources import objaverse as src
-from pipelines.sources.procedural import make_procedural_asset
 
 
 def annotation(uid: str, size: int, **kw) -> dict:

@@ -15,11 +15,11 @@ import trimesh
 from PIL import Image
 
 from pipelines.data import main as data_main
+from pipelines.procedural.basic import SHAPES, TEXTURES, describe, make_procedural_asset
 from pipelines.sources import SourceError, parse_source
 from pipelines.sources.local import candidates as local_candidates
-from pipelines.sources.procedural import SHAPES, TEXTURES, describe, make_procedural_asset
 
-LOCAL = ["data.executor=local", "data.max_assets=0"]
+LOCAL = ["data.executor=local", "data.max_assets=0", "data.procedural_sheet_assets=0"]  # no Blender sheet here
 
 
 def rows_of(out: Path, stage: str) -> dict[str, dict]:

@@ -120,7 +120,7 @@ def text_asset(tmp_path_factory):
     pytest.importorskip("bpy")
     from core.cameras import eval_input_views, orbit_views
     from core.config import RenderConfig
-    from pipelines.sources.procedural import describe, make_procedural_asset
+    from pipelines.procedural.basic import describe, make_procedural_asset
     from render.blender import render_asset
 
     assert describe(0)[1] == "text"

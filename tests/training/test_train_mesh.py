@@ -26,8 +26,8 @@ def _cfg(out: Path, *extra: str) -> Config:
 
 def _shards(cfg: Config) -> None:
     from core.cameras import random_views
+    from pipelines.procedural.basic import make_procedural_asset
     from pipelines.shards import pack
-    from pipelines.sources.procedural import make_procedural_asset
     from render import blender as rb
 
     pytest.importorskip("bpy")

@@ -11,8 +11,8 @@ from core.config import Config
 def build_shards(cfg: Config, assets: int) -> dict:
     """The real stages at tiny sizes: procedural .glb → `render.blender.render_asset` → `pipelines.shards.pack`."""
     from core.cameras import random_views
+    from pipelines.procedural.basic import make_procedural_asset
     from pipelines.shards import pack
-    from pipelines.sources.procedural import make_procedural_asset
     from render import blender as rb
 
     out = cfg.out_path
