@@ -18,7 +18,14 @@ import manifold3d as m3d
 import numpy as np
 
 from pipelines.procedural.recipe import Part, Recipe
-from pipelines.procedural.shapes import affine_3x4, manifold_arrays, polyhedron_points, displace, primitive, wire_frame
+from pipelines.procedural.shapes import (
+    affine_3x4,
+    displace,
+    manifold_arrays,
+    polyhedron_points,
+    primitive,
+    wire_frame,
+)
 
 SHARP_DEG = 40.0  # dihedral angle above which an edge stays sharp in the written normals
 MIN_KEPT_VOLUME = 0.3  # a cut that leaves less of its part than this is undone (the part stays whole)
