@@ -77,7 +77,7 @@ def split(views: Views, held_out: int = HELD_OUT) -> tuple[Views, Views]:
 class FitSettings:
     """How the triplane is fitted (the values of the issue's measurement unless said)."""
 
-    steps: int = 1500
+    steps: int = 300  # the rung-0 budget (docs/training.md, "The learning ladder")
     rays: int = 4096  # random rays per step, drawn over all training views' pixels
     lr_planes: float = 3e-2
     lr_mlp: float = 1e-2
@@ -194,7 +194,7 @@ def agreeing_level(fit: Fit, views: Views, size: int = 64) -> float:
 
 
 @torch.no_grad()
-def score_mesh(fit: Fit, views: Views, level: float, grid: int = 128) -> dict[str, Any]:
+def score_mesh(fit: Fit, views: Views, level: float, grid: int = 96) -> dict[str, Any]:
     """Mesh path on `views`: extract at `level` on a grid³, rasterize, colour by f_c; PSNR, mask IoU, faces."""
     from training.losses import psnr
     from training.mesh import extract_mesh, render_mesh
@@ -207,27 +207,7 @@ def score_mesh(fit: Fit, views: Views, level: float, grid: int = 128) -> dict[st
             "faces": int(len(faces)), "level": level, "rgb": rgb}
 
 
-def interior_below(fit: Fit, views_geometry: tuple[np.ndarray, np.ndarray] | None, level: float,
-                   n: int = 20000) -> float:
-    """Share of points inside the ground-truth mesh where f_d < level (inner shells); nan without geometry."""
-    if views_geometry is None:
-        return float("nan")
-    import trimesh
-
-    v, f = views_geometry
-    mesh = trimesh.Trimesh(v, f, process=False)
-    rng = np.random.default_rng(0)
-    lo, hi = v.min(0), v.max(0)
-    pts = rng.uniform(lo, hi, (n, 3))
-    inside = pts[mesh.contains(pts)] if mesh.is_watertight else pts[:0]
-    if len(inside) == 0:
-        return float("nan")
-    with torch.no_grad():
-        sigma = fit.model.query_density(fit.planes, torch.from_numpy(inside).float()[None])[0, :, 0]
-    return float((sigma < level).float().mean())
-
-
-def evaluate(fit: Fit, train: Views, held: Views, levels: tuple[float, ...] = LEVELS, grid: int = 128
+def evaluate(fit: Fit, train: Views, held: Views, levels: tuple[float, ...] = LEVELS, grid: int = 96
              ) -> dict[str, Any]:
     """Held-out scores through both renderers: volume, mesh at each fixed level and at the agreeing one."""
     vol = score_volume(fit, held)
