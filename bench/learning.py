@@ -102,7 +102,7 @@ def model_config(s: FitSettings) -> ModelConfig:
     return ModelConfig(plane_channels=s.plane_channels, samples_per_ray=s.samples)
 
 
-def _rays(views: Views) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def pixel_rays(views: Views) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """All pixels of `views` as rays: o, d [N,3], rgb [N,3], mask [N,1], t (distance to the GT surface along
     the ray, 0 = background) [N,1]."""
     from training.cameras import camera_rays
@@ -144,7 +144,7 @@ def fit_direct(train: Views, s: FitSettings) -> Fit:
     mlps = [*model.density_mlp.parameters(), *model.color_mlp.parameters()]
     opt = torch.optim.Adam([{"params": [planes], "lr": s.lr_planes}, {"params": mlps, "lr": s.lr_mlp}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 ** (k / s.steps))  # exponential to lr/10
-    o, d, rgb, mask, t_surf = _rays(train)
+    o, d, rgb, mask, t_surf = pixel_rays(train)
     model.train()
     curve, t0 = [], time.perf_counter()
     for step in range(1, s.steps + 1):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.learning import Views, _rays, load_views, split
+from bench.learning import Views, load_views, pixel_rays, split
 from core.config import ModelConfig
 
 EVAL_INPUTS = [0, 6, 12, 18]
@@ -85,7 +85,7 @@ def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | 
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
     data = [split(load_views(f)) for f in folders]
-    rays = [_rays(train) for train, _ in data]
+    rays = [pixel_rays(train) for train, _ in data]
     model = GTR(model_cfg or ModelConfig())
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
