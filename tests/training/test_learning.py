@@ -7,7 +7,7 @@ text box after 300 steps scored volume 29.27 dB / IoU 0.988, mesh at the agreein
 IoU 0.987, mesh at the fixed level 10 29.29 dB (1500 steps: volume 30.66 dB, mesh at level 20 31.47 dB,
 40 31.84 dB). The issue's volume floor of 32 dB needs 128² planes and 48 samples (35.0 dB in the issue's
 measurement), out of this test's CPU budget; the mesh floor (28 dB) and IoU (0.98) are the issue's. Wall
-time on the loaded shared machine (load 3–10): box 559 s, duck 651 s, Blender renders (~20–40 s each) aside.
+time on the loaded shared machine: box 559 s, duck 651 s (load 3–10), 1540 s (load ~13), renders aside.
 """
 
 from __future__ import annotations
