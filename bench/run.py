@@ -12,7 +12,7 @@ from bench.common import format_table, machine
 from core.cli import config_from_args, stage_parser
 from core.io import atomic_write_text
 
-STAGES = ["data", "procedural", "render", "shards", "model", "nerf", "mesh", "reconstruct", "eval"]
+STAGES = ["data", "procedural", "render", "shards", "model", "nerf", "mesh", "reconstruct", "eval", "learning"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,7 +214,10 @@ class MeshConfig(OptimConfig):
     sup_views: int = 4  # supervision views per asset (paper 8); demo 4: half the CPU rasterization per step
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
-    sdf_level: float = 10.0  # sdf = -(density - sdf_level)
+    sdf_level: float = 10.0  # sdf = -(density - sdf_level); the level when level_mode = fixed (paper: 10)
+    level_mode: str = "agree"  # fixed (sdf_level) | agree: per asset, the level whose mesh covers and sits where
+    # the field's own volume render does on the input views (training.mesh_level). Demo: agree — a fixed 10 was
+    # empty after the demo's stage 1 and in front of the surface for converged fields (docs/training.md)
     rgb_weight: float = 1.0  # weight of the rendered-colour MSE
     lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
     depth_weight: float = 0.5  # weight of the squared depth error on ground-truth foreground pixels

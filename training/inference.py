@@ -27,6 +27,7 @@ from core.config import Config, to_dict
 from training.export import export_glb, glb_bytes, query_colors
 from training.lpips_weights import load_lpips
 from training.mesh import extract_mesh, render_mesh
+from training.mesh_level import mesh_level
 from training.metrics import psnr
 from training.ops.raster import Rasterizer
 from training.recon_inputs import InputError, Views, read_views
@@ -117,7 +118,7 @@ def reconstruct(model: nn.Module, images: Tensor, c2w: Tensor, K: Tensor, cfg: C
     """Reconstruct one asset.
 
     images [V,4,H,W] (or [1,V,4,H,W]): RGB composited on `background`, then the mask; c2w [V,4,4] OpenCV
-    and K [V,3,3] for H×W, in our canonical frame. cfg.mesh.grid / sdf_level / mc_backend choose the mesh;
+    and K [V,3,3] for H×W, in our canonical frame. cfg.mesh.grid / level_mode / sdf_level / mc_backend choose the mesh;
     cfg.refine the refinement (`tune` overrides cfg.refine.tune for Table 3's rows). Runs on the model's
     device. Raises EmptyMeshError when the field has no surface.
     """
@@ -145,11 +146,12 @@ def reconstruct(model: nn.Module, images: Tensor, c2w: Tensor, K: Tensor, cfg: C
 
     t = time.perf_counter()
     with torch.no_grad():
-        verts, faces = extract_mesh(model, planes, cfg.mesh.grid, cfg.mesh.sdf_level, backend=cfg.mesh.mc_backend)
+        level = mesh_level(model, planes, c2w, K, W, cfg.mesh)  # the input views pick it (mesh.level_mode)
+        verts, faces = extract_mesh(model, planes, cfg.mesh.grid, level, backend=cfg.mesh.mc_backend)
     _sync(device)
     timings["mesh"] = time.perf_counter() - t
     if len(faces) == 0:
-        raise EmptyMeshError(f"the density field has no surface at level {cfg.mesh.sdf_level} on a "
+        raise EmptyMeshError(f"the density field has no surface at level {level:.3g} on a "
                              f"{cfg.mesh.grid}³ grid (an untrained model, or inputs the model cannot read)")
     verts, faces = verts.float().detach(), faces.long().detach()
 

@@ -25,6 +25,7 @@ from training.losses import (
     ray_opacity_regulariser,
 )
 from training.mesh import extract_mesh, render_mesh
+from training.mesh_level import mesh_level
 from training.ops.raster import Rasterizer
 
 
@@ -38,6 +39,7 @@ class MeshObjective(nn.Module):
         self.lpips = lpips if lpips is not None or cfg.lpips_weight == 0 else LPIPSLoss(cfg.lpips_net)
         self._raster: Rasterizer | None = None
         self.empty_total = 0  # assets whose mesh came out empty, since construction
+        self.levels: list[float] = []  # the mesh level of each asset of the last render
 
     def rasterizer(self, device: torch.device) -> Rasterizer:
         if self._raster is None or (self._raster.backend == "nvdiffrast") != (device.type == "cuda"):
@@ -50,9 +52,12 @@ class MeshObjective(nn.Module):
         planes = self.model.triplane(images, batch["input_c2w"], batch["input_K"])  # [B,3,C,R,R]
         h, w = batch["sup_rgb"].shape[-2:]
         outs: list[dict[str, Tensor] | None] = []
+        self.levels = []
         for b in range(planes.shape[0]):
             pl = planes[b:b + 1].float()
-            verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.cfg.sdf_level, self.cfg.mc_backend,
+            self.levels.append(mesh_level(self.model, pl, batch["input_c2w"][b], batch["input_K"][b],
+                                          batch["input_rgb"].shape[-1], self.cfg))
+            verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.levels[-1], self.cfg.mc_backend,
                                         self.cfg.query_chunk)
             if len(faces) == 0:
                 outs.append(None)
@@ -120,6 +125,7 @@ class MeshObjective(nn.Module):
         self.empty_total += sum(o is None for o in outs)
         loss, terms = self.losses(batch, outs, planes)
         terms["empty_meshes_total"] = torch.tensor(float(self.empty_total))
+        terms["sdf_level"] = torch.tensor(sum(self.levels) / max(1, len(self.levels)))
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from training.ops.raster import Rasterizer
 from training.refine import psnr as views_psnr
 
 SMALL = ["loader.input_size=48", "refine.render_size=48", "mesh.grid=24", "refine.texture_size=64",
-         "refine.steps=6"]
+         "refine.steps=6", "mesh.level_mode=fixed"]  # the analytic sphere below is the level-10 set
 
 
 class SphereGTR(GTR):

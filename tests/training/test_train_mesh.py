@@ -119,7 +119,7 @@ def test_mesh_stage_lowers_loss_and_handles_empty_meshes(tmp_path: Path) -> None
     assert after < 0.9 * before, (before, after)
 
     # A level no density reaches: every mesh is empty; the step is counted, nothing crashes or is skipped.
-    cfg_empty = _cfg(tmp_path / "empty", "mesh.sdf_level=1000000.0", "mesh.steps=2", "mesh.ckpt_every=2",
+    cfg_empty = _cfg(tmp_path / "empty", "mesh.level_mode=fixed", "mesh.sdf_level=1000000.0", "mesh.steps=2", "mesh.ckpt_every=2",
                      f"mesh.init={ckpt}", f"mesh.shards={tmp_path / 'shards' / 'train-*.tar'}")
     model = GTR(cfg_empty.model)
     load_weights(ckpt, model)

@@ -1,0 +1,139 @@
+"""Learning ladder, rung 1: can the feed-forward model memorise a few assets? Held-out-view PSNR by step.
+
+The model API only (no shard loader): each asset's render folder in memory, 4 random training views as the
+input (at `input_size`²), supervision by random rays over all its training views (the render resolution),
+MSE + mask MSE, AdamW with the loop's warm-up + cosine schedule, clipping. Scored on held-out views of the
+same assets with fixed inputs (views 0, 6, 12, 18). Not wired into `make bench` yet: on the shared 2-core
+machine a step took ~5 s and 400 steps reached 19.4 dB (docs/training.md, "The learning ladder").
+
+    python -m bench.learning_rung1 RENDERS_DIR [key=value ...]   # keys: fields of MemoriseSettings
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.learning import Views, load_views, pixel_rays, split
+from core.config import ModelConfig
+
+EVAL_INPUTS = [0, 6, 12, 18]
+
+
+@dataclass
+class MemoriseSettings:
+    steps: int = 400
+    batch: int = 4  # assets per step
+    rays: int = 1024  # supervision rays per asset per step
+    lr: float = 5e-3
+    warmup: int = 20
+    weight_decay: float = 0.05
+    mask_weight: float = 1.0
+    grad_clip: float = 1.0
+    input_size: int = 128
+    eval_every: int = 100
+    eval_size: int = 64
+    eval_views: int = 4  # held-out views scored per asset
+    fixed_inputs: bool = False  # always EVAL_INPUTS as input (pure memorisation of one triplane per asset)
+    seed: int = 0
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def model_input(views: Views, idx: list[int], size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[V,4,S,S] RGB + mask, c2w [V,4,4], K [V,3,3] scaled to size²."""
+    K = views.K[idx].clone()
+    K[:, :2] *= size / views.rgb.shape[-1]
+    return torch.cat([_resize(views.rgb[idx], size), _resize(views.mask[idx], size)], 1), views.c2w[idx], K
+
+
+@torch.no_grad()
+def held_out_psnr(model: torch.nn.Module, data: list[tuple[Views, Views]], s: MemoriseSettings) -> list[float]:
+    from training.losses import psnr
+
+    was = model.training
+    model.eval()
+    out = []
+    for train, held in data:
+        x, c, K = model_input(train, EVAL_INPUTS, s.input_size)
+        planes = model.triplane(x[None], c[None], K[None])
+        h = held.take(list(range(min(s.eval_views, len(held)))))
+        Kh = h.K.clone()
+        Kh[:, :2] *= s.eval_size / h.rgb.shape[-1]
+        r = model.render_views(planes, h.c2w[None], Kh[None], s.eval_size, s.eval_size, stratified=False)
+        out.append(float(psnr(r["rgb"][0].clamp(0, 1), _resize(h.rgb, s.eval_size)).mean()))
+    model.train(was)
+    return out
+
+
+def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | None = None
+             ) -> list[dict[str, float]]:
+    """Train GTR on the training views of `folders`; return [{step, seconds, psnr}] (held-out, mean of assets)."""
+    from training.loop import lr_factor
+    from training.model import GTR
+
+    torch.manual_seed(s.seed)
+    g = torch.Generator().manual_seed(s.seed)
+    data = [split(load_views(f)) for f in folders]
+    rays = [pixel_rays(train) for train, _ in data]
+    model = GTR(model_cfg or ModelConfig())
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=s.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, s.warmup, s.steps))
+    model.train()
+    curve, t0 = [], time.perf_counter()
+    for step in range(1, s.steps + 1):
+        pick = torch.randperm(len(data), generator=g)[: s.batch].tolist()
+        inputs = [model_input(data[a][0], EVAL_INPUTS if s.fixed_inputs else
+                              torch.randperm(len(data[a][0]), generator=g)[:4].tolist(), s.input_size) for a in pick]
+        planes = model.triplane(*(torch.stack(t) for t in zip(*inputs)))
+        sel = [torch.randint(0, len(rays[a][0]), (s.rays,), generator=g) for a in pick]
+        o, d, rgb, mask = (torch.stack([rays[a][k][j] for a, j in zip(pick, sel)]) for k in range(4))
+        out = model.render_rays(planes, o, d, generator=g)
+        loss = F.mse_loss(out["rgb"], rgb) + s.mask_weight * F.mse_loss(out["opacity"], mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        sched.step()
+        if step % s.eval_every == 0 or step == s.steps:
+            per_asset = held_out_psnr(model, data, s)
+            curve.append({"step": step, "seconds": time.perf_counter() - t0,
+                          "psnr": sum(per_asset) / len(per_asset)})
+            print(f"step {step}: held-out {curve[-1]['psnr']:.2f} dB, {curve[-1]['seconds']:.0f} s", flush=True)
+    return curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(__doc__)
+        return 2
+    s = MemoriseSettings()
+    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    for a in argv[1:]:
+        k, v = a.split("=", 1)
+        if k not in types:
+            raise SystemExit(f"unknown setting {k!r} (known: {', '.join(types)})")
+        s = replace(s, **{k: (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)})
+    folders = sorted(p for p in Path(argv[0]).iterdir() if (p / "cameras.npz").is_file())[:8]
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    memorise(folders, s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
