@@ -81,7 +81,9 @@ class RenderConfig:
     light_strength: float = 1.0  # scale of the deterministic per-asset lighting
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
-    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset (size read from the file header)
+    max_asset_texture_pixels: int = 4 * 8192 * 8192  # all textures of one asset together (0 = no bound); above: fail
+    max_memory_bytes: int = 16 * 2**30  # memory one renderer may add after bpy's start (RLIMIT_AS; 0 = no cap)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
