@@ -454,25 +454,30 @@ def _fbx(scope: _Scope, path: Path) -> AssetFiles:
         content = props.get(b"Content")
         if isinstance(content, (bytes, bytearray)) and content:
             out.images.append((f"embedded {kind}", bytes(content[:HEADER_BYTES])))
-        for key in (b"RelativeFilename", b"FileName", b"Filename"):
-            value = props.get(key)
-            if not isinstance(value, (bytes, str)) or not value:
-                continue
-            text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).replace("\\", "/")
-            if key == b"RelativeFilename":
-                text = text.lstrip("/")  # what the importer does before joining it to the file's folder
-            # load_image tries the path itself (from the working directory: the sandbox's root), then the
-            # file's folder + the path, then the file's folder + the name
-            rels = [scope.lexical("", text), scope.lexical(base, text), scope.lexical(base, Path(text).name)]
-            if any(r is None or scope.provide(r) is False for r in rels):
-                out.refused.append(f"outside the asset folder: {text[:200]}")
-                continue
-            for r in rels:
-                real = scope.provide(r)
-                if isinstance(real, Path):
-                    out.files[r] = real
-                    out.images.append((r, real))
-                    break
+        # the importer takes RelativeFilename (joined to the file's folder) if there is one, else FileName,
+        # else Filename (blen_read_texture_image); the other keys are never opened
+        key = next((k for k in (b"RelativeFilename", b"FileName", b"Filename")
+                    if isinstance(props.get(k), (bytes, str)) and props.get(k)), None)
+        if key is None:
+            continue
+        value = props[key]
+        text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).replace("\\", "/")
+        if key == b"RelativeFilename":
+            text = text.lstrip("/")
+        # load_image tries the path itself (from the working directory: the sandbox's root), then the
+        # file's folder + the path, then the file's folder + the name
+        rels = [scope.lexical("", text), scope.lexical(base, text), scope.lexical(base, Path(text).name)]
+        if any(r is None or scope.provide(r) is False for r in rels):
+            reason = f"outside the asset folder: {text[:200]}"
+            if reason not in out.refused:  # Video and Texture nodes often name the same file
+                out.refused.append(reason)
+            continue
+        for r in rels:
+            real = scope.provide(r)
+            if isinstance(real, Path):
+                out.files[r] = real
+                out.images.append((r, real))
+                break
     return out
 
 
