@@ -58,6 +58,7 @@ class DataConfig:
     # one fails its download (objaverse: also data.max_archive_bytes) and the render stage refuses to open one (a
     # download table may name files from elsewhere); bounds the copying, verifying and Blender work per asset
     check_size: bool = True  # objaverse: a glb whose size differs from the annotation's archive size fails
+    max_annotation_bytes: int = 256 * 2**20  # objaverse: an annotation .json.gz decompressing to more is refused
 
 
 @dataclass

@@ -46,6 +46,18 @@ def view_name(index: int, kind: str, views: int) -> str:
     return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
 
 
+def path_inside(root: str | Path, rel: str | Path) -> Path:
+    """`root / rel` for a `rel` that came from outside data (a uid, an object path, a locator), asserted to
+    stay inside `root` once resolved (no absolute `rel`, no `..` above it, no symlink pointing out).
+    Raises ValueError naming both."""
+    root = Path(root)
+    rel = Path(rel)
+    target = root / rel
+    if rel.is_absolute() or not target.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{str(rel)[:200]!r} leaves {root}")
+    return target
+
+
 def read_uid_list(path: str | Path) -> set[str]:
     """Uids of a list file: one per line, blank lines and `#` comments ignored, a `.glb` suffix dropped (lists
     published with Objaverse name files). The one reader of uid lists (allow/deny lists, forced-val, eval)."""
