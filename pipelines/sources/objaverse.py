@@ -44,7 +44,7 @@ from core.config import DataConfig
 from core.io import atomic_path
 from core.layout import path_inside, read_uid_list
 from pipelines.assets import VerifyError, ok_row, place_file, verify_file
-from pipelines.filter import annotations_to_table
+from pipelines.filter import annotation_problem, annotations_to_table
 
 HF_BASE = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 OBJECT_PATHS = "object-paths.json.gz"
@@ -238,10 +238,9 @@ def candidates(cfg: DataConfig) -> tuple[pa.Table, list[dict[str, Any]]]:
             continue
         for u in members:
             a = meta.get(u)
-            if a is None:
-                failed.append(_failed(u, "no annotation for uid in its metadata shard"))
-            elif not isinstance(a, dict):
-                failed.append(_failed(u, f"annotation is a {type(a).__name__}, not an object"))
+            problem = "no annotation for uid in its metadata shard" if a is None else annotation_problem(a)
+            if problem is not None:
+                failed.append(_failed(u, problem))
             else:
                 annotations[u] = a
     lvis: dict[str, str] = {}

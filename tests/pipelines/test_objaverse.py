@@ -307,3 +307,25 @@ def test_download_does_not_read_annotation_files_a_worker_may_find_truncated(wor
     item = {"uid": uid, "locator": f"glbs/000-001/{uid}.glb", "archive_bytes": None}
     row = src.fetch(item, str(tmp_path / "assets2"), cache=str(ver.parent), mirror=url, retries=1, timeout_s=5)
     assert row["status"] == "ok" and Path(row["path"]).read_bytes() == (mirror / "glbs/000-001" / f"{uid}.glb").read_bytes()
+
+
+def test_annotations_of_the_wrong_types_are_failed_rows(tmp_path):
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    bad = {"faceCount": "many", "tags": 5, "name": {"x": 1}, "archives": [1], "user": "bob",
+           "categories": [3], "license": 3, "isAgeRestricted": "yes", "animationCount": 10**30}
+    uids = {f"{i + 1:032x}": {k: v} for i, (k, v) in enumerate(bad.items())}
+    uids[f"{99:032x}"] = annotation(f"{99:032x}", 10)
+    gz_json(cache / "object-paths.json.gz", {u: f"glbs/000-001/{u}.glb" for u in uids})
+    gz_json(cache / "metadata" / "000-001.json.gz", uids)
+    out = tmp_path / "out"
+    try:
+        assert run(out, cache.parent, "http://127.0.0.1:9") == 3
+    finally:
+        import urllib.request
+        urllib.request.install_opener(None)
+    f = table(out, "filter")
+    for u, a in uids.items():
+        if u == f"{99:032x}":
+            assert f[u]["status"] == "ok", f[u]
+        else:
+            assert f[u]["status"] == "failed" and f"field {next(iter(a))}" in f[u]["reason"], (a, f[u])
