@@ -45,6 +45,7 @@ from core.layout import (
     view_name,
     write_index,
 )
+from core.lock import stage_lock
 from pipelines.executor import run_step
 
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
@@ -310,7 +311,12 @@ def write_shard_step(item: dict[str, Any], shard_dir: str, mtime: float) -> dict
 def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     """Pack every ok render into shards; resumable. Returns a summary (counts, shard names written).
 
-    `executor` overrides shards.executor (local | process | ray)."""
+    `executor` overrides shards.executor (local | process | ray). One run per OUT at a time (core.lock)."""
+    with stage_lock(cfg.out_path, "shards"):
+        return _pack(cfg, executor)
+
+
+def _pack(cfg: Config, executor: str | None) -> dict[str, Any]:
     sc = cfg.shards
     kind = check_executor(executor or sc.executor, "shards.executor")
     if sc.writers > 1 and kind == "local":
