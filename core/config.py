@@ -114,13 +114,17 @@ class LoaderConfig:
     input_views: int = 4  # views fed to the model
     input_size: int = 128  # input image side after resizing (paper 512)
     background: str = "white"  # white | black | random: compositing colour for RGBA
-    shuffle_buffer: int = 64  # WebDataset sample shuffle buffer
+    shuffle_buffer: int = 64  # sample shuffle buffer: samples held at most
+    shuffle_buffer_bytes: int = 512 * 2**20  # ... and bytes of raw sample fields held at most (0 = no byte bound)
+    read_timeout_s: float = 60.0  # http(s) shards: longest wait for the next bytes before the shard counts as failed
+    shard_failure_budget: int = 5  # failures of one shard before it is skipped for the rest of the pass (0 = never)
+    allow_pipe: bool = False  # accept `pipe:<command>` shard URLs (the command runs through /bin/sh)
     workers: int = 0  # DataLoader workers
     resampled: bool = True  # resampled shards (infinite stream) for training
     epoch_samples: int = 0  # with_epoch length per worker (0 = number of samples)
     seed: int = 0  # shard order / view choice seed
     max_side: int = 4096  # stored views must be square with side <= this; larger samples are skipped (memory bound)
-    max_consecutive_failures: int = 100  # resampled stream: this many bad shards/samples in a row raise (0 = never)
+    max_consecutive_failures: int = 100  # resampled stream: this many failures before any sample decoded raise (0 = never)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_two_concurrent_data_runs_on_one_out_are_both_safe(tmp_path):
         assert first.poll() is None and time.monotonic() - t0 < 60, "the first run never took OUT's data lock"
         time.sleep(0.05)
     second = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    (o1, e1), (o2, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    (_, e1), (_, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, (e1[-2000:], e2[-2000:])
     assert "waiting for that run to finish" in e2 and "Traceback" not in e1 + e2
     got = rows(out)
