@@ -257,16 +257,13 @@ def _process_pool(make: Callable[[], Any], items: list[dict], put: Callable[[int
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Connect to Ray once: `address` or `RAY_ADDRESS` (a cluster), else start a private local instance.
 
-    Returns the `ray` module. Without an address Ray's own `ray.init()` would join whatever instance the
-    machine's `/tmp/ray/ray_current_cluster` names (a world-writable folder: anyone's cluster) and unpickle
-    results from it; `address="local"` always starts a new instance instead, with token authentication on
-    (`RAY_AUTH_MODE=token`, unless the environment says otherwise) and a fresh random token held only in
-    this process's environment (inherited by the instance's own processes): Ray's servers listen on every
-    interface of the machine (Ray 2.60 has no loopback-only mode), and the token is what refuses anyone
-    else who reaches them. A local instance gets `num_cpus` (default: all
-    cores) and no dashboard; the working tree travels with the driver only on a local instance (a cluster
-    must have the package installed). Joining a cluster uses the cluster's authentication as configured
-    (docs/scaleout.md: token on, 0600 token file).
+    Returns the `ray` module. A bare `ray.init()` would join whatever `/tmp/ray/ray_current_cluster` names
+    (a world-writable folder: anyone's cluster) and unpickle results from it; `address="local"` always
+    starts a new instance, with token authentication on (`RAY_AUTH_MODE=token` unless the environment says
+    otherwise) and a random token in this process's environment only: Ray's servers listen on every
+    interface (Ray 2.60 has no loopback-only mode), the token refuses whoever else reaches them. It gets
+    `num_cpus` (default: all cores) and no dashboard; the working tree travels with the driver only on a
+    local instance. A cluster's authentication is its own (docs/scaleout.md: token on, 0600 token file).
     """
     import ray  # lazily: steps and the other backends never need it
 

@@ -1,32 +1,17 @@
 """What an asset file may read, decided before Blender opens it, and the private folder it is imported from.
 
-One resolver per format lists every file the importer could load, parsed here, not by Blender:
-
-- `.glb`: only embedded data. Buffer 0 without a `uri` (the BIN chunk) and base64 `data:` URIs; any other
-  buffer or image URI fails the asset (a .glb is one self-contained file).
-- `.gltf`: `buffers[].uri` and `images[].uri`, the only URIs Blender's importer opens (every texture
-  extension, KHR_texture_basisu / EXT_texture_webp / MSFT_texture_dds, names its source by image index).
-  A buffer that is not embedded or inside the folder fails the asset; an image outside is dropped (its
-  `uri` removed in the sandbox's copy of the .gltf) and recorded as a missing texture.
-- `.obj`: every `mtllib` name, and in each MTL every `map_*` / `bump` / `disp` / `decal` / `refl` / `norm`
-  line (options such as `-s 1 1 1` allowed: every tail of the line is checked). An MTL library outside the
-  folder fails the asset (the OBJ is not rewritten); an MTL texture line outside is dropped from the
-  sandbox's copy of the MTL and recorded as missing. MTL lines other than the known material statements
-  are dropped too, so nothing a parser might read as a path survives.
-- `.fbx` (binary; Blender refuses ASCII FBX): every `Video` / `Texture` node's `RelativeFilename`,
-  `FileName` and `Filename` and the variants Blender's `load_image` tries, read with Blender's own FBX
-  parser (`io_scene_fbx.parse_fbx`, importable once bpy is). The binary file is not rewritten: a reference
-  that leaves the folder is recorded as missing, and what keeps it unread is the import itself: from the
-  sandbox, with the working directory there and `use_image_search=False`; a file image outside the
-  sandbox that Blender's loader registered (it checks existence, reads no pixel) is removed before
-  anything decodes it (`render.scene.check_textures`). Embedded `Content` images are size-checked.
-- `.ply`, `.stl`: no references.
-
-Every path is resolved twice: lexically (no `..` above the folder, no absolute path, no URI scheme) and
-with symlinks resolved (a link inside the folder pointing elsewhere is refused). A single-file asset (not
-in a folder named by its uid) may read no other file at all. `build_sandbox` then links (or copies)
-exactly the allowed files into a private folder, with the rewritten MTL / .gltf copies, so even a
-reference these parsers missed finds nothing there. bpy-free except the FBX parser.
+One resolver per format lists every file the importer could load, parsing the file here: `.glb` only
+embedded data (buffer 0 as the BIN chunk, base64 `data:` URIs); `.gltf` its `buffers[].uri` and
+`images[].uri` (the only URIs Blender's importer opens; texture extensions name images by index); `.obj`
+every `mtllib` and, in each MTL, every `map_*` / `bump` / `disp` / `decal` / `refl` / `norm` line; binary
+`.fbx` every Video / Texture node's path (Blender's own FBX parser, importable once bpy is); `.ply` and
+`.stl` none. Every path is checked lexically (no absolute path, scheme or `..` above the folder) and with
+symlinks resolved; a single-file asset may read nothing but itself. Outside references fail the asset
+(glb anything, glTF buffers, MTL libraries) or are dropped from the sandbox's rewritten copy of the MTL /
+.gltf and recorded as missing textures (the binary FBX is not rewritten: its outside references are
+recorded, and the import's own safeguards apply, render.scene). `build_sandbox` links exactly the allowed
+files into a private folder, so a reference these parsers missed finds nothing. The table of what is
+checked and what happens: docs/render.md "Containment".
 """
 
 from __future__ import annotations
@@ -78,11 +63,6 @@ class AssetFiles:
     instances: int | None = None  # glTF: mesh instances (objects the importer would create)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Paths: lexical and resolved containment.
-# ----------------------------------------------------------------------------------------------------------
-
-
 class _Scope:
     """The folder an asset may read from, and the check every reference goes through."""
 
@@ -119,11 +99,6 @@ class _Scope:
 def _base(rel: str) -> str:
     parent = Path(rel).parent.as_posix()
     return "" if parent == "." else parent
-
-
-# ----------------------------------------------------------------------------------------------------------
-# glTF / glb.
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _glb_parts(path: Path) -> tuple[dict, int, int]:
@@ -318,11 +293,6 @@ def _view_head(path: Path, doc: dict, view: dict, bin_off: int, bin_len: int) ->
     return read
 
 
-# ----------------------------------------------------------------------------------------------------------
-# OBJ + MTL.
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _tails(text: str) -> list[str]:
     """Every tail of a statement's arguments (options come before the file name, which may hold spaces)."""
     tokens = text.split()
@@ -405,11 +375,6 @@ def _mtl(scope: _Scope, rel: str, real: Path, out: AssetFiles) -> None:
         out.rewrites[rel] = b"".join(kept)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FBX.
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _fbx_nodes(elem: Any, out: list[tuple[str, dict[bytes, Any]]]) -> None:
     """Collect (node kind, {child id: first property}) of every Video / Texture / Geometry node of a parsed FBX."""
     if elem.id in (b"Video", b"Texture", b"Geometry"):
@@ -479,11 +444,6 @@ def _fbx(scope: _Scope, path: Path) -> AssetFiles:
                 out.images.append((r, real))
                 break
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The entry points.
-# ----------------------------------------------------------------------------------------------------------
 
 
 def asset_files(path: str | Path, fmt: str, folder: str | Path | None) -> AssetFiles:
