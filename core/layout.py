@@ -64,8 +64,12 @@ def read_uid_list(path: str | Path) -> set[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"uid list not found: {path}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"uid list {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = set()
-    for line in p.read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             out.add(line.removesuffix(".glb"))

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         save_resolved(cfg, "data")
         try:
             kept, listing_failed = run_filter(cfg)
-        except FileNotFoundError as e:  # a uid list named in the config that is not there
+        except (FileNotFoundError, ValueError) as e:  # a uid list named in the config: not there, not text
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "

@@ -451,16 +451,22 @@ def asset_files(path: str | Path, fmt: str, folder: str | Path | None) -> AssetF
     (None: a single-file asset, which may read no other file). Raises ContainmentError with the reason."""
     path = Path(path)
     ext = fmt.lower().lstrip(".")
-    scope = _Scope(path, Path(folder) if folder is not None else None)
-    if not scope.main_real.is_file():
-        raise ContainmentError(f"not a regular file: {path.name}")
-    if ext in ("glb", "gltf"):
-        return _gltf(scope, scope.main_real, ext == "glb")
-    if ext == "obj":
-        return _obj(scope, scope.main_real)
-    if ext == "fbx":
-        return _fbx(scope, scope.main_real)
-    return AssetFiles(main=scope.main_rel, files={scope.main_rel: scope.main_real})
+    try:
+        scope = _Scope(path, Path(folder) if folder is not None else None)
+        if not scope.main_real.is_file():
+            raise ContainmentError(f"not a regular file: {path.name}")
+        if ext in ("glb", "gltf"):
+            return _gltf(scope, scope.main_real, ext == "glb")
+        if ext == "obj":
+            return _obj(scope, scope.main_real)
+        if ext == "fbx":
+            return _fbx(scope, scope.main_real)
+        return AssetFiles(main=scope.main_rel, files={scope.main_rel: scope.main_real})
+    except ContainmentError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+            struct.error) as e:  # a crafted file is a reason, never a traceback
+        raise ContainmentError(f"cannot list the asset's references: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

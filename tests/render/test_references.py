@@ -239,3 +239,29 @@ def test_unknown_image_has_no_size(tmp_path):
     assert header_size(b"not an image at all") is None
     assert header_size(tmp_path / "nowhere.png") is None
     assert os.path.exists(tmp_path)
+
+
+def test_crafted_gltf_is_a_reason_or_a_result_never_a_crash(world):
+    """Odd types anywhere the resolvers look: each input either resolves or raises ContainmentError (the
+    renderer's failed row), never another exception (a traceback in the render stage)."""
+    docs = [
+        {"asset": {}, "nodes": [{"mesh": "x"}, {"mesh": 0, "extensions": []}, 5], "meshes": [{"primitives": [
+            {"indices": "a", "attributes": [], "mode": "strip"}, None]}], "accessors": "bad"},
+        {"asset": {}, "nodes": [{"mesh": 0, "extensions": {"EXT_mesh_gpu_instancing": {"attributes": {"T": 99}}}}],
+         "meshes": [{"primitives": {"a": 1}}], "accessors": [{"count": -5}, {"count": True}]},
+        {"asset": {}, "images": [{"uri": 5}]}, {"asset": {}, "images": [{"bufferView": 7}]},
+        {"asset": {}, "images": [{"bufferView": 0}], "bufferViews": [{"buffer": "zero", "byteOffset": "x"}]},
+        {"asset": {}, "buffers": [{"uri": None}], "images": [{"uri": "data:image/png;base64,%%%%"}]},
+        {"asset": {}, "images": [{"uri": "\0/../x.png"}, {"uri": "a" * 5000}]},
+    ]
+    for i, doc in enumerate(docs):
+        for ext in ("gltf", "glb"):
+            path = world["folder"] / f"m{i}.{ext}"
+            path.write_bytes(json.dumps(doc).encode() if ext == "gltf" else glb_bytes(doc, b"\0" * 8))
+            try:
+                asset_files(path, ext, world["folder"])
+            except ContainmentError:
+                pass
+    (world["folder"] / "short.glb").write_bytes(b"glTF" + struct.pack("<II", 2, 999) + struct.pack("<II", 10**9, 0x4E4F534A))
+    with pytest.raises(ContainmentError, match="not a plausible glTF"):
+        asset_files(world["folder"] / "short.glb", "glb", world["folder"])

@@ -102,7 +102,7 @@ def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
     run(cfg, executor="ray", progress=False)
     rows = rows_by_uid(tmp_path)
     assert set(rows) == {"asset0", "asset1", "broken"}  # the download-failed uid is not a render job
-    assert rows["broken"]["status"] == "failed" and "import failed" in rows["broken"]["reason"]
+    assert rows["broken"]["status"] == "failed" and "not a glb: no glTF header" in rows["broken"]["reason"]  # refused before Blender opens it
     for uid in ("asset0", "asset1"):
         r, d = rows[uid], tmp_path / "renders" / uid
         assert r["status"] == "ok" and r["rendered"] and r["license"] == "cc0", r
