@@ -63,6 +63,7 @@ class DataConfig:
     # one fails its download (objaverse: also data.max_archive_bytes) and the render stage refuses to open one (a
     # download table may name files from elsewhere); bounds the copying, verifying and Blender work per asset
     check_size: bool = True  # objaverse: a glb whose size differs from the annotation's archive size fails
+    max_annotation_bytes: int = 256 * 2**20  # objaverse: an annotation .json.gz decompressing to more is refused
 
 
 @dataclass
@@ -86,7 +87,9 @@ class RenderConfig:
     light_strength: float = 1.0  # scale of the deterministic per-asset lighting
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
-    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset (size read from the file header)
+    max_asset_texture_pixels: int = 4 * 8192 * 8192  # all textures of one asset together (0 = no bound); above: fail
+    max_memory_bytes: int = 16 * 2**30  # memory one renderer may add after bpy's start (RLIMIT_AS; 0 = no cap)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
@@ -116,13 +119,17 @@ class LoaderConfig:
     input_views: int = 4  # views fed to the model
     input_size: int = 128  # input image side after resizing (paper 512)
     background: str = "white"  # white | black | random: compositing colour for RGBA
-    shuffle_buffer: int = 64  # WebDataset sample shuffle buffer
+    shuffle_buffer: int = 64  # sample shuffle buffer: samples held at most
+    shuffle_buffer_bytes: int = 512 * 2**20  # ... and bytes of raw sample fields held at most (0 = no byte bound)
+    read_timeout_s: float = 60.0  # http(s) shards: longest wait for the next bytes before the shard counts as failed
+    shard_failure_budget: int = 5  # failures of one shard before it is skipped for the rest of the pass (0 = never)
+    allow_pipe: bool = False  # accept `pipe:<command>` shard URLs (the command runs through /bin/sh)
     workers: int = 0  # DataLoader workers
     resampled: bool = True  # resampled shards (infinite stream) for training
     epoch_samples: int = 0  # with_epoch length per worker (0 = number of samples)
     seed: int = 0  # shard order / view choice seed
     max_side: int = 4096  # stored views must be square with side <= this; larger samples are skipped (memory bound)
-    max_consecutive_failures: int = 100  # resampled stream: this many bad shards/samples in a row raise (0 = never)
+    max_consecutive_failures: int = 100  # resampled stream: this many failures before any sample decoded raise (0 = never)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import pyarrow as pa
 from core import manifest
 from core.config import Config
 from core.io import clean_temporaries
+from core.lock import stage_lock
 from pipelines.executor import run_step
 from pipelines.sources import fetch_step
 
@@ -44,7 +45,13 @@ def done_rows(out: str | Path) -> dict[str, dict]:
 
 
 def download(cfg: Config, kept: list[dict], flush_every_s: float = 2.0) -> list[dict]:
-    """Fetch every kept candidate (dicts from the filter's `ok` rows); write and return download rows."""
+    """Fetch every kept candidate (dicts from the filter's `ok` rows); write and return download rows.
+    Holds OUT's `data` lock (core.lock): another run's cleanup never meets this one's temporaries."""
+    with stage_lock(cfg.out_path, "data"):
+        return _download(cfg, kept, flush_every_s)
+
+
+def _download(cfg: Config, kept: list[dict], flush_every_s: float) -> list[dict]:
     out = cfg.out_path
     assets = out / "assets"
     assets.mkdir(parents=True, exist_ok=True)

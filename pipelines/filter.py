@@ -63,6 +63,48 @@ ANNOTATION_TYPE = pa.struct([
     ("user", pa.struct([("displayName", pa.string()), ("username", pa.string())])),
     ("tags", _NAMED), ("categories", _NAMED),
 ])
+_STR_FIELDS = ("name", "license", "viewerUrl", "uri")
+_INT_FIELDS = ("faceCount", "animationCount")
+
+
+def annotation_problem(a: Any) -> str | None:
+    """Why an annotation (one uid's Sketchfab metadata) does not have the types the filters read (None when
+    it does): the fields of ANNOTATION_TYPE, each absent / null or of its type. A crafted or corrupt one is
+    then a failed row with this reason instead of a crash of the table build."""
+    def is_int(v: Any) -> bool:
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63)
+
+    def is_str(v: Any) -> bool:
+        return v is None or isinstance(v, str)
+
+    if not isinstance(a, dict):
+        return f"annotation is a {type(a).__name__}, not an object"
+    for k in _STR_FIELDS:
+        if not is_str(a.get(k)):
+            return f"annotation field {k} is a {type(a[k]).__name__}, not a string"
+    for k in _INT_FIELDS:
+        if not is_int(a.get(k)):
+            return f"annotation field {k} is not an integer: {str(a[k])[:40]!r}"
+    if a.get("isAgeRestricted") is not None and not isinstance(a["isAgeRestricted"], bool):
+        return "annotation field isAgeRestricted is not a boolean"
+    for k, inner in (("archives", None), ("user", ("displayName", "username"))):
+        v = a.get(k)
+        if v is not None and not isinstance(v, dict):
+            return f"annotation field {k} is a {type(v).__name__}, not an object"
+        if inner and v and not all(is_str(v.get(i)) for i in inner):
+            return f"annotation field {k} has a non-string name"
+    glb = (a.get("archives") or {}).get("glb")
+    if glb is not None and (not isinstance(glb, dict) or not is_int(glb.get("size")) or not is_int(glb.get("textureCount"))):
+        return "annotation field archives.glb is not an object of integer size / textureCount"
+    for k in ("tags", "categories"):
+        v = a.get(k)
+        if v is not None and (not isinstance(v, list) or not all(
+                e is None or isinstance(e, str) or (isinstance(e, dict) and is_str(e.get("slug")) and is_str(e.get("name")))
+                for e in v)):
+            return f"annotation field {k} is not a list of names"
+    return None
+
+
 CHUNK_ROWS = 65_536  # rows converted at once; an odd row sends only its chunk down the per-row Python path
 
 

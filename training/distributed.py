@@ -87,7 +87,10 @@ def mean_scalar(value: float, device: torch.device) -> float:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (small picklable things: RNG states, counters)."""
+    """Every rank's `obj`, in rank order, on every rank (small picklable things: RNG states, counters).
+
+    all_gather_object unpickles what the other ranks send and the process group has no authentication:
+    run multi-node training on a private network only (docs/scaleout.md)."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * world_size()

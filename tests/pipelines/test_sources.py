@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -196,3 +197,45 @@ def test_gso_layout(tmp_path):
     placed = folder / "meshes" / "texture.png"  # where the MTL looks for it
     assert np.asarray(Image.open(placed))[0, 0].tolist() == [10, 200, 10]
     assert car["uid"] == hashlib.sha256(b"Toy_Car/meshes/model.obj").hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- containment
+
+
+def test_gso_object_whose_mesh_links_elsewhere_is_refused(tmp_path):
+    """A GSO folder whose meshes/model.obj (or whose texture) is a symlink to a file outside the object
+    folder: the link is never followed into OUT/assets."""
+    root, out = tmp_path / "gso", tmp_path / "out"
+    build_gso(root)
+    secret = tmp_path / "secret.obj"
+    secret.write_text("# secret\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (root / "Toy_Car" / "meshes" / "model.obj").unlink()
+    (root / "Toy_Car" / "meshes" / "model.obj").symlink_to(secret)
+    tex = root / "Mug_Blue" / "materials" / "textures" / "texture.png"
+    tex.unlink()
+    tex.symlink_to(secret)
+    assert data_main(["--source", f"gso:{root}", "--out", str(out), *LOCAL]) == 3
+    rows = {r["name"]: r for r in rows_of(out, "download").values()}
+    assert rows["Toy_Car"]["status"] == "failed" and "symlink" in rows["Toy_Car"]["reason"]
+    for p in (out / "assets").rglob("*"):
+        assert not (p.is_file() and b"# secret" in p.read_bytes()), p
+
+
+def test_local_gltf_buffer_outside_is_a_failed_row_and_nothing_outside_is_copied(tmp_path):
+    root, out = tmp_path / "meshes", tmp_path / "out"
+    (root / "g").mkdir(parents=True)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRET" * 10)
+    doc = {"asset": {"version": "2.0"}, "buffers": [{"uri": "../../secret.bin", "byteLength": 60}]}
+    (root / "g" / "bad.gltf").write_text(json.dumps(doc))
+    Image.new("RGB", (4, 4)).save(root / "g" / "ok.png")
+    (root / "g" / "link.png").symlink_to(secret)
+    doc = {"asset": {"version": "2.0"}, "images": [{"uri": "ok.png"}, {"uri": "link.png"}, {"uri": str(secret)}]}
+    (root / "g" / "good.gltf").write_text(json.dumps(doc))
+    assert data_main(["--source", f"local:{root}", "--out", str(out), *LOCAL]) == 3
+    rows = {Path(r["name"]).name: r for r in rows_of(out, "download").values()}
+    assert rows["bad"]["status"] == "failed" and "buffer 0 outside the asset folder" in rows["bad"]["reason"]
+    good = Path(rows["good"]["path"]).parent
+    assert rows["good"]["status"] == "ok" and sorted(p.name for p in good.iterdir()) == ["good.gltf", "ok.png"]
+    for p in (out / "assets").rglob("*"):
+        assert not (p.is_file() and b"SECRET" in p.read_bytes()), p
