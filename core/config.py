@@ -222,7 +222,8 @@ class MeshConfig(OptimConfig):
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
     val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
     val_assets: int = 1  # assets in the fixed validation batch (TensorBoard renders, normals, masks, depth)
-    reg_rays: int = 4096  # rays per asset for the ray-opacity regulariser (one random point each)
+    reg_rays: int = 4096  # rays per asset for the ray-opacity regulariser, one random point each (0 = every
+    # supervision ray, as released); the loss is a mean over rays, so a subsample estimates the same value
     query_chunk: int = 262144  # points per f_d / f_c call when extracting and colouring the mesh
     antialias: bool = True  # antialias the rasterized colour and mask (gives the mask gradients to vertices)
 

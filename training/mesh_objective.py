@@ -16,16 +16,23 @@ from core.config import MeshConfig
 from training.cameras import camera_rays
 from training.losses import (
     LPIPSLoss,
-    bin_length,
     depth_loss,
     mask_loss,
     mse,
-    planar_to_ray_depth,
     psnr,
     ray_opacity_regulariser,
 )
 from training.mesh import extract_mesh, render_mesh
 from training.ops.raster import Rasterizer
+
+
+def regulariser_rays(c2w: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Rays of the supervision pixels for the regulariser: origins and directions [..., h, w, 3] whose
+    camera-z component is 1 (the released `get_cam_rays(norm=False)`), so that the parameter t along them
+    is the planar depth the renders store."""
+    o, d = camera_rays(c2w, K, height, width)
+    forward = c2w[..., None, None, :3, 2]
+    return o, d / (d * forward).sum(-1, keepdim=True)
 
 
 class MeshObjective(nn.Module):
@@ -63,26 +70,21 @@ class MeshObjective(nn.Module):
         return outs, planes
 
     def regulariser(self, batch: dict, planes: Tensor) -> Tensor:
-        """Ray opacity at one random point per ray in front of the ground-truth surface (docs/CONTRACTS.md), L1 to 0."""
+        """The released ray-opacity regulariser (`training.losses.ray_opacity_regulariser`) over the
+        supervision rays: `mesh.reg_rays` random rays per asset, or all of them (0, as released)."""
         B, Vs = batch["sup_c2w"].shape[:2]
         h, w = batch["sup_rgb"].shape[-2:]
-        o, d = camera_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]
-        depth = batch["sup_depth"].float().permute(0, 1, 3, 4, 2)  # [B,Vs,h,w,1]
-        fwd = batch["sup_c2w"].float()[:, :, None, None, :3, 2].expand_as(d)
-        t = planar_to_ray_depth(depth, d, fwd)
-        n = min(self.cfg.reg_rays, Vs * h * w)
-        pick = torch.stack([torch.randperm(Vs * h * w, device=d.device)[:n] for _ in range(B)])  # [B,n]
-
-        def take(x: Tensor) -> Tensor:
-            x = x.reshape(B, Vs * h * w, -1)
-            return torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1]))
-
-        ro, rd, rt = take(o), take(d), take(t)
+        o, d = regulariser_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]
+        depth = batch["sup_depth"].float().permute(0, 1, 3, 4, 2)  # [B,Vs,h,w,1] planar = t along d
+        o, d, depth = (x.reshape(B, Vs * h * w, -1) for x in (o, d, depth))
+        n = self.cfg.reg_rays
+        if 0 < n < Vs * h * w:  # an unbiased subsample of the same mean
+            pick = torch.stack([torch.randperm(Vs * h * w, device=d.device)[:n] for _ in range(B)])  # [B,n]
+            o, d, depth = (torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1])) for x in (o, d, depth))
         # Box, near plane and density units come from the model, in our frame (docs/model.md "Frames").
-        box, near, mc = self.model.box_half_size_ours(), self.model.near_min_ours(), self.model.cfg
-        delta = bin_length(ro, rd, box, mc.samples_per_ray, near) * self.model.units_per_ours
-        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), ro, rd, rt, box, delta,
-                                       near)
+        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), o, d, depth,
+                                       self.model.box_half_size_ours(), self.model.near_min_ours(),
+                                       self.model.units_per_ours)
 
     def losses(self, batch: dict, outs: list[dict[str, Tensor] | None], planes: Tensor
                ) -> tuple[Tensor, dict[str, Tensor]]:
