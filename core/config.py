@@ -213,9 +213,17 @@ class MeshConfig(OptimConfig):
     rgb_weight: float = 1.0  # weight of the rendered-colour MSE
     lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
     depth_weight: float = 0.5  # weight of the squared depth error on ground-truth foreground pixels
+    depth_units: float = 1.0  # depths (ours and ground truth) are multiplied by this before the depth loss: 2 in
+    # paper/official = lengths in the released frame (its [-1, 1] box is twice our [-0.5, 0.5] data), where the
+    # weights 0.5 (paper) / 0.2 (released) were set; demo 1 (our units)
+    depth_mean_over: str = "foreground"  # pixels (paper/official: the released mean over all pixels of
+    # [gt > 0]·err²) | foreground (demo: divided by the foreground count, ~4x stronger on its small silhouettes)
     mask_weight: float = 1.0  # weight of the silhouette (coverage) MSE
     reg_weight: float = 0.5  # ray-opacity regulariser
     lpips_net: str = "alex"  # vgg (paper) | alex (demo: the cheaper trunk, as in stage 1; not timed separately here)
+    lpips_size: int = 0  # LPIPS on both images bilinearly resized to this² (paper/official 256, as released); 0 = as rendered
+    hard_color: bool = False  # colour under the hard mask, background elsewhere (paper/official, as released: the mask
+    # alone carries silhouette gradients); demo false: the colour is antialiased with the mask
     mc_backend: str = "auto"  # auto | torch | diso
     raster_backend: str = "auto"  # auto | torch | nvdiffrast
     init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)

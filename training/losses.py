@@ -30,22 +30,42 @@ def mask_loss(opacity: Tensor, mask: Tensor) -> Tensor:
     return F.mse_loss(opacity, mask)
 
 
-def depth_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+def depth_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, mean_over: str = "foreground") -> Tensor:
     """Squared depth error on foreground pixels only ([N,1,H,W]; target 0 = background, as stored).
 
-    Background pixels have no depth to match; they are held by the mask loss instead.
+    Background pixels have no depth to match; they are held by the mask loss instead. `mean_over`:
+    "pixels" divides the sum by every pixel, the released `MeshRenderLoss` (mean((pd − gd)²·[gd > 0]));
+    "foreground" by the foreground pixels only (then also restricted to mask > 0.5 when a mask is given),
+    which weighs depth more on small silhouettes.
     """
     fg = target > 0
+    if mean_over == "pixels":
+        return (((pred - target) ** 2) * fg.to(pred.dtype)).mean()
+    if mean_over != "foreground":
+        raise ValueError(f"depth loss mean_over must be pixels or foreground, got {mean_over!r}")
     if mask is not None:
         fg = fg & (mask > 0.5)
     fg = fg.to(pred.dtype)
     return (((pred - target) ** 2) * fg).sum() / fg.sum().clamp_min(1.0)
 
 
+def normal_losses(pred: Tensor, target: Tensor, pred_mask: Tensor, target_mask: Tensor) -> dict[str, Tensor]:
+    """The released `MeshRenderLoss` normal terms (weight 0 in its config and in the paper; our stage 2 does
+    not use them, the loader delivers no supervision normals): normals [N,3,H,W] (world, unit), masks
+    [N,1,H,W]. With m = target_mask·pred_mask both normals are blended to (0, 0, 1) by 1 − m; `normal` is
+    1 − mean over m > 0 of |⟨pred, target⟩|, `normal_l2` the mean over all pixels of m·mean_c (pred − target)²."""
+    m = target_mask * pred_mask
+    up = torch.tensor([0.0, 0.0, 1.0], device=pred.device, dtype=pred.dtype).view(1, 3, 1, 1)
+    p, t = pred * m + (1 - m) * up, target * m + (1 - m) * up
+    cos = (p * t).sum(1, keepdim=True).abs()
+    return {"normal": 1 - cos[m > 0].mean(), "normal_l2": (m * ((p - t) ** 2).mean(1, keepdim=True)).mean()}
+
+
 class LPIPSLoss(torch.nn.Module):
     """LPIPS with its real ImageNet backbone (via `training.lpips_weights.load_lpips`), frozen.
 
-    `size` > 0 resizes both images to size² first (the official config scores at 256²); 0 keeps them.
+    `size` > 0 resizes both images to size² first, bilinear without antialiasing (`align_corners=False`),
+    which is the released `MeshRenderLoss` call at 256²; 0 keeps them.
     """
 
     def __init__(self, net: str = "vgg", size: int = 0):
@@ -67,10 +87,8 @@ class LPIPSLoss(torch.nn.Module):
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """pred, target [N,3,H,W] in [0,1] -> mean LPIPS (scalar)."""
         if self.size and pred.shape[-1] != self.size:
-            pred = F.interpolate(pred, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                 antialias=True)
-            target = F.interpolate(target, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                   antialias=True)
+            pred = F.interpolate(pred, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            target = F.interpolate(target, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return self.net(pred * 2 - 1, target * 2 - 1).mean()
 
 

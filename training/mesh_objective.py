@@ -26,6 +26,16 @@ from training.mesh import extract_mesh, render_mesh
 from training.ops.raster import Rasterizer
 
 
+def image_terms(pred: dict[str, Tensor], gt_rgb: Tensor, gt_mask: Tensor, gt_depth: Tensor,
+                depth_mean_over: str = "foreground") -> dict[str, Tensor]:
+    """The unweighted image terms of stage 2 (the released `MeshRenderLoss`, fixture `mesh_losses`):
+    rgb = MSE over all pixels (background included), mask = MSE of the (antialiased) coverage, depth =
+    squared error on ground-truth foreground (`training.losses.depth_loss`). pred {rgb, mask, depth} and the
+    targets are [N,c,H,W]; depth planar, 0 = background."""
+    return {"rgb": mse(pred["rgb"], gt_rgb), "mask": mask_loss(pred["mask"], gt_mask),
+            "depth": depth_loss(pred["depth"], gt_depth, gt_mask, depth_mean_over)}
+
+
 def regulariser_rays(c2w: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Rays of the supervision pixels for the regulariser: origins and directions [..., h, w, 3] whose
     camera-z component is 1 (the released `get_cam_rays(norm=False)`), so that the parameter t along them
@@ -42,7 +52,8 @@ class MeshObjective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.lpips = lpips if lpips is not None or cfg.lpips_weight == 0 else LPIPSLoss(cfg.lpips_net)
+        self.lpips = (lpips if lpips is not None or cfg.lpips_weight == 0
+                      else LPIPSLoss(cfg.lpips_net, size=cfg.lpips_size))
         self._raster: Rasterizer | None = None
         self.empty_total = 0  # assets whose mesh came out empty, since construction
 
@@ -66,7 +77,8 @@ class MeshObjective(nn.Module):
                 continue
             outs.append(render_mesh(self.model, pl, verts, faces, batch["sup_c2w"][b], batch["sup_K"][b], h, w,
                                     batch["background"][b], self.rasterizer(verts.device),
-                                    antialias=self.cfg.antialias, chunk=self.cfg.query_chunk))
+                                    antialias=self.cfg.antialias, chunk=self.cfg.query_chunk,
+                                    hard_color=self.cfg.hard_color))
         return outs, planes
 
     def regulariser(self, batch: dict, planes: Tensor) -> Tensor:
@@ -101,10 +113,9 @@ class MeshObjective(nn.Module):
         pred = {k: torch.cat([outs[i][k] for i in keep]).float() for k in ("rgb", "depth", "mask")}
         gt_rgb = torch.cat([batch["sup_rgb"][i] for i in keep]).float()  # [N,3,h,w]
         gt_mask = torch.cat([batch["sup_mask"][i] for i in keep]).float()
-        gt_depth = torch.cat([batch["sup_depth"][i] for i in keep]).float()
-        terms["rgb"] = mse(pred["rgb"], gt_rgb)
-        terms["mask"] = mask_loss(pred["mask"], gt_mask)
-        terms["depth"] = depth_loss(pred["depth"], gt_depth, gt_mask)
+        gt_depth = torch.cat([batch["sup_depth"][i] for i in keep]).float() * c.depth_units
+        pred["depth"] = pred["depth"] * c.depth_units
+        terms.update(image_terms(pred, gt_rgb, gt_mask, gt_depth, c.depth_mean_over))
         loss = c.rgb_weight * terms["rgb"] + c.mask_weight * terms["mask"] + c.depth_weight * terms["depth"]
         if c.lpips_weight > 0:
             terms["lpips"] = self.lpips(pred["rgb"].clamp(0, 1), gt_rgb)
