@@ -140,6 +140,8 @@ class ModelConfig:
     plane_channels: int = 16  # channels per plane after upsampling (official 40)
     upsample: int = 8  # PixelShuffle factor (paper: 256 / 32 = 8)
     mlp_hidden: int = 32  # f_d / f_c hidden width (paper 512, official 32)
+    mlp_init: str = "kaiming"  # f_d / f_c initialisation: kaiming (demo: He-normal hidden layers, zero biases, the
+    # default output layer) | xavier (paper/official: xavier-uniform on every layer, zero biases, as released)
     density_layers: int = 3  # f_d linear layers
     color_layers: int = 4  # f_c linear layers
     density_bias: float = -2.0  # added to the density pre-activation (softplus); paper/released 0. Demo -2: the field
