@@ -164,6 +164,9 @@ class OptimConfig:
     stage restates only the defaults it changes."""
 
     steps: int = 100  # optimisation steps (the LR schedule ends at 0 here)
+    batch_size: int = 1  # GLOBAL assets per optimisation step, over all ranks (the paper's 512 / 192 on 32 GPUs)
+    micro_batch: int = 0  # assets per rank per forward (0 = batch_size / world size: no accumulation); the
+    # rest is gradient accumulation: batch_size = world size x micro_batch x accumulation steps, an error if not
     lr: float = 1e-4  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW weight decay (matrices and kernels only; biases and norms are not shrunk)
     warmup_steps: int = 0  # linear warm-up steps, then cosine to 0
@@ -185,7 +188,7 @@ class NerfConfig(OptimConfig):
     warmup_steps: int = 20  # (OptimConfig)
     ckpt_every: int = 200  # (OptimConfig) also one loader epoch (training.train_nerf)
     image_every: int = 200  # (OptimConfig)
-    batch_size: int = 4  # assets per step (paper 512 over the cluster); demo 4 x 1 view: more assets per step told
+    batch_size: int = 4  # (OptimConfig) global assets per step (paper 512); demo 4 x 1 view: more assets per step told
     # them apart sooner than 2 x 2 views at the same rendering cost
     sup_views: int = 1  # supervision views per asset (paper 4)
     render_size: int = 32  # supervision image side (paper 512)
@@ -207,7 +210,7 @@ class MeshConfig(OptimConfig):
     lr: float = 2e-4  # (OptimConfig) paper 5e-5; demo 2e-4: 100 steps of batch 1 barely move at the paper's
     ckpt_every: int = 50  # (OptimConfig)
     image_every: int = 50  # (OptimConfig)
-    batch_size: int = 1  # assets per step (paper 192)
+    batch_size: int = 1  # (OptimConfig) global assets per step (paper 192)
     sup_views: int = 4  # supervision views per asset (paper 8); demo 4: half the CPU rasterization per step
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
