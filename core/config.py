@@ -243,13 +243,14 @@ class MeshConfig(OptimConfig):
 
 @dataclass
 class RefineConfig:
-    steps: int = 20  # refinement steps (official: 50)
-    lr_triplane: float = 0.15  # triplane learning rate
-    lr_color: float = 1e-4  # f_c learning rate
-    loss: str = "l2"  # l2 (paper) | l1 (official)
-    schedule: str = "cosine"  # cosine | constant (official)
+    recipe: str = "paper"  # paper (20 steps, L2, Adam, constant lrs: what the paper states) | released (the
+    # released refine_texture step for step: 50 steps, L1, AdamW, f_c schedule, 2x render); docs/reconstruct.md
+    steps: int = 0  # refinement steps (0 = the recipe's: paper 20, released 50)
+    lr_triplane: float = 0.15  # triplane learning rate (paper and released)
+    lr_color: float = 1e-4  # f_c learning rate (paper and released; the released recipe schedules it)
+    loss: str = ""  # l2 | l1 ("" = the recipe's: paper l2, released l1)
     tune: str = "both"  # both | color | triplane (Table 3 ablation)
-    render_size: int = 128  # rasterization side during refinement (official 512)
+    render_size: int = 128  # the loss resolution (paper/official 512, the inputs'); released renders at twice it
     texture_size: int = 512  # baked UV texture side (e.g. 1024)
     vertex_colors: bool = False  # also/instead export vertex colours
 
