@@ -82,6 +82,9 @@ class RenderConfig:
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
     max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    eval_protocol: str = "instantmesh"  # ground-truth views of eval sets: instantmesh (the paper's: eval_orbit_views on
+    # InstantMesh's orbit) | lrm64 (GS-LRM / MeshLRM / LRM-Zero: 16 azimuths x elevations 0/20/40/60 at eval_grid_distance)
+    eval_grid_distance: float = 2.7  # camera distance of the lrm64 protocol (normalised units, like eval_distance)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
@@ -243,8 +246,9 @@ class MeshConfig(OptimConfig):
 
 @dataclass
 class RefineConfig:
-    recipe: str = "paper"  # paper (20 steps, L2, Adam, constant lrs: what the paper states) | released (the
-    # released refine_texture step for step: 50 steps, L1, AdamW, f_c schedule, 2x render); docs/reconstruct.md
+    recipe: str = "released"  # released (the released refine_texture step for step: 50 steps, L1, AdamW, f_c
+    # schedule, 2x render; the default: +0.7 dB held-out PSNR over paper, bench.refine_recipes) | paper (20 steps,
+    # L2, Adam, constant lrs: what the paper states, 4x faster); docs/reconstruct.md "Refinement recipes"
     steps: int = 0  # refinement steps (0 = the recipe's: paper 20, released 50)
     lr_triplane: float = 0.15  # triplane learning rate (paper and released)
     lr_color: float = 1e-4  # f_c learning rate (paper and released; the released recipe schedules it)
@@ -264,19 +268,20 @@ class EvalConfig:
     points: int = 16000  # surface samples for Chamfer / F-score
     fscore_threshold: float = 0.05  # F-score distance threshold in the [-1, 1] frame (16k points lie ~0.025 apart, so smaller τ measures sampling)
     iou_resolution: int = 64  # voxels per side for IoU by winding numbers
+    iou_points_resolution: int = 32  # voxels per side for the paper's IoU from the surface points (iou_points; docs/eval.md)
     icp_iterations: int = 50  # rigid ICP iterations
     sheet_views: int = 4  # orbit views per contact sheet
     checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
     mesh_export: str = "vertex"  # meshes/*.glb: vertex (f_c at vertices, fast) | texture (xatlas + baked UV map, slow on CPU) | none
-    source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out indices) | val | objaverse | local:<dir> | gso:<dir>
-    uids: str = ""  # file of uids (one per line) the eval set is drawn from, e.g. an objaverse eval list ("" = all candidates)
+    source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out) | val | objaverse | local: gso: omniobject3d:<dir>
+    uids: str = ""  # file of uids or object names (one per line, # comments; docs/eval.md) the eval set is drawn from ("" = all)
     exclude_training: bool = True  # drop candidates whose uid training used (train shards, else OUT/manifest/download.parquet)
 
 
 @dataclass
 class Config:
     out: str = "work"  # root of everything a run writes
-    source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir>
+    source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir>
     seed: int = 0  # global seed
     data: DataConfig = field(default_factory=DataConfig)  # sources, filter, download (`make data`)
     render: RenderConfig = field(default_factory=RenderConfig)  # Blender renders (`make render`)

@@ -196,3 +196,43 @@ def test_gso_layout(tmp_path):
     placed = folder / "meshes" / "texture.png"  # where the MTL looks for it
     assert np.asarray(Image.open(placed))[0, 0].tolist() == [10, 200, 10]
     assert car["uid"] == hashlib.sha256(b"Toy_Car/meshes/model.obj").hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- omniobject3d
+
+
+def build_omniobject3d(root: Path) -> Path:
+    """The layout OmniObject3D publishes (its README "Dataset format"), as `odl get` unpacks it:
+    raw/raw_scans/<category>/<object_id>/Scan/{Scan.obj, Scan.mtl, Scan.jpg}; one object without its scan."""
+    scans = root / "raw" / "raw_scans"
+    for cat, obj, colour in [("apple", "apple_001", (200, 20, 20)), ("apple", "apple_002", (20, 200, 20)),
+                             ("toy_car", "toy_car_003", (20, 20, 200))]:
+        scan = scans / cat / obj / "Scan"
+        scan.mkdir(parents=True)
+        trimesh.creation.box().export(scan / "Scan.obj")
+        (scan / "Scan.obj").write_text("mtllib Scan.mtl\nusemtl material_0\n" + (scan / "Scan.obj").read_text())
+        (scan / "Scan.mtl").write_text("newmtl material_0\nmap_Kd Scan.jpg\n")
+        Image.new("RGB", (8, 8), colour).save(scan / "Scan.jpg")
+    (scans / "toy_car" / "toy_car_004" / "images").mkdir(parents=True)
+    return root
+
+
+def test_omniobject3d_layout(tmp_path):
+    root, out = build_omniobject3d(tmp_path / "omni"), tmp_path / "out"
+    assert parse_source(f"omniobject3d:{root}") == ("omniobject3d", str(root.resolve()))
+    assert data_main(["--source", f"omniobject3d:{root}", "--out", str(out), *LOCAL]) == 3  # one broken folder
+    rows = {r["name"]: r for r in rows_of(out, "download").values()}
+    frows = {r["name"]: r for r in rows_of(out, "filter").values()}
+    assert frows["toy_car_004"]["status"] == "failed" and "Scan/Scan.obj missing" in frows["toy_car_004"]["reason"]
+    assert set(rows) == {"apple_001", "apple_002", "toy_car_003"}
+    car = rows["toy_car_003"]
+    assert car["status"] == "ok" and car["license"] == "by" and "OmniObject3D" in car["attribution"]
+    assert car["uid"] == hashlib.sha256(b"toy_car/toy_car_003/Scan/Scan.obj").hexdigest()[:32]
+    placed = Path(car["path"])
+    assert placed.name == "Scan.obj" and (placed.parent / "Scan.mtl").is_file()
+    src = root / "raw" / "raw_scans" / "toy_car" / "toy_car_003" / "Scan"
+    assert (placed.parent / "Scan.jpg").read_bytes() == (src / "Scan.jpg").read_bytes()  # the texture, unchanged
+    # the raw_scans folder itself names the same objects, with the same uids
+    out2 = tmp_path / "out2"
+    data_main(["--source", f"omniobject3d:{root / 'raw' / 'raw_scans'}", "--out", str(out2), *LOCAL])
+    assert {r["uid"] for r in rows_of(out2, "download").values()} == {r["uid"] for r in rows.values()}
