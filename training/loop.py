@@ -205,7 +205,7 @@ def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run
     """
     run_dir = Path(run_dir)
     device = D.init()
-    _, accumulation = D.batch_split(getattr(s, "batch_size", 1), getattr(s, "micro_batch", 0))
+    _, accumulation = D.batch_split(s.batch_size, s.micro_batch)
     objective.to(device)
     apply_speedups(objective.model, s)
     opt, dtype = make_optimizer(objective, s), autocast_dtype(s.precision, device)

@@ -14,7 +14,6 @@ import torch
 from core.config import RefineConfig, load_config
 from tests.training.released import fixture, metadata, tiny_io, tiny_model
 from training import cameras
-from training.convert_official import _plane_major
 from training.mesh import Surface
 from training.refine import fit_texture, recipe_of, released_color_lr_factor
 
@@ -33,6 +32,13 @@ OURS = {k: k.replace("decoder.field.mlp_sigma", "density_mlp").replace("decoder.
 # difference δ into lr·δ·|g|·eps/(|g| + eps)², largest where |g| ≈ eps = 1e-8: with the code's lr 0.15 and
 # δ = 1e-4 that is ≤ 4e-6 (observed 3.8e-6 on one of 1536 values), so parameters are compared at 1e-5.
 ATOL_LOSS, ATOL_PARAM, RTOL_GRAD = 1e-6, 1e-5, 1e-4
+
+
+def _plane_major(w: torch.Tensor) -> torch.Tensor:
+    """A released first-layer weight [hidden, 3C] in our column order: the released field reads its sampled
+    features channel-major (column c·3 + plane), ours plane-major (plane·C + c) (docs/model.md, key map)."""
+    hidden, f = w.shape[-2:]
+    return w.reshape(*w.shape[:-1], f // 3, 3).transpose(-1, -2).reshape(*w.shape[:-2], hidden, f)
 
 
 def released(name: str) -> torch.Tensor:
