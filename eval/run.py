@@ -110,7 +110,8 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
             raise G.GeometryError("ground truth geometry.npz is missing")
         g = G.evaluate_geometry(G.check_mesh(verts, faces, "predicted mesh"), G.load_mesh(gt["geometry"], "ground truth"),
                                 cfg.eval.points, cfg.eval.fscore_threshold, cfg.eval.iou_resolution,
-                                cfg.eval.icp_iterations, seed=cfg.seed)
+                                cfg.eval.icp_iterations, seed=cfg.seed,
+                                iou_points_resolution=cfg.eval.iou_points_resolution)
         notes = "; ".join(filter(None, [row["notes"], g.pop("notes")]))
         row.update({k: v for k, v in g.items() if k not in ("pred_watertight", "gt_watertight")}, notes=notes)
     except G.GeometryError as e:
@@ -215,7 +216,7 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
     keys = {k: checkpoint_key(v[1], out / "checkpoint-hashes.json") for k, v in models.items()}
     lpips = Lpips("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []
-    resolution = None
+    resolution = views_per_asset = None
     bar = tqdm(total=len(es.uids) * len(methods), desc=f"eval {es.slug}", unit="recon", disable=not progress)
     for uid in es.uids:
         folder = es.renders / uid
@@ -232,6 +233,7 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
             continue
         preds: dict[str, list[np.ndarray] | None] = {}
         resolution = resolution or int(gt["rgba"].shape[1])
+        views_per_asset = views_per_asset or len(gt["rgba"])
         pick = np.linspace(0, len(gt["rgba"]) - 1, cfg.eval.sheet_views).round().astype(int)
         for method in methods:
             # one finished row per (eval set, method, asset), valid for the weights that produced it
@@ -264,8 +266,10 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
     bar.close()
     info = {"source": es.source, "eval_set": describe(es, leak), "assets": len(es.uids), "methods": methods,
             "checkpoint": {k: v[1] for k, v in models.items()} | {k: f"not loaded ({v})" for k, v in load_errors.items()},
-            "views": cfg.render.eval_orbit_views, "resolution": resolution, "points": cfg.eval.points,
-            "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution}
+            "views": views_per_asset or cfg.render.eval_orbit_views, "protocol": cfg.render.eval_protocol,
+            "resolution": resolution, "points": cfg.eval.points,
+            "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution,
+            "iou_points_resolution": cfg.eval.iou_points_resolution}
     write_report(rows, out, info)
     return rows
 
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nerf-checkpoint", default="", help="stage-1 checkpoint for nerf_mc (default: newest in OUT/runs/nerf)")
     for action in p._actions:  # the shared parser's wording is about training sources
         if action.dest == "source":
-            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> "
+            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir> "
                            "(default: config eval.source)")
     p.epilog = __doc__.split("\n\n")[2]
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from core import manifest as mf
-from core.cameras import eval_input_views, orbit_views, random_views
+from core.cameras import eval_input_views, eval_views, random_views
 from core.cli import config_from_args, save_resolved, stage_parser
 from core.config import Config, RenderConfig, check_executor
 from core.io import clean_temporaries
@@ -58,7 +58,8 @@ def normalise_row(row: dict[str, Any], job: dict[str, Any] | None = None) -> dic
 def view_sets(uid: str, cfg: RenderConfig, eval_mode: bool) -> dict[str, np.ndarray]:
     """Subfolder -> OpenCV c2w [V,4,4]: "" for the random training views, orbit/inputs for evaluation."""
     if eval_mode:
-        return {"orbit": orbit_views(cfg.eval_orbit_views, cfg.eval_distance)["c2w"],
+        return {"orbit": eval_views(cfg.eval_protocol, cfg.eval_orbit_views, cfg.eval_distance,
+                                    cfg.eval_grid_distance)["c2w"],
                 "inputs": eval_input_views(cfg.eval_input_elevation_deg, cfg.eval_distance)["c2w"]}
     return {"": random_views(uid, cfg.views, (cfg.distance_min, cfg.distance_max),
                              (cfg.elevation_min_deg, cfg.elevation_max_deg))["c2w"]}

@@ -54,7 +54,10 @@ OUTPUT_FIELDS = {
 def output_hash(cfg: RenderConfig, eval_mode: bool = False) -> str:
     """Short stable hash of the settings that determine the rendered files of one mode (stored in meta.json)."""
     mode = "eval" if eval_mode else "train"
-    blob = json.dumps({"mode": mode, **{k: getattr(cfg, k) for k in OUTPUT_FIELDS[mode]}}, sort_keys=True).encode()
+    fields = {k: getattr(cfg, k) for k in OUTPUT_FIELDS[mode]}
+    if eval_mode and cfg.eval_protocol != "instantmesh":  # the default protocol keeps the hash it always had
+        fields.update(eval_protocol=cfg.eval_protocol, eval_grid_distance=cfg.eval_grid_distance)
+    blob = json.dumps({"mode": mode, **fields}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -90,6 +90,24 @@ def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
     assert [len(x) for x in plan(more_views, False)] == [1, 0]  # training renders are stale
     farther = small(tmp_path, eval_distance=3.0)
     assert [len(x) for x in plan(farther, False)] == [0, 1] and [len(x) for x in plan(farther, True)] == [1, 0]
+    # the second eval protocol: eval renders of the 20-view orbit are stale for it (and its distance counts),
+    # training renders are not; the default protocol's hash is the one it always had
+    grid = small(tmp_path, eval_protocol="lrm64")
+    assert [len(x) for x in plan(grid, True)] == [1, 0] and [len(x) for x in plan(grid, False)] == [0, 1]
+    assert output_hash(grid.render, True) != output_hash(small(tmp_path, eval_protocol="lrm64",
+                                                              eval_grid_distance=2.0).render, True)
+    assert output_hash(small(tmp_path, eval_grid_distance=2.0).render, True) == output_hash(cfg.render, True)
+
+
+def test_eval_view_sets_follow_the_protocol(tmp_path):
+    from pipelines.render import view_sets
+
+    cfg = small(tmp_path)
+    default = view_sets("u", cfg.render, True)
+    assert len(default["orbit"]) == cfg.render.eval_orbit_views and len(default["inputs"]) == 4
+    grid = view_sets("u", small(tmp_path, eval_protocol="lrm64").render, True)
+    assert grid["orbit"].shape == (64, 4, 4) and np.allclose(grid["inputs"], default["inputs"])
+    assert np.allclose(np.linalg.norm(grid["orbit"][:, :3, 3], axis=1), 2.7)
 
 
 @pytest.mark.ray

@@ -199,19 +199,22 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
                 composite: str = "loader", **spec_overrides: Any) -> ShardLoader:
     """Batches for `stage` ("nerf" | "mesh") from shard `urls` (`composite`: see ShardLoader).
 
-    Arguments left None come from the config (`loader.*`, the stage's `batch_size`); rank/world size from
-    torch.distributed or RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
+    Arguments left None come from the config (`loader.*`; batches of the stage's per-rank micro-batch,
+    `training.distributed.batch_split` of its global `batch_size`); rank/world size from torch.distributed or
+    RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
     number of samples the index lists for these shards, spread over ranks x workers). `spec_overrides` are
     ViewSpec fields (e.g. `depths=True`, `patch=0`, `background="random"`).
     """
     spec = view_spec(cfg, stage, **spec_overrides)
     lc = cfg.loader
-    batch_size = batch_size or (cfg.nerf.batch_size if stage == "nerf" else cfg.mesh.batch_size)
     resampled = lc.resampled if resampled is None else resampled
     workers = lc.workers if workers is None else workers
     seed = lc.seed if seed is None else seed
     rank = D.rank() if rank is None else rank
     world_size = D.world_size() if world_size is None else world_size
+    if not batch_size:
+        section = cfg.nerf if stage == "nerf" else cfg.mesh
+        batch_size, _ = D.batch_split(section.batch_size, section.micro_batch, world_size)
     shard_list = expand_urls(urls)
     if not shard_list:
         raise FileNotFoundError(f"no shards match {urls!r}")
