@@ -82,7 +82,7 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
     t = time.perf_counter()
     info = export_glb(out_dir / "mesh.glb", result.verts.cpu().numpy(), result.faces.cpu().numpy(),
                       result.color_fn(model), texture_size=cfg.refine.texture_size,
-                      vertex_colors=cfg.refine.vertex_colors)
+                      vertex_colors=cfg.refine.vertex_colors, max_faces=cfg.refine.export_faces)
     export_s = time.perf_counter() - t
 
     device = result.planes.device

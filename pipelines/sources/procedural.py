@@ -225,7 +225,8 @@ def candidates(count: int, start: int = 0) -> list[dict[str, Any]]:
     for i in range(start, start + count):
         shape, tex = describe(i)
         rows.append({"uid": uid_for(i), "source": "procedural", "name": f"{shape} with {tex} texture #{i}",
-                     "license": LICENSE, "attribution": ATTRIBUTION, "format": "glb", "locator": str(i),
+                     "license": LICENSE, "attribution": ATTRIBUTION, "author": ATTRIBUTION, "source_url": "",
+                     "format": "glb", "locator": str(i),
                      "texture_count": 1, "animation_count": 0, "age_restricted": False})
     return rows
 
