@@ -228,31 +228,46 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [N,3] of counter-clockwise faces (+Z for a vertex no face touches)."""
+    v = np.asarray(verts, dtype=np.float64)
+    n = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])  # [F,3], length = 2 area
+    out = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(out, faces[:, k], n)
+    length = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(length > 0, out / np.maximum(length, 1e-30), [0.0, 0.0, 1.0])
+
+
 def glb_bytes(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray | None = None,
-              texture: np.ndarray | None = None, vertex_colors: np.ndarray | None = None) -> bytes:
+              texture: np.ndarray | None = None, vertex_colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> bytes:
     """A GLB of one mesh (canonical-frame verts [N,3], faces [F,3]) in glTF's Y-up frame.
 
     Either `uv` [N,2] (v up) + `texture` [S,S,3] uint8 (PBR baseColorTexture, metallic 0, roughness 1),
-    or `vertex_colors` [N,3] in [0,1] (COLOR_0, with a plain white material), or neither.
+    or `vertex_colors` [N,3] in [0,1] (COLOR_0, with a plain white material), or neither. `normals` [N,3]
+    (canonical frame; default: `vertex_normals` of this mesh) make viewers shade it smooth instead of
+    faceted (glTF's rule without NORMAL).
     """
     import trimesh
     from PIL import Image
 
     verts, faces = check_mesh(verts, faces)
     pos = to_gltf_frame(verts).astype(np.float32)
+    nrm = to_gltf_frame(vertex_normals(verts, faces) if normals is None else normals).astype(np.float32)
     if uv is not None and texture is not None:
         material = trimesh.visual.material.PBRMaterial(
             name="baked", baseColorTexture=Image.fromarray(np.ascontiguousarray(texture)),
             metallicFactor=0.0, roughnessFactor=1.0, doubleSided=True)
         visual = trimesh.visual.TextureVisuals(uv=np.asarray(uv, dtype=np.float64), material=material)
-        mesh = trimesh.Trimesh(pos, faces, visual=visual, process=False)
+        mesh = trimesh.Trimesh(pos, faces, visual=visual, vertex_normals=nrm, process=False)
     elif vertex_colors is not None:
         vc = np.round(np.clip(np.asarray(vertex_colors, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
         rgba = np.concatenate([vc, np.full((len(vc), 1), 255, np.uint8)], axis=1)
-        mesh = trimesh.Trimesh(pos, faces, vertex_colors=rgba, process=False)
+        mesh = trimesh.Trimesh(pos, faces, vertex_colors=rgba, vertex_normals=nrm, process=False)
     else:
-        mesh = trimesh.Trimesh(pos, faces, process=False)
-    return mesh.export(file_type="glb")
+        mesh = trimesh.Trimesh(pos, faces, vertex_normals=nrm, process=False)
+    return mesh.export(file_type="glb", include_normals=True)
 
 
 @dataclass
@@ -293,7 +308,8 @@ def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn:
     seconds["unwrap"] = lap()
     texture, filled = bake_texture(uvmesh, color_fn, texture_size)
     seconds["bake"] = lap()
-    atomic_write_bytes(path, glb_bytes(uvmesh.verts, uvmesh.faces, uv=uvmesh.uv, texture=texture))
+    normals = vertex_normals(low_v, low_f)[uvmesh.vmap]  # of the uncut mesh: no shading seam along UV cuts
+    atomic_write_bytes(path, glb_bytes(uvmesh.verts, uvmesh.faces, uv=uvmesh.uv, texture=texture, normals=normals))
     if texture_png:
         atomic_write_bytes(path.with_name(f"{path.stem}_texture.png"), _png(texture))
     seconds["write"] = lap()
