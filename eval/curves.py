@@ -8,6 +8,7 @@ average on top, so a noisy loss still shows its trend.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,13 @@ def read_scalars(logdir: str | Path) -> dict[str, Series]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0 = keep every point
-    acc.Reload()
+    quiet = logging.getLogger("tensorboard")  # a resumed run's purge is expected, not worth a warning
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        acc.Reload()
+    finally:
+        quiet.setLevel(level)
     out = {}
     for tag in acc.Tags().get("scalars", []):
         by_step = {e.step: e.value for e in acc.Scalars(tag)}

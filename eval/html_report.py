@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any
 from core import manifest
 from core.cli import config_from_args, stage_parser
 from core.io import atomic_dir, clean_temporaries
-from core.layout import view_name
+from core.layout import UID_RE, view_name
 from eval.curves import curve_images
 from eval.html_page import VIEWER_JS, esc, glb_script, page, table, vendor_viewer
 from eval.report import METHOD_TITLES, PAPER_GSO
@@ -35,6 +36,7 @@ from eval.report import METHOD_TITLES, PAPER_GSO
 TABLE1 = [("psnr", "PSNR ↑", 2, 1), ("ssim", "SSIM ↑", 4, 1), ("lpips_vgg", "LPIPS (VGG) ↓", 4, 1),
           ("cd", "CD×100 ↓", 4, 100), ("iou", "IoU ↑", 4, 1), ("fscore", "F-score ↑", 4, 1)]
 SHOWN_VIEWS = 2  # orbit views per asset and method on the page (0 and the opposite side)
+METHOD_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
 def _num(x: Any, digits: int, scale: float = 1) -> str:
@@ -164,9 +166,11 @@ class Report:
         if rep is None:
             return "<p class=muted>No evaluated assets yet.</p>"
         rows_by_uid: dict[str, list[dict]] = {}
-        for r in rep.get("rows", []):
+        # uids and method names become file names below: only the contract's spellings (no "/", no "..")
+        good = [r for r in rep.get("rows", []) if UID_RE.match(str(r.get("uid"))) and METHOD_RE.match(str(r.get("method")))]
+        for r in good:
             rows_by_uid.setdefault(r["uid"], []).append(r)
-        methods = list(rep.get("mean", {})) or sorted({r["method"] for r in rep.get("rows", [])})
+        methods = [m for m in rep.get("mean", {}) if METHOD_RE.match(m)] or sorted({r["method"] for r in good})
         slug = ((rep.get("info") or {}).get("eval_set") or {}).get("slug", "")
         views = int((rep.get("info") or {}).get("views") or 20)
         pick = sorted({0, views // 2})[:SHOWN_VIEWS]

@@ -159,7 +159,11 @@ def test_report_without_viewer_or_eval_says_so(tmp_path):
     assert "No evaluation yet" in text and "No TensorBoard scalars yet" in text
     assert "<model-viewer" not in text and not (index.parent / "vendor").exists()
     fake_run(out)
+    rep = json.loads((out / "eval" / "report.json").read_text())  # a row naming a path is not followed
+    rep["rows"].append({"uid": "../../escape", "method": "refined", "status": "ok"})
+    (out / "eval" / "report.json").write_text(json.dumps(rep))
     text = build(out, viewer_js=tmp_path / "absent.js").read_text()
+    assert "escape" not in text and not (tmp_path / "escape").exists()
     assert "the 3D viewer is not installed" in text and "refined.glb</a>" in text
     assert main(["--out", str(tmp_path / "nothing")]) == 2
 
