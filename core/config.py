@@ -272,6 +272,8 @@ class RefineConfig:
     render_size: int = 128  # the loss resolution (paper/official 512, the inputs'); released renders at twice it
     texture_size: int = 512  # baked UV texture side (e.g. 1024)
     vertex_colors: bool = False  # also/instead export vertex colours
+    export_faces: int = 20_000  # exported GLBs: the marching-cubes mesh is decimated (quadric) to at most this many
+    # faces before UV unwrapping (0 = keep all: a 256³ mesh then takes minutes in xatlas); docs/benchmarks.md
 
 
 @dataclass
@@ -287,7 +289,8 @@ class EvalConfig:
     icp_iterations: int = 50  # rigid ICP iterations
     sheet_views: int = 4  # orbit views per contact sheet
     checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
-    mesh_export: str = "vertex"  # meshes/*.glb: vertex (f_c at vertices, fast) | texture (xatlas + baked UV map, slow on CPU) | none
+    mesh_export: str = "texture"  # meshes/*.glb: texture (decimated, xatlas + baked UV map, refine.export_faces /
+    # texture_size) | vertex (f_c at the full mesh's vertices) | none
     source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out) | val | objaverse | local: gso: omniobject3d:<dir>
     uids: str = ""  # file of uids or object names (one per line, # comments; docs/eval.md) the eval set is drawn from ("" = all)
     exclude_training: bool = True  # drop candidates whose uid training used (train shards, else OUT/manifest/download.parquet)

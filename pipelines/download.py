@@ -24,6 +24,7 @@ from pipelines.sources import fetch_step
 DOWNLOAD_SCHEMA = pa.schema([
     ("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("source", pa.string()), ("name", pa.string()), ("license", pa.string()), ("attribution", pa.string()),
+    ("author", pa.string()), ("source_url", pa.string()),  # for the dataset card (pipelines/card.py)
     ("format", pa.string()), ("path", pa.string()),  # path: the main file later stages open
     ("bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64()),
     ("description", pa.string()),  # procedural: JSON of parts, kinds, augmentations, textures, ... (else null)
@@ -32,7 +33,7 @@ DOWNLOAD_SCHEMA = pa.schema([
 
 def _carry(item: dict, row: dict) -> dict:
     """Complete a step's row with the item's identity columns (license and attribution travel on)."""
-    out = {k: item.get(k) for k in ("source", "name", "license", "attribution", "format")}
+    out = {k: item.get(k) for k in ("source", "name", "license", "attribution", "author", "source_url", "format")}
     out.update({k: v for k, v in row.items() if k in DOWNLOAD_SCHEMA.names})
     out["uid"] = item["uid"]
     return out

@@ -21,7 +21,9 @@ from core.config import DataConfig
 
 CANDIDATE_SCHEMA = pa.schema([
     ("uid", pa.string()), ("source", pa.string()), ("name", pa.string()), ("license", pa.string()),
-    ("attribution", pa.string()), ("format", pa.string()),
+    ("attribution", pa.string()), ("author", pa.string()),  # author: who made it (objaverse: the Sketchfab user)
+    ("source_url", pa.string()),  # where the asset is published (objaverse: its Sketchfab page; "" = none)
+    ("format", pa.string()),
     ("locator", pa.string()),  # source-specific: relative path, object path, procedural index
     ("face_count", pa.int64()), ("animation_count", pa.int64()), ("texture_count", pa.int64()),
     ("archive_bytes", pa.int64()),  # size of the file to download (objaverse: archives.glb.size)
@@ -31,8 +33,24 @@ CANDIDATE_SCHEMA = pa.schema([
 ])
 CRITERIA = ("uid deny-list", "uid allow-list", "license", "min faces", "max faces", "animation", "textures",
             "archive size", "age restricted", "category", "tag", "name", "LVIS", "max_assets")
+# Each criterion: the config key that sets it and how its reason (written by `filter_table` below) begins.
+CRITERION_KEYS = {
+    "uid deny-list": ("uid_denylist", "in uid deny-list"), "uid allow-list": ("uid_allowlist", "not in uid allow-list"),
+    "license": ("licenses", "license '"), "min faces": ("min_faces", "face count "),
+    "max faces": ("max_faces", "face count "), "animation": ("allow_animation", "animated ("),
+    "textures": ("min_textures", "texture count "), "archive size": ("max_archive_bytes", "archive "),
+    "age restricted": ("allow_age_restricted", "age-restricted"), "category": ("deny_categories", "category in"),
+    "tag": ("deny_tags", "tag in"), "name": ("deny_names", "name matches"),
+    "LVIS": ("lvis_categories", "not in the selected LVIS"), "max_assets": ("max_assets", "not sampled (max_assets="),
+}
 
 
+def criterion_of(reason: str) -> str:
+    """The criterion (one of CRITERIA) a `skipped` row of filter.parquet failed, from its reason; "" if none."""
+    for name, (key, prefix) in CRITERION_KEYS.items():
+        if reason.startswith(prefix) and (prefix != "face count " or f" {key} " in reason):
+            return name
+    return ""
 
 
 def candidate_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -114,7 +132,8 @@ def annotations_to_table(annotations: dict[str, dict], lvis: dict[str, str] | No
     Each chunk of dicts becomes one Arrow struct array (`ANNOTATION_TYPE`, converted in C++), and the columns
     are derived from it with pyarrow compute; a chunk pyarrow cannot convert (e.g. tags given as plain
     strings) is built by the per-row Python path instead, with the same result. `lvis` maps uid to its LVIS
-    category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for.
+    category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for; `author` and `source_url` keep
+    its two parts for the dataset card (pipelines/card.py).
     """
     uids = list(annotations)
     values = list(annotations.values())  # same order as the keys; cheaper than a lookup per uid
@@ -169,6 +188,8 @@ def _annotations_to_table_arrow(uids: list[str], annotations: list[dict | None],
         "name": field("name"),
         "license": field("license"),
         "attribution": pc.binary_join_element_wise(who, " (", url, ")", ""),
+        "author": who,
+        "source_url": url,
         "format": pa.array(["glb"] * n, pa.string()),
         "locator": uid_col,
         "face_count": field("faceCount"),
@@ -201,8 +222,9 @@ def _annotations_to_table_lists(annotations: dict[str, dict], lvis: dict[str, st
     ann = [annotations[u] or {} for u in uids]
     glb = [((a.get("archives") or {}).get("glb") or {}) for a in ann]
     users = [a.get("user") or {} for a in ann]
-    attribution = [f"{u.get('displayName') or u.get('username') or 'unknown'} ({a.get('viewerUrl') or a.get('uri') or ''})"
-                   for u, a in zip(users, ann)]
+    authors = [u.get("displayName") or u.get("username") or "unknown" for u in users]
+    urls = [a.get("viewerUrl") or a.get("uri") or "" for a in ann]
+    attribution = [f"{who} ({url})" for who, url in zip(authors, urls)]
     lvis = lvis or {}
     cols = {
         "uid": uids,
@@ -210,6 +232,8 @@ def _annotations_to_table_lists(annotations: dict[str, dict], lvis: dict[str, st
         "name": [a.get("name") for a in ann],
         "license": [a.get("license") for a in ann],
         "attribution": attribution,
+        "author": authors,
+        "source_url": urls,
         "format": ["glb"] * len(uids),
         "locator": uids,
         "face_count": [a.get("faceCount") for a in ann],

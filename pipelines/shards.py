@@ -49,6 +49,7 @@ from core.layout import (
     write_index,
 )
 from core.lock import stage_lock
+from pipelines.card import write_card
 from pipelines.executor import run_step
 
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
@@ -445,7 +446,8 @@ _MANIFEST_DEFAULTS = {"uid": "", "status": manifest.FAILED, "reason": "", "split
 
 def main(argv: Iterable[str] | None = None) -> int:
     p = stage_parser(__doc__.split("\n\n")[0] + "\n\n" + "Reads OUT/manifest/render.parquet and OUT/renders/; "
-                     "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet.")
+                     "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet and the "
+                     "dataset card OUT/shards/README.md with ATTRIBUTION.{md,csv} (pipelines/card.py).")
     args = p.parse_args(list(argv) if argv is not None else None)
     cfg = config_from_args(args)
     save_resolved(cfg, "shards")
@@ -454,9 +456,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    card = write_card(cfg)
     print(f"shards: wrote {len(s['written'])} new shard(s); {s['shards']} in the index "
           f"({s['train']} train / {s['val']} val samples); assets {s['ok']} ok, {s['skipped']} skipped, "
-          f"{s['failed']} failed -> {cfg.out_path / 'shards'}")
+          f"{s['failed']} failed -> {cfg.out_path / 'shards'}; dataset card {card['card'].name}, "
+          f"credits {card['attribution_md'].name}")
     return 0
 
 

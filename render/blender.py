@@ -95,6 +95,7 @@ def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scen
     meta = {
         "uid": job["uid"], "source": job.get("source", ""), "license": job.get("license", ""),
         "attribution": job.get("attribution", ""), "name": job.get("name", ""),
+        "author": job.get("author") or "", "source_url": job.get("source_url") or "",
         "normalization": {"center": [float(x) for x in scene_info["center"]], "scale": float(scene_info["scale"])},
         "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w),
                                                           "output_hash": output_hash(cfg, eval_mode)},

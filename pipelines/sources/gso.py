@@ -14,12 +14,16 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
 from pipelines.sources.local import MTL_MAP_KEYS, dependencies, uid_for
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "Google Scanned Objects (Downs et al., 2022), Google LLC, CC BY 4.0"
+AUTHOR = "Google"
+# Each object's page on Gazebo Fuel, where the collection is published; the folder name is the model's name
+SOURCE_URL = "https://app.gazebosim.org/GoogleResearch/fuel/models/{name}"
 MESH = "meshes/model.obj"
 
 
@@ -35,7 +39,8 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for name in names:
         rel = f"{name}/{MESH}"
         base = {"uid": uid_for(rel), "source": "gso", "name": name, "license": LICENSE,
-                "attribution": f"{ATTRIBUTION}: {name}", "format": "obj", "locator": rel}
+                "attribution": f"{ATTRIBUTION}: {name}", "author": AUTHOR,
+                "source_url": SOURCE_URL.format(name=quote(name)), "format": "obj", "locator": rel}
         try:
             os.listdir(rootp / name)
             has_mesh = (rootp / rel).is_file()

@@ -58,7 +58,8 @@ def candidates(root: str, cfg: DataConfig) -> tuple[list[dict[str, Any]], list[d
     # license None: the allow-list judges licenses a source knows; a local folder's is declared by the
     # user (data.local_license) and written into download.parquet by `fetch`
     rows = [{"uid": uid_for(rel), "source": "local", "name": Path(rel).stem, "license": None,
-             "attribution": cfg.local_attribution or rel, "format": EXTENSIONS[Path(rel).suffix.lower()],
+             "attribution": cfg.local_attribution or rel, "author": cfg.local_attribution, "source_url": "",
+             "format": EXTENSIONS[Path(rel).suffix.lower()],
              "locator": rel} for rel in files]
     failed = [{"uid": uid_for(rel + "/"), "status": "failed", "reason": reason, "source": "local", "name": rel,
                "locator": rel} for rel, reason in errors]
