@@ -108,19 +108,40 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_temporaries(folder: str | Path) -> int:
-    """Remove `.tmp-*` leftovers of killed jobs directly inside `folder`; return how many."""
+def clean_temporaries(folder: str | Path, of: str | None = None) -> int:
+    """Remove `.tmp-*` leftovers of killed jobs directly inside `folder`; return how many.
+
+    For a folder the caller does not own (a user's `--output` parent, `/tmp`), pass `of=<name>`: then only
+    temporaries of that one path are removed, and only those whose writer (the pid in the name) is no longer
+    running on this machine, so a concurrent job's or another program's `.tmp-*` entries are never touched.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    for p in folder.glob(f"{TMP_PREFIX}*"):
-        if p.is_dir():
+    for p in folder.glob(f"{TMP_PREFIX}*" if of is None else f"{TMP_PREFIX}{of}.*"):
+        if of is not None and _writer_alive(p.name[len(TMP_PREFIX) + len(of) + 1:]):
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the process that made a temporary (`<pid>.<hex>` after its path's name) still runs here."""
+    pid, _, tag = suffix.partition(".")
+    if not (pid.isascii() and pid.isdigit() and len(tag) == 8):
+        return True  # not a name _tmp_sibling makes: not ours to remove
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def sha256_file(path: str | Path) -> str:

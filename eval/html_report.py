@@ -237,7 +237,7 @@ def build(out: str | Path, dest: str | Path | None = None, viewer_js: Path = VIE
     out = Path(out)
     dest = Path(dest) if dest else out / "report"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(dest.parent)
+    clean_temporaries(dest.parent, of=dest.name)  # only the report's own leftovers of dead runs
     rep = _read_json(out / "eval" / "report.json")
     with atomic_dir(dest, overwrite=True) as tmp:
         r = Report(out, Path(tmp), dest, viewer_js)

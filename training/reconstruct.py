@@ -193,6 +193,7 @@ def output_folder(root: Path, name: str, identity: dict[str, Any], force: bool =
 def main(argv: list[str] | None = None) -> int:
     from core.cli import config_from_args, stage_parser
     from core.io import atomic_dir, clean_temporaries
+    from core.lock import stage_lock
 
     p = stage_parser(__doc__)
     p.add_argument("--input", required=True, help="folder of posed images (see training/recon_inputs.py)")
@@ -231,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ReconstructError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    clean_temporaries(out_dir.parent)
     extra = {**identity, "config": to_dict(cfg)}
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        timings = write_outputs(result, model, views, Path(tmp), cfg, extra=extra)
+    with stage_lock(cfg.out_path, "reconstruct"):  # a concurrent reconstruction never takes the same folder
+        if not args.output:  # chosen again now: another run may have taken `name` while this one computed
+            out_dir, _ = output_folder(cfg.out_path / "reconstruct", asset_name(args.input), identity, force=True)
+        clean_temporaries(out_dir.parent, of=out_dir.name)  # only this folder's leftovers of dead runs
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            timings = write_outputs(result, model, views, Path(tmp), cfg, extra=extra)
     s = timings["seconds"]
     print(f"wrote {out_dir}: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items())
           + f"; input-view PSNR {result.psnr_before:.2f} -> {result.psnr_after:.2f} dB")

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
-from pipelines.sources.local import MTL_MAP_KEYS, dependencies, uid_for
+from pipelines.sources.local import MTL_MAP_KEYS, NOT_TEXT, dependencies, is_text, shown, uid_for
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "Google Scanned Objects (Downs et al., 2022), Google LLC, CC BY 4.0"
@@ -37,6 +37,10 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return [], [{"uid": uid_for("./"), "status": "failed", "name": ".", "source": "gso",
                      "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"}]
     for name in names:
+        if not is_text(name):
+            failed.append({"uid": uid_for(shown(name) + "/"), "status": "failed", "name": shown(name),
+                           "source": "gso", "reason": NOT_TEXT})
+            continue
         rel = f"{name}/{MESH}"
         base = {"uid": uid_for(rel), "source": "gso", "name": name, "license": LICENSE,
                 "attribution": f"{ATTRIBUTION}: {name}", "author": AUTHOR,

@@ -34,6 +34,24 @@ def uid_for(rel: str) -> str:
     return hashlib.sha256(Path(rel).as_posix().encode("utf-8")).hexdigest()[:32]
 
 
+def is_text(name: str) -> bool:
+    """Whether a file name from the disk is UTF-8 text (os functions give undecodable bytes as surrogates,
+    which no manifest column can hold)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(name: str) -> str:
+    """A file name as text for a failed row: undecodable bytes as `\\xNN` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NOT_TEXT = "file name is not UTF-8 text (rename it)"
+
+
 def scan(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Mesh files under `root` (sorted relative paths) and unreadable folders as (relative path, reason)."""
     root = Path(root)
@@ -45,10 +63,15 @@ def scan(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
         errors.append((rel, f"unreadable folder: {type(e).__name__}: {e.strerror or e}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        def rel(name: str, folder: str = dirpath) -> str:
+            return Path(os.path.relpath(os.path.join(folder, name), root)).as_posix()
+
+        for name in [d for d in dirnames if not is_text(d)] + [f for f in filenames if not is_text(f)]:
+            errors.append((shown(rel(name)), NOT_TEXT))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and is_text(d))
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in EXTENSIONS and not name.startswith("."):
-                found.append(Path(os.path.relpath(os.path.join(dirpath, name), root)).as_posix())
+            if Path(name).suffix.lower() in EXTENSIONS and not name.startswith(".") and is_text(name):
+                found.append(rel(name))
     return sorted(found), errors
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
-from pipelines.sources.local import dependencies, uid_for
+from pipelines.sources.local import NOT_TEXT, dependencies, is_text, shown, uid_for
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "OmniObject3D (Wu et al., CVPR 2023), CC BY 4.0"
@@ -47,6 +47,10 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return [], [{"uid": uid_for("./"), "status": "failed", "name": ".", "source": "omniobject3d",
                      "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"}]
     for cat in categories:
+        if not is_text(cat):
+            failed.append({"uid": uid_for(shown(cat) + "/"), "status": "failed", "name": shown(cat),
+                           "source": "omniobject3d", "reason": NOT_TEXT})
+            continue
         try:
             objects = _dirs(scans / cat)
         except OSError as e:
@@ -54,6 +58,10 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                            "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"})
             continue
         for obj in objects:
+            if not is_text(obj):
+                failed.append({"uid": uid_for(f"{cat}/{shown(obj)}/"), "status": "failed", "name": shown(obj),
+                               "source": "omniobject3d", "reason": NOT_TEXT})
+                continue
             rel = f"{cat}/{obj}/{MESH}"
             base = {"uid": uid_for(rel), "source": "omniobject3d", "name": obj, "license": LICENSE,
                     "attribution": f"{ATTRIBUTION}: {cat}/{obj}", "format": "obj", "locator": rel}

@@ -151,3 +151,21 @@ def test_clean_temporaries_removes_only_dot_tmp_entries(tmp_path):
     (tmp_path / "tmp-not-ours").write_text("4")
     assert clean_temporaries(tmp_path) == 2
     assert _names(tmp_path) == ["done.tar", "tmp-not-ours"]
+
+
+def test_clean_temporaries_of_one_name_spares_live_writers_and_other_names(tmp_path):
+    """In a folder we do not own (e.g. /tmp beside a user's --output): only the named path's temporaries of
+    processes that are gone are removed; a live writer's, another name's and foreign `.tmp-*` entries stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    gone = tmp_path / f"{TMP_PREFIX}report.{dead}.0123abcd"
+    gone.mkdir()
+    (gone / "index.html").write_text("partial")
+    live = tmp_path / f"{TMP_PREFIX}report.{os.getpid()}.89abcdef"
+    live.mkdir()
+    other = tmp_path / f"{TMP_PREFIX}sandbox-{dead}.0123abcd"
+    other.mkdir()
+    foreign = tmp_path / f"{TMP_PREFIX}report.not-a-pid"
+    foreign.write_text("someone else's")
+    assert clean_temporaries(tmp_path, of="report") == 1
+    assert _names(tmp_path) == sorted(p.name for p in (live, other, foreign))

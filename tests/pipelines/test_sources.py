@@ -297,3 +297,32 @@ def test_omniobject3d_scan_linked_elsewhere_is_refused(tmp_path):
     assert rows["apple_001"]["status"] == "failed" and "symlink" in rows["apple_001"]["reason"]
     for p in (out / "assets").rglob("*"):
         assert not (p.is_file() and b"# secret" in p.read_bytes()), p
+
+
+def test_file_names_that_are_not_text_are_failed_rows(tmp_path):
+    """A file or folder whose name is not UTF-8 (bytes from another system) is a failed row naming it with
+    escapes; every other asset of the folder goes on (local, GSO and OmniObject3D listings)."""
+    root, out = tmp_path / "meshes", tmp_path / "out"
+    root.mkdir()
+    trimesh.creation.box().export(root / "good.obj")
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.obj"), "wb") as f:
+        f.write((root / "good.obj").read_bytes())
+    os.mkdir(os.path.join(os.fsencode(root), b"d\xff"))
+    assert data_main(["--source", f"local:{root}", "--out", str(out), *LOCAL]) == 3
+    frows = list(rows_of(out, "filter").values())
+    bad = sorted(r["name"] for r in frows if r["status"] == "failed")
+    assert bad == ["caf\\xe9.obj", "d\\xff"], frows
+    assert all("not UTF-8" in r["reason"] for r in frows if r["status"] == "failed")
+    assert [r["name"] for r in rows_of(out, "download").values()] == ["good"]
+
+    gso = tmp_path / "gso"
+    build_gso(gso)
+    os.mkdir(os.path.join(os.fsencode(gso), b"Toy\xff"))
+    out2 = tmp_path / "out2"
+    data_main(["--source", f"gso:{gso}", "--out", str(out2), *LOCAL])
+    assert any(r["name"] == "Toy\\xff" and "not UTF-8" in r["reason"] for r in rows_of(out2, "filter").values())
+    omni = build_omniobject3d(tmp_path / "omni")
+    os.mkdir(os.path.join(os.fsencode(omni / "raw" / "raw_scans" / "apple"), b"apple_\xff"))
+    out3 = tmp_path / "out3"
+    data_main(["--source", f"omniobject3d:{omni}", "--out", str(out3), *LOCAL])
+    assert any(r["name"] == "apple_\\xff" and "not UTF-8" in r["reason"] for r in rows_of(out3, "filter").values())
