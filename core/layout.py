@@ -20,11 +20,12 @@ from core.io import atomic_path
 # Names.
 # ----------------------------------------------------------------------------------------------------------
 
-UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots (WebDataset splits keys at the first dot), fits ustar names
-SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")  # {split}-NNNNNN.tar
+# Patterns end in \Z, not $ ($ also matches before a trailing newline) and spell digits [0-9] (\d is any Unicode digit).
+UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # no dots (WebDataset splits keys at the first dot), fits ustar names
+SHARD_RE = re.compile(r"^(train|val)-([0-9]{6})\.tar\Z")  # {split}-NNNNNN.tar
 SPLITS = ("train", "val")
 VIEW_KINDS = ("rgba", "depth", "normal")  # the per-view files of a render folder / shard sample
-FIELD_RE = re.compile(r"^(meta\.json|cameras\.npz|geometry\.npz|(\d+)\.(rgba|depth|normal)\.png)$")  # sample fields
+FIELD_RE = re.compile(r"^(meta\.json|cameras\.npz|geometry\.npz|([0-9]+)\.(rgba|depth|normal)\.png)\Z")  # sample fields
 
 # ----------------------------------------------------------------------------------------------------------
 # Size caps: checked before a file of unknown origin is read or decoded.

@@ -36,7 +36,7 @@ from eval.report import METHOD_TITLES, PAPER_GSO
 TABLE1 = [("psnr", "PSNR ↑", 2, 1), ("ssim", "SSIM ↑", 4, 1), ("lpips_vgg", "LPIPS (VGG) ↓", 4, 1),
           ("cd", "CD×100 ↓", 4, 100), ("iou", "IoU ↑", 4, 1), ("fscore", "F-score ↑", 4, 1)]
 SHOWN_VIEWS = 2  # orbit views per asset and method on the page (0 and the opposite side)
-METHOD_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+METHOD_RE = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
 
 
 def _num(x: Any, digits: int, scale: float = 1) -> str:

@@ -34,7 +34,7 @@ from safetensors.torch import load_model, save_model
 from core.io import TMP_PREFIX, atomic_dir, clean_temporaries
 from core.layout import MAX_META_BYTES
 
-STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_RE = re.compile(r"^step-([0-9]+)\Z")
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "data.pt", "rng.pt")
 # Bound on what we read back: a checkpoint's json is tiny; anything larger is not ours.
 

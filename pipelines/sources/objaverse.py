@@ -49,8 +49,8 @@ from pipelines.filter import annotation_problem, annotations_to_table
 HF_BASE = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 OBJECT_PATHS = "object-paths.json.gz"
 LVIS = "lvis-annotations.json.gz"
-UID_RE = re.compile(r"^[0-9a-f]{32}$")  # Objaverse 1.0 uids
-OBJECT_PATH_RE = re.compile(r"^glbs/(\d{3}-\d{3})/([0-9a-f]{32})\.glb$")  # the dataset's layout
+UID_RE = re.compile(r"^[0-9a-f]{32}\Z")  # Objaverse 1.0 uids
+OBJECT_PATH_RE = re.compile(r"^glbs/([0-9]{3}-[0-9]{3})/([0-9a-f]{32})\.glb\Z")  # the dataset's layout
 MAX_ANNOTATION_BYTES = 256 * 2**20  # default of data.max_annotation_bytes
 
 

@@ -202,7 +202,9 @@ def test_crafted_uids_and_object_paths_are_failed_rows(tmp_path):
     size = make_procedural_asset(0, mirror / "glbs" / "000-001" / f"{good}.glb", 16)["bytes"]
     evil = {"../../host/evil": "glbs/000-001/x.glb", str(host / "abs"): "glbs/000-001/y.glb",
             f"{1:032x}": str(victim), f"{2:032x}": "glbs/000-001/../../../host/victim.glb", f"{3:032x}": "noslash",
-            f"{4:032x}": ["glbs", "000-001"], f"{5:032x}": f"glbs/000-001/{6:032x}.glb", good: f"glbs/000-001/{good}.glb"}
+            f"{4:032x}": ["glbs", "000-001"], f"{5:032x}": f"glbs/000-001/{6:032x}.glb", good: f"glbs/000-001/{good}.glb",
+            f"{7:032x}\n": f"glbs/000-001/{7:032x}.glb", f"{8:032x}": f"glbs/000-001/{8:032x}.glb\n",
+            f"{9:032x}": f"glbs/\u0660\u0660\u0660-\u0660\u0660\u0661/{9:032x}.glb"}  # $ and \\d would pass these
     gz_json(mirror / "object-paths.json.gz", evil)
     gz_json(mirror / "metadata" / "000-001.json.gz", {u: annotation(u, size) for u in evil if isinstance(u, str)})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(mirror)))
