@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.cli import config_from_args, save_resolved, stage_parser
-from core.config import Config
+from core.config import Config, to_dict
 from core.evalsets import EvalSetError, describe, leak_check, load_built
 from core.io import atomic_write_bytes, atomic_write_text, sha256_file
 from core.lock import stage_lock
@@ -161,17 +161,33 @@ def checkpoint_key(what: str, cache_file: Path) -> str:
     return "sha256:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def cached_row(done: Path, key: str, views: Path, n_views: int) -> dict | None:
-    """The finished row at `done` if it was made by the model `key` and (for an ok row) every one of its
-    `n_views` view files is there; None means redo it (never a crash on a damaged or stale cache)."""
+def settings_key(cfg: Config) -> str:
+    """What besides the weights decides a row: the eval, refine and mesh settings, the input size and the
+    background (a change of refine.recipe or mesh.grid redoes the rows); 16 hex digits of their sha256."""
+    settings = {"eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("checkpoint", "sheet_views")},
+                "refine": to_dict(cfg.refine), "mesh": to_dict(cfg.mesh), "input_size": cfg.loader.input_size,
+                "background": cfg.model.background}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_row(done: Path, key: str, settings: str, views: Path, n_views: int) -> dict | None:
+    """The finished row at `done` if it is an ok row made by the model `key` with the same `settings`
+    (settings_key) and every one of its `n_views` view files is there and decodes; None means redo it (never
+    a crash on a damaged, crafted or stale cache)."""
     try:
         row = json.loads(done.read_text()) if done.is_file() else None
     except (OSError, ValueError):
         return None
-    if not isinstance(row, dict) or row.get("checkpoint_key") != key:
+    if not isinstance(row, dict) or row.get("checkpoint_key") != key or row.get("settings_key") != settings:
         return None
-    if row.get("status") == "ok" and not all((views / f"{i:02d}.png").is_file() for i in range(n_views)):
-        return None
+    if row.get("status") != "ok" or not isinstance(row.get("uid"), str) or not isinstance(row.get("method"), str):
+        return None  # only ok rows are written; anything else is not ours
+    for i in range(n_views):
+        try:
+            with Image.open(views / f"{i:02d}.png") as im:
+                im.load()
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
     return row
 
 
@@ -214,6 +230,7 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
         except Exception as e:  # noqa: BLE001 - becomes the reason of every row that needs it
             load_errors[key] = f"{type(e).__name__}: {e}"
     keys = {k: checkpoint_key(v[1], out / "checkpoint-hashes.json") for k, v in models.items()}
+    settings = settings_key(cfg)
     lpips = Lpips("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []
     resolution = views_per_asset = None
@@ -241,11 +258,10 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
             key = "nerf" if method == "nerf_mc" else "mesh"
             ckpt = models[key][1] if key in models else None
             vdir = out / "views" / method / uid
-            cached = cached_row(done, keys[key], vdir, len(gt["rgba"])) if key in keys else None
+            cached = cached_row(done, keys[key], settings, vdir, len(gt["rgba"])) if key in keys else None
             if cached is not None:
                 row = cached
-                preds[method] = ([np.asarray(Image.open(vdir / f"{i:02d}.png").convert("RGBA")) for i in pick]
-                                 if row["status"] == "ok" else None)
+                preds[method] = [np.asarray(Image.open(vdir / f"{i:02d}.png").convert("RGBA")) for i in pick]
             elif key in load_errors:
                 row, preds[method] = _failed(uid, [method], f"{key} checkpoint: {load_errors[key]}")[0], None
             else:
@@ -254,7 +270,7 @@ def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) 
                     preds[method] = [pred[i] for i in pick]
                 except Exception as e:  # noqa: BLE001 - one asset never stops the evaluation
                     row, preds[method] = _failed(uid, [method], f"{type(e).__name__}: {e}")[0], None
-                row["checkpoint"], row["checkpoint_key"] = ckpt, keys.get(key)
+                row["checkpoint"], row["checkpoint_key"], row["settings_key"] = ckpt, keys.get(key), settings
                 if row["status"] == "ok":  # failures are retried by a rerun
                     atomic_write_text(done, json.dumps(row))
             rows.append({**row, "name": names.get(uid, "")})

@@ -195,7 +195,7 @@ def test_procedural_held_out_then_an_empty_mesh(world, monkeypatch, capsys):
     assert np.asarray(Image.open(out / "eval" / "sheets" / "procedural-0008.png")).ndim == 3
 
 
-def test_rows_are_kept_for_the_same_weights_only_and_redone_when_a_view_is_missing(world, monkeypatch, tmp_path):
+def test_rows_are_kept_for_the_same_weights_and_settings_only_and_redone_when_a_view_is_bad(world, monkeypatch, tmp_path):
     """The row cache follows the checkpoint's bytes, not its path: retraining into the same step-N/ (new
     model.safetensors at the same path) redoes every row; a cached row whose view file went missing is
     redone instead of crashing the evaluation."""
@@ -222,3 +222,14 @@ def test_rows_are_kept_for_the_same_weights_only_and_redone_when_a_view_is_missi
     rows = eval_run.run(cfg, source="procedural", progress=False)
     assert len(calls) == 3 and rows[0]["status"] == "ok"
     assert (out / "eval" / "views" / "feedforward" / "procedural-0008" / "03.png").is_file()
+    (out / "eval" / "views" / "feedforward" / "procedural-0008" / "00.png").write_bytes(b"\x89PNG truncated")
+    rows = eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 4 and rows[0]["status"] == "ok"  # a view that does not decode: redone
+    done = next((out / "eval" / "rows").rglob("procedural-0008.json"))
+    crafted = {k: v for k, v in json.loads(done.read_text()).items() if k != "status"}
+    done.write_text(json.dumps(crafted))
+    rows = eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 5 and rows[0]["status"] == "ok"  # a row without its status: not ours, redone
+    cfg.refine.steps += 1
+    eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 6  # other refinement settings, same weights: redone
