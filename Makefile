@@ -11,7 +11,7 @@ CKPT ?= $(OUT)/runs/mesh
 STAGE_ARGS = --config $(CONFIG) --out $(OUT) $(if $(SOURCE),--source $(SOURCE),) $(ARGS)
 SETUP_STAMP := $(VENV)/.setup-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup data render render-eval shards train-nerf train-mesh reconstruct eval report validate-glb tools demo test test-fast bench gpu-check lint clean-venv help
+.PHONY: setup data render render-eval shards train-nerf train-mesh reconstruct eval report viewer validate-glb tools demo test test-fast bench gpu-check lint clean-venv help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -52,8 +52,13 @@ reconstruct: setup  ## posed images -> textured GLB in OUT/reconstruct/<asset>/ 
 eval: render-eval  ## build the eval set of SOURCE (render-eval), reconstruct it and score it -> OUT/eval/report.md
 	$(PY) -m eval.run $(STAGE_ARGS)
 
-report: setup  ## static HTML report of a run (stages, renders, curves, eval table, 3D views) -> OUT/report/index.html
+report: setup viewer  ## static HTML report of a run (stages, renders, curves, eval table, 3D views) -> OUT/report/index.html
 	$(PY) -m eval.html_report $(STAGE_ARGS)
+
+# The report's 3D viewer comes from npm (tools/node_modules): installed when npm is there; without it the
+# report is written without 3D views, with a warning saying so.
+viewer:  ## the Node tools when npm is there (make tools), else a warning: reports then have no 3D views
+	@command -v npm >/dev/null && $(MAKE) --no-print-directory tools || echo "warning: Node tools not installed (npm missing or offline): reports get no 3D viewer (apt-get install -y nodejs npm; make tools)"
 
 tools: tools/node_modules/.package-lock.json  ## Node tools (glTF validator, 3D viewer, browser driver) -> tools/node_modules
 
@@ -66,7 +71,7 @@ validate-glb: tools  ## every GLB of a run through the Khronos glTF validator (z
 	test -n "$$files" || { echo "error: no GLB under $(OUT)/eval/meshes or $(OUT)/reconstruct"; exit 2; }; \
 	node tools/gltf_validate.mjs $$files
 
-demo: setup  ## the whole chain on procedural data, demo config, CPU
+demo: setup viewer  ## the whole chain on procedural data, demo config, CPU
 	$(PY) -m pipelines.demo $(STAGE_ARGS)
 
 test: setup  ## the test suite (what .ci/run calls)
