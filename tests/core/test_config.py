@@ -75,6 +75,16 @@ def test_unknown_key_in_a_file_is_named(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a preset edited at the first would change nothing."""
+    p = tmp_path / "twice.yaml"
+    p.write_text("mesh:\n  sdf_level: 10.0\n  grid: 64\n  sdf_level: 20.0\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml.*'sdf_level' given twice.*line 4"):
+        load_config(p)
+    for preset in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        load_config(preset)  # every shipped preset holds each key once
+
+
 def test_not_key_value_and_missing_file():
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(None, ["render.resolution"])
