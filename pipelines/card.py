@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -136,11 +137,22 @@ def attribution_csv(rows: list[dict[str, str]]) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "/").replace("\n", " ")
+    """Text as one Markdown table cell: no cell or line breaks."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).replace("|", "/")
+
+
+def _outside(text: str) -> str:
+    """Outside text (names, authors from annotations) as one table cell with no link or HTML syntax."""
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(text)))
+
+
+_SAFE_URL = re.compile(r"https?://[^\s()<>\[\]|`\\\x00-\x1f\x7f]+\Z")
 
 
 def _link(text: str, url: str) -> str:
-    return f"[{_cell(text)}]({url})" if url else _cell(text)
+    """A Markdown link when `url` is a plain http(s) URL (a `javascript:` or a `)` that would end the link
+    early is not a link); else the text alone."""
+    return f"[{_outside(text)}]({url})" if isinstance(url, str) and _SAFE_URL.match(url) else _outside(text)
 
 
 def attribution_markdown(rows: list[dict[str, str]]) -> str:
@@ -150,8 +162,8 @@ def attribution_markdown(rows: list[dict[str, str]]) -> str:
              "published; NoDerivatives assets may not be published as renders at all (README.md, 'Licences').",
              "", "| asset | author | licence | source | renders may be published |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        name = f"{r['name']} (`{r['uid']}`)" if r["name"] else f"`{r['uid']}`"
-        lines.append(f"| {_cell(name)} | {_cell(r['author'] or r['attribution'] or 'unknown')} | "
+        name = f"{_outside(r['name'])} (`{r['uid']}`)" if r["name"] else f"`{r['uid']}`"  # uids: UID_RE
+        lines.append(f"| {name} | {_outside(r['author'] or r['attribution'] or 'unknown')} | "
                      f"{_link(r['license_name'], r['license_url'])} | {_link(r['source'] or 'source', r['source_url'])} | "
                      f"{r['renders_redistributable']} |")
     return "\n".join(lines) + "\n"
@@ -237,7 +249,7 @@ def card_markdown(cfg: Config, rows: list[dict[str, str]]) -> str:
     render_cfg, render_from = resolved_config(out, "render", cfg)
     n = len(rows)
     licences = Counter(r["license"] for r in rows)
-    hf_ids = sorted({(license_of(s).hf_id if license_of(s) else "unknown") for s in licences})
+    hf_ids = sorted({(license_of(s).hf_id if license_of(s) else "other") for s in licences})  # HF's id for "not listed"
     sources = sorted({r["source"] for r in rows if r["source"]})
     splits = {"train": "train", "val": "validation"}
     header = {

@@ -132,7 +132,7 @@ def test_unknown_licences_are_flagged_not_guessed(tmp_path):
     write_renders(tmp_path, ["mine"], views=2, license="unknown")
     assert shards_main(["--out", str(tmp_path), "shards.val_fraction=0"]) == 0
     card = (tmp_path / "shards" / "README.md").read_text()
-    assert _header(card)["license"] == "unknown"
+    assert _header(card)["license"] == "other"  # Hugging Face's identifier for a licence not in its list
     assert "No licence we know for 1 asset** (unknown)" in card
     (row,) = csv.DictReader(io.StringIO((tmp_path / "shards" / "ATTRIBUTION.csv").read_text()))
     assert row["renders_redistributable"] == "unknown" and row["license_url"] == ""
@@ -171,3 +171,23 @@ def test_licence_names_and_size_buckets():
     assert license_of("unknown") is None and license_of("") is None
     assert [size_category(n) for n in (0, 999, 1000, 12_345, 800_000)] == \
         ["n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M"]
+
+
+def test_outside_text_cannot_break_the_attribution_table():
+    """Names, authors and source URLs come from annotations: a `|`, a newline, a `javascript:` URL or a `)`
+    that ends a link early stays text in one cell, and every table row keeps its five cells."""
+    from pipelines.card import attribution_markdown
+
+    hostile = {"uid": "a" * 32, "split": "train", "name": "x | y\n| injected | row", "author": "<script>alert(1)</script>",
+               "attribution": "", "license_name": "CC BY 4.0", "license_url": "https://creativecommons.org/licenses/by/4.0/",
+               "source": "objaverse", "source_url": "javascript:alert(1)", "renders_redistributable": "yes"}
+    closing = {**hostile, "uid": "b" * 32, "name": "ok", "author": "me",
+               "source_url": "https://example.org/a)](javascript:alert(1)"}
+    good = {**hostile, "uid": "c" * 32, "name": "Toy_Car", "author": "Google", "source_url": "https://example.org/x"}
+    md = attribution_markdown([hostile, closing, good])
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 3  # header, rule, one line per asset
+    cells = lambda line: len(line.replace("\\|", "").split("|")) - 2  # noqa: E731
+    assert all(cells(line) == 5 for line in rows), rows
+    assert "](javascript:" not in md and "<script>" not in md
+    assert "[objaverse](https://example.org/x)" in md
