@@ -36,6 +36,7 @@ from core.layout import UID_RE
 from core.lock import stage_lock
 from pipelines.executor import run_workers
 from render.blender import bpy_module, output_hash, render_asset
+from render.cycles import gpu_kind
 from render.sheet import contact_sheet
 
 # Every row has exactly these columns (parquet needs one schema), in this order.
@@ -159,8 +160,15 @@ class RenderWorker:
         """Import bpy (the slow part of a renderer's start) before the first asset's timeout starts; then cap
         this renderer's memory (render.max_memory_bytes; only in a process of its own: process, ray)."""
         bpy_module()
-        if self.cap and self.cfg.max_memory_bytes > 0:
-            cap_memory(self.cfg.max_memory_bytes)
+        if not (self.cap and self.cfg.max_memory_bytes > 0):
+            return
+        if self.cfg.device != "cpu" and gpu_kind():
+            # CUDA maps device memory and large reservations into the process's address space (unified
+            # addressing): an RLIMIT_AS cap would fail Cycles' GPU start, so GPU renderers run uncapped
+            print(f"render: Cycles renders on {gpu_kind()}; render.max_memory_bytes (RLIMIT_AS) is not applied "
+                  "to GPU renderers (bound them with Ray's memory= or the node's cgroup)", file=sys.stderr)
+            return
+        cap_memory(self.cfg.max_memory_bytes)
 
     def __call__(self, job: dict) -> dict:
         return render_asset(job, job["dest"], self.cfg, view_sets(job["uid"], self.cfg, self.eval_mode),

@@ -20,26 +20,35 @@ from render.scene import RenderError, bpy_module
 _GPU_KIND: str | None = None  # cached after the first probe: "OPTIX", "CUDA" or "" (none)
 
 
-def _setup_device(scene: Any, device: str) -> str:
+def gpu_kind() -> str:
+    """The GPU kind Cycles renders on here ("OPTIX", "CUDA") or "" for none; probed once per process (the
+    devices it finds are selected for use)."""
     global _GPU_KIND
-    bpy = bpy_module()
+    if _GPU_KIND is not None:
+        return _GPU_KIND
+    prefs = bpy_module().context.preferences.addons["cycles"].preferences
+    for kind in ("OPTIX", "CUDA"):
+        try:
+            prefs.compute_device_type = kind
+            prefs.get_devices()
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if any(d.type == kind for d in prefs.devices):
+            for d in prefs.devices:
+                d.use = d.type == kind
+            _GPU_KIND = kind
+            return kind
+    _GPU_KIND = ""
+    return ""
+
+
+def _setup_device(scene: Any, device: str) -> str:
     if device in ("auto", "gpu"):
-        prefs = bpy.context.preferences.addons["cycles"].preferences
-        kinds = ("OPTIX", "CUDA") if _GPU_KIND is None else ((_GPU_KIND,) if _GPU_KIND else ())
-        for kind in kinds:
-            try:
-                prefs.compute_device_type = kind
-                prefs.get_devices()
-            except (TypeError, ValueError, RuntimeError):
-                continue
-            devs = [d for d in prefs.devices if d.type == kind]
-            if devs:
-                for d in prefs.devices:
-                    d.use = d.type == kind
-                _GPU_KIND = kind
-                scene.cycles.device = "GPU"
-                return kind
-        _GPU_KIND = ""
+        kind = gpu_kind()
+        if kind:
+            bpy_module().context.preferences.addons["cycles"].preferences.compute_device_type = kind
+            scene.cycles.device = "GPU"
+            return kind
         if device == "gpu":
             raise RenderError("render.device=gpu but Cycles found no CUDA/OptiX device")
     scene.cycles.device = "CPU"
