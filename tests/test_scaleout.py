@@ -296,8 +296,7 @@ def test_torchrun_two_nodes_read_shards_by_url(tmp_path: Path):
         for node_rank in (0, 1):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(master_port),
-                   "-m", "training.train_nerf", "--out", str(run), f"nerf.shards={url}", *SMALL,
-                   "nerf.batch_size=2"]  # global: one asset per rank
+                   "-m", "training.train_nerf", "--out", str(run), f"nerf.shards={url}", *SMALL]
             nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
         outputs = [p.communicate(timeout=400)[0] for p in nodes]

@@ -51,8 +51,9 @@ DRIVER = textwrap.dedent("""
     sys.exit(T.main(sys.argv[2:]))
 """)
 
+# nerf.batch_size is global: 2 = one asset per rank on the 2-rank launches that use SMALL
 SMALL = ["loader.input_size=32", "loader.shuffle_buffer=1", "nerf.render_size=32", "nerf.patch_size=8",
-         "nerf.batch_size=1", "nerf.sup_views=2", "nerf.lpips_weight=0", "nerf.steps=2", "nerf.ckpt_every=1",
+         "nerf.batch_size=2", "nerf.sup_views=2", "nerf.lpips_weight=0", "nerf.steps=2", "nerf.ckpt_every=1",
          "nerf.log_every=1", "nerf.image_every=100", "model.samples_per_ray=8", "model.width=32", "model.heads=2",
          "model.head_dim=16", "model.depth=2", "model.plane_res=4", "model.upsample=2", "model.plane_channels=4"]
 
