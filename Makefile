@@ -11,7 +11,7 @@ CKPT ?= $(OUT)/runs/mesh
 STAGE_ARGS = --config $(CONFIG) --out $(OUT) $(if $(SOURCE),--source $(SOURCE),) $(ARGS)
 SETUP_STAMP := $(VENV)/.setup-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup data render render-eval shards train-nerf train-mesh reconstruct eval demo test test-fast bench gpu-check lint clean-venv help
+.PHONY: setup data render render-eval shards train-nerf train-mesh reconstruct eval report validate-glb tools demo test test-fast bench gpu-check lint clean-venv help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,12 +45,26 @@ train-nerf: setup  ## stage 1: NeRF training -> OUT/runs/nerf/
 train-mesh: setup  ## stage 2: mesh training from stage 1 -> OUT/runs/mesh/
 	$(PY) -m training.train_mesh $(STAGE_ARGS)
 
-reconstruct: setup  ## posed images -> textured GLB (INPUT=<folder> [CKPT=<step-N/, run folder or ckpt.pth>])
+reconstruct: setup  ## posed images -> textured GLB in OUT/reconstruct/<asset>/ (INPUT=<folder> [CKPT=<step-N/, run folder or ckpt.pth>])
 	@test -n "$(INPUT)" || { echo "error: give INPUT=<folder of posed images> (see README, 'Reconstruct')"; exit 2; }
 	$(PY) -m training.reconstruct --input $(INPUT) --checkpoint $(CKPT) $(STAGE_ARGS)
 
 eval: render-eval  ## build the eval set of SOURCE (render-eval), reconstruct it and score it -> OUT/eval/report.md
 	$(PY) -m eval.run $(STAGE_ARGS)
+
+report: setup  ## static HTML report of a run (stages, renders, curves, eval table, 3D views) -> OUT/report/index.html
+	$(PY) -m eval.html_report $(STAGE_ARGS)
+
+tools: tools/node_modules/.package-lock.json  ## Node tools (glTF validator, 3D viewer, browser driver) -> tools/node_modules
+
+tools/node_modules/.package-lock.json: tools/package.json tools/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found (apt-get install -y nodejs npm)"; exit 1; }
+	cd tools && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+
+validate-glb: tools  ## every GLB of a run through the Khronos glTF validator (zero errors required)
+	@files="$$(ls $(OUT)/eval/meshes/*.glb $(OUT)/reconstruct/*/*.glb 2>/dev/null)"; \
+	test -n "$$files" || { echo "error: no GLB under $(OUT)/eval/meshes or $(OUT)/reconstruct"; exit 2; }; \
+	node tools/gltf_validate.mjs $$files
 
 demo: setup  ## the whole chain on procedural data, demo config, CPU
 	$(PY) -m pipelines.demo $(STAGE_ARGS)

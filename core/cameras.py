@@ -87,6 +87,31 @@ def orbit_views(n: int = 20, distance: float = 2.6) -> dict[str, np.ndarray]:
     return {"azimuth": az, "elevation": el, "distance": r, "c2w": c2w}
 
 
+EVAL_PROTOCOLS = ("instantmesh", "lrm64")  # render.eval_protocol: the ground-truth views of an eval set
+GRID_ELEVATIONS = (0.0, 20.0, 40.0, 60.0)  # the lrm64 protocol (GS-LRM, MeshLRM, LRM-Zero): 4 rings of 16
+
+
+def grid_views(azimuths: int = 16, elevations: tuple[float, ...] = GRID_ELEVATIONS, distance: float = 2.7
+               ) -> dict[str, np.ndarray]:
+    """Rings of `azimuths` views (360°/azimuths apart from 0°) at each elevation, ring by ring: the 64-view
+    protocol (16 × elevations 0/20/40/60) at one distance."""
+    az = np.array([360.0 * i / azimuths for _ in elevations for i in range(azimuths)])
+    el = np.array([e for e in elevations for _ in range(azimuths)], dtype=np.float64)
+    r = np.full(len(az), distance)
+    c2w = np.stack([look_at(spherical_position(a, e, d)) for a, e, d in zip(az, el, r)])
+    return {"azimuth": az, "elevation": el, "distance": r, "c2w": c2w}
+
+
+def eval_views(protocol: str, orbit_views_n: int, distance: float, grid_distance: float) -> dict[str, np.ndarray]:
+    """The ground-truth views of `protocol`: `instantmesh` = the paper's 20-view orbit (`orbit_views`) at
+    `distance`; `lrm64` = `grid_views` at `grid_distance`. ValueError for another name."""
+    if protocol == "instantmesh":
+        return orbit_views(orbit_views_n, distance)
+    if protocol == "lrm64":
+        return grid_views(distance=grid_distance)
+    raise ValueError(f"render.eval_protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+
+
 def eval_input_views(elevation_deg: float = 20.0, distance: float = 2.6) -> dict[str, np.ndarray]:
     """The 4 evaluation input views: azimuth 0, 90, 180, 270 at one elevation."""
     az = np.array([0.0, 90.0, 180.0, 270.0])

@@ -15,7 +15,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML preset (default: %(default)s)")
     p.add_argument("--out", default=None, help="root of everything the run writes (default: config 'out', ./work)")
     p.add_argument("--source", default=None,
-                   help="procedural | objaverse | local:<dir> | gso:<dir> (default: config 'source')")
+                   help="procedural | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir> (default: config 'source')")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. render.resolution=128 render.views=8")
     return p

@@ -63,6 +63,7 @@ class DataConfig:
     # one fails its download (objaverse: also data.max_archive_bytes) and the render stage refuses to open one (a
     # download table may name files from elsewhere); bounds the copying, verifying and Blender work per asset
     check_size: bool = True  # objaverse: a glb whose size differs from the annotation's archive size fails
+    max_annotation_bytes: int = 256 * 2**20  # objaverse: an annotation .json.gz decompressing to more is refused
 
 
 @dataclass
@@ -86,7 +87,12 @@ class RenderConfig:
     light_strength: float = 1.0  # scale of the deterministic per-asset lighting
     world_strength: float = 0.5  # uniform white environment strength
     max_faces: int = 2_000_000  # assets with more faces fail (bounded work)
-    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset
+    max_texture_pixels: int = 8192 * 8192  # textures larger than this fail the asset (size read from the file header)
+    max_asset_texture_pixels: int = 4 * 8192 * 8192  # all textures of one asset together (0 = no bound); above: fail
+    max_memory_bytes: int = 16 * 2**30  # memory one renderer may add after bpy's start (RLIMIT_AS; 0 = no cap)
+    eval_protocol: str = "instantmesh"  # ground-truth views of eval sets: instantmesh (the paper's: eval_orbit_views on
+    # InstantMesh's orbit) | lrm64 (GS-LRM / MeshLRM / LRM-Zero: 16 azimuths x elevations 0/20/40/60 at eval_grid_distance)
+    eval_grid_distance: float = 2.7  # camera distance of the lrm64 protocol (normalised units, like eval_distance)
     eval_orbit_views: int = 20  # evaluation orbit (paper protocol)
     eval_distance: float = 2.6  # evaluation orbit/input distance
     eval_input_elevation_deg: float = 20.0  # elevation of the 4 evaluation input views
@@ -116,13 +122,17 @@ class LoaderConfig:
     input_views: int = 4  # views fed to the model
     input_size: int = 128  # input image side after resizing (paper 512)
     background: str = "white"  # white | black | random: compositing colour for RGBA
-    shuffle_buffer: int = 64  # WebDataset sample shuffle buffer
+    shuffle_buffer: int = 64  # sample shuffle buffer: samples held at most
+    shuffle_buffer_bytes: int = 512 * 2**20  # ... and bytes of raw sample fields held at most (0 = no byte bound)
+    read_timeout_s: float = 60.0  # http(s) shards: longest wait for the next bytes before the shard counts as failed
+    shard_failure_budget: int = 5  # failures of one shard before it is skipped for the rest of the pass (0 = never)
+    allow_pipe: bool = False  # accept `pipe:<command>` shard URLs (the command runs through /bin/sh)
     workers: int = 0  # DataLoader workers
     resampled: bool = True  # resampled shards (infinite stream) for training
     epoch_samples: int = 0  # with_epoch length per worker (0 = number of samples)
     seed: int = 0  # shard order / view choice seed
     max_side: int = 4096  # stored views must be square with side <= this; larger samples are skipped (memory bound)
-    max_consecutive_failures: int = 100  # resampled stream: this many bad shards/samples in a row raise (0 = never)
+    max_consecutive_failures: int = 100  # resampled stream: this many failures before any sample decoded raise (0 = never)
 
 
 @dataclass
@@ -145,6 +155,8 @@ class ModelConfig:
     plane_channels: int = 16  # channels per plane after upsampling (official 40)
     upsample: int = 8  # PixelShuffle factor (paper: 256 / 32 = 8)
     mlp_hidden: int = 32  # f_d / f_c hidden width (paper 512, official 32)
+    mlp_init: str = "kaiming"  # f_d / f_c initialisation: kaiming (demo: He-normal hidden layers, zero biases, the
+    # default output layer) | xavier (paper/official: xavier-uniform on every layer, zero biases, as released)
     density_layers: int = 3  # f_d linear layers
     color_layers: int = 4  # f_c linear layers
     density_bias: float = -2.0  # added to the density pre-activation (softplus); paper/released 0. Demo -2: the field
@@ -167,6 +179,9 @@ class OptimConfig:
     stage restates only the defaults it changes."""
 
     steps: int = 100  # optimisation steps (the LR schedule ends at 0 here)
+    batch_size: int = 1  # GLOBAL assets per optimisation step, over all ranks (the paper's 512 / 192 on 32 GPUs)
+    micro_batch: int = 0  # assets per rank per forward (0 = batch_size / world size: no accumulation); the
+    # rest is gradient accumulation: batch_size = world size x micro_batch x accumulation steps, an error if not
     lr: float = 1e-4  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW weight decay (matrices and kernels only; biases and norms are not shrunk)
     warmup_steps: int = 0  # linear warm-up steps, then cosine to 0
@@ -188,7 +203,7 @@ class NerfConfig(OptimConfig):
     warmup_steps: int = 20  # (OptimConfig)
     ckpt_every: int = 200  # (OptimConfig) also one loader epoch (training.train_nerf)
     image_every: int = 200  # (OptimConfig)
-    batch_size: int = 4  # assets per step (paper 512 over the cluster); demo 4 x 1 view: more assets per step told
+    batch_size: int = 4  # (OptimConfig) global assets per step (paper 512); demo 4 x 1 view: more assets per step told
     # them apart sooner than 2 x 2 views at the same rendering cost
     sup_views: int = 1  # supervision views per asset (paper 4)
     render_size: int = 32  # supervision image side (paper 512)
@@ -210,7 +225,7 @@ class MeshConfig(OptimConfig):
     lr: float = 2e-4  # (OptimConfig) paper 5e-5; demo 2e-4: 100 steps of batch 1 barely move at the paper's
     ckpt_every: int = 50  # (OptimConfig)
     image_every: int = 50  # (OptimConfig)
-    batch_size: int = 1  # assets per step (paper 192)
+    batch_size: int = 1  # (OptimConfig) global assets per step (paper 192)
     sup_views: int = 4  # supervision views per asset (paper 8); demo 4: half the CPU rasterization per step
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
@@ -221,31 +236,44 @@ class MeshConfig(OptimConfig):
     rgb_weight: float = 1.0  # weight of the rendered-colour MSE
     lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
     depth_weight: float = 0.5  # weight of the squared depth error on ground-truth foreground pixels
+    depth_units: float = 1.0  # depths (ours and ground truth) are multiplied by this before the depth loss: 2 in
+    # paper/official = lengths in the released frame (its [-1, 1] box is twice our [-0.5, 0.5] data), where the
+    # weights 0.5 (paper) / 0.2 (released) were set; demo 1 (our units)
+    depth_mean_over: str = "foreground"  # pixels (paper/official: the released mean over all pixels of
+    # [gt > 0]·err²) | foreground (demo: divided by the foreground count, ~4x stronger on its small silhouettes)
     mask_weight: float = 1.0  # weight of the silhouette (coverage) MSE
     reg_weight: float = 0.5  # ray-opacity regulariser
     lpips_net: str = "alex"  # vgg (paper) | alex (demo: the cheaper trunk, as in stage 1; not timed separately here)
+    lpips_size: int = 0  # LPIPS on both images bilinearly resized to this² (paper/official 256, as released); 0 = as rendered
+    hard_color: bool = False  # colour under the hard mask, background elsewhere (paper/official, as released: the mask
+    # alone carries silhouette gradients); demo false: the colour is antialiased with the mask
     mc_backend: str = "auto"  # auto | torch | diso
     raster_backend: str = "auto"  # auto | torch | nvdiffrast
     init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)
     val_shards: str = ""  # fixed validation batch source ("" = OUT/shards/val-*.tar, else the train shards)
     val_assets: int = 1  # assets in the fixed validation batch (TensorBoard renders, normals, masks, depth)
-    reg_rays: int = 4096  # rays per asset for the ray-opacity regulariser (one random point each)
+    reg_rays: int = 4096  # rays per asset for the ray-opacity regulariser, one random point each (0 = every
+    # supervision ray, as released); the loss is a mean over rays, so a subsample estimates the same value
     query_chunk: int = 262144  # points per f_d / f_c call when extracting and colouring the mesh
     antialias: bool = True  # antialias the rasterized colour and mask (gives the mask gradients to vertices)
 
 
 @dataclass
 class RefineConfig:
-    steps: int = 20  # refinement steps (official: 50)
-    lr_triplane: float = 0.15  # triplane learning rate
-    lr_color: float = 1e-4  # f_c learning rate
-    loss: str = "l2"  # l2 (paper) | l1 (official)
-    schedule: str = "cosine"  # cosine | constant (official)
+    recipe: str = "released"  # released (the released refine_texture step for step: 50 steps, L1, AdamW, f_c
+    # schedule, 2x render; the default: +0.7 dB held-out PSNR over paper, bench.refine_recipes) | paper (20 steps,
+    # L2, Adam, constant lrs: what the paper states, 4x faster); docs/reconstruct.md "Refinement recipes"
+    steps: int = 0  # refinement steps (0 = the recipe's: paper 20, released 50)
+    lr_triplane: float = 0.15  # triplane learning rate (paper and released)
+    lr_color: float = 1e-4  # f_c learning rate (paper and released; the released recipe schedules it)
+    loss: str = ""  # l2 | l1 ("" = the recipe's: paper l2, released l1)
     tune: str = "both"  # both | color | triplane (Table 3 ablation)
-    render_size: int = 128  # rasterization side during refinement (official 512)
+    render_size: int = 128  # the loss resolution (paper/official 512, the inputs'); released renders at twice it
     texture_size: int = 512  # baked UV texture side (e.g. 1024)
     vertex_colors: bool = False  # also/instead export vertex colours
+    export_faces: int = 20_000  # exported GLBs: the marching-cubes mesh is decimated (quadric) to at most this many
+    # faces before UV unwrapping (0 = keep all: a 256³ mesh then takes minutes in xatlas); docs/benchmarks.md
 
 
 @dataclass
@@ -257,19 +285,21 @@ class EvalConfig:
     points: int = 16000  # surface samples for Chamfer / F-score
     fscore_threshold: float = 0.05  # F-score distance threshold in the [-1, 1] frame (16k points lie ~0.025 apart, so smaller τ measures sampling)
     iou_resolution: int = 64  # voxels per side for IoU by winding numbers
+    iou_points_resolution: int = 32  # voxels per side for the paper's IoU from the surface points (iou_points; docs/eval.md)
     icp_iterations: int = 50  # rigid ICP iterations
     sheet_views: int = 4  # orbit views per contact sheet
     checkpoint: str = ""  # checkpoint to evaluate ("" = newest mesh-stage checkpoint)
-    mesh_export: str = "vertex"  # meshes/*.glb: vertex (f_c at vertices, fast) | texture (xatlas + baked UV map, slow on CPU) | none
-    source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out indices) | val | objaverse | local:<dir> | gso:<dir>
-    uids: str = ""  # file of uids (one per line) the eval set is drawn from, e.g. an objaverse eval list ("" = all candidates)
+    mesh_export: str = "texture"  # meshes/*.glb: texture (decimated, xatlas + baked UV map, refine.export_faces /
+    # texture_size) | vertex (f_c at the full mesh's vertices) | none
+    source: str = "procedural"  # eval set when --source/SOURCE is not given: procedural (held-out) | val | objaverse | local: gso: omniobject3d:<dir>
+    uids: str = ""  # file of uids or object names (one per line, # comments; docs/eval.md) the eval set is drawn from ("" = all)
     exclude_training: bool = True  # drop candidates whose uid training used (train shards, else OUT/manifest/download.parquet)
 
 
 @dataclass
 class Config:
     out: str = "work"  # root of everything a run writes
-    source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir>
+    source: str = "procedural"  # procedural | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir>
     seed: int = 0  # global seed
     data: DataConfig = field(default_factory=DataConfig)  # sources, filter, download (`make data`)
     render: RenderConfig = field(default_factory=RenderConfig)  # Blender renders (`make render`)

@@ -14,6 +14,7 @@ in `OUT/evalsets/<slug>/`, laid out like a run of its own:
 | `procedural` | `procedural-heldout` |
 | `val` | `val` |
 | `gso:<dir>` | `gso-<folder name>-<sha256(abs path)[:8]>` |
+| `omniobject3d:<dir>` | `omniobject3d-<folder name>-<sha256(abs path)[:8]>` |
 | `local:<dir>` | `local-<folder name>-<hash8>` |
 | `objaverse` | `objaverse` or `objaverse-<list name>-<hash8 of eval.uids>` |
 """
@@ -30,9 +31,9 @@ from pathlib import Path
 from core import manifest as mf
 from core.config import Config
 from core.layout import index_path, indexed_uids
-from core.sources import SourceError, parse_source
+from core.sources import FOLDER_KINDS, SourceError, parse_source
 
-EVAL_KINDS = ("procedural", "val", "objaverse", "local", "gso")
+EVAL_KINDS = ("procedural", "val", "objaverse", "local", "gso", "omniobject3d")
 
 
 class EvalSetError(ValueError):
@@ -86,7 +87,8 @@ def parse_eval_source(text: str) -> tuple[str, str]:
     try:
         return parse_source(text)
     except SourceError as e:
-        raise EvalSetError(f"{e} (eval sources: procedural, val, objaverse, local:<dir>, gso:<dir>)") from None
+        raise EvalSetError(f"{e} (eval sources: procedural, val, objaverse, local:<dir>, gso:<dir>, "
+                           "omniobject3d:<dir>)") from None
 
 
 def _hash8(text: str) -> str:
@@ -101,7 +103,7 @@ def slug_for(kind: str, arg: str, uid_list: str = "") -> str:
     """Folder name of an eval set (module docstring): the kind, a readable name and a hash of the absolute path."""
     if kind in ("procedural", "val"):
         return "procedural-heldout" if kind == "procedural" else "val"
-    if kind in ("gso", "local"):
+    if kind in FOLDER_KINDS:
         return f"{kind}-{_safe(Path(arg).name)}-{_hash8(str(Path(arg).resolve()))}"
     if uid_list:  # objaverse with its own uid list: the list's content names the set
         return f"objaverse-{_safe(Path(uid_list).stem)}-{_hash8(Path(uid_list).read_text())}"

@@ -46,14 +46,30 @@ def view_name(index: int, kind: str, views: int) -> str:
     return f"{index:0{max(2, len(str(views - 1)))}d}.{kind}.png"
 
 
+def path_inside(root: str | Path, rel: str | Path) -> Path:
+    """`root / rel` for a `rel` that came from outside data (a uid, an object path, a locator), asserted to
+    stay inside `root` once resolved (no absolute `rel`, no `..` above it, no symlink pointing out).
+    Raises ValueError naming both."""
+    root = Path(root)
+    rel = Path(rel)
+    target = root / rel
+    if rel.is_absolute() or not target.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{str(rel)[:200]!r} leaves {root}")
+    return target
+
+
 def read_uid_list(path: str | Path) -> set[str]:
     """Uids of a list file: one per line, blank lines and `#` comments ignored, a `.glb` suffix dropped (lists
     published with Objaverse name files). The one reader of uid lists (allow/deny lists, forced-val, eval)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"uid list not found: {path}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"uid list {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = set()
-    for line in p.read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             out.add(line.removesuffix(".glb"))

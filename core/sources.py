@@ -1,4 +1,5 @@
-"""The `SOURCE=` vocabulary (`procedural`, `objaverse`, `local:<dir>`, `gso:<dir>`), parsed in one place.
+"""The `SOURCE=` vocabulary (`procedural`, `objaverse`, `local:<dir>`, `gso:<dir>`, `omniobject3d:<dir>`),
+parsed in one place.
 
 The data stage (pipelines.sources) and evaluation's reading side (core.evalsets) both name sources by
 these strings; nothing here lists or fetches anything.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SOURCE_KINDS = ("procedural", "objaverse", "local", "gso")
+SOURCE_KINDS = ("procedural", "objaverse", "local", "gso", "omniobject3d")
+FOLDER_KINDS = ("local", "gso", "omniobject3d")  # the sources that take a folder
 
 
 class SourceError(ValueError):
@@ -22,8 +24,9 @@ def parse_source(text: str) -> tuple[str, str]:
     kind, _, arg = text.partition(":")
     kind = kind.strip()
     if kind not in SOURCE_KINDS:
-        raise SourceError(f"unknown source '{text}' (known: procedural, objaverse, local:<dir>, gso:<dir>)")
-    if kind in ("local", "gso"):
+        raise SourceError(f"unknown source '{text}' (known: procedural, objaverse, local:<dir>, gso:<dir>, "
+                          "omniobject3d:<dir>)")
+    if kind in FOLDER_KINDS:
         if not arg:
             raise SourceError(f"source '{kind}' needs a folder: {kind}:<dir>")
         if not Path(arg).expanduser().is_dir():

@@ -18,7 +18,7 @@ import numpy as np
 from core.io import atomic_write_text
 from core.sheets import SheetRow, write_sheet
 
-COLUMNS = ["psnr", "ssim", "lpips_vgg", "lpips_alex", "cd", "cd_l2", "iou", "fscore", "icp_residual"]
+COLUMNS = ["psnr", "ssim", "lpips_vgg", "lpips_alex", "cd", "cd_l2", "iou_points", "iou", "fscore", "icp_residual"]
 METHOD_TITLES = {
     "feedforward": "GTR feed-forward",
     "refined": "GTR + texture refinement (f_c + triplane)",
@@ -80,21 +80,24 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = ["# Evaluation report", "",
              *(_evalset_lines(info["eval_set"]) if info.get("eval_set") else
                [f"{info.get('assets', 0)} assets from `{info.get('source', '')}`."]), "",
-             f"Checkpoint `{info.get('checkpoint', '')}`; {info.get('views', 20)} orbit views per asset at "
-             f"{info.get('resolution', '?')}², composited on white.",
-             "", "| Method | PSNR ↑ | SSIM ↑ | LPIPS VGG ↓ | LPIPS Alex ↓ | CD×100 ↓ | IoU ↑ | "
-             f"F@{info.get('fscore_threshold', '?')} ↑ | ICP residual | ok / failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Checkpoint `{info.get('checkpoint', '')}`; {info.get('views', 20)} ground-truth views per asset "
+             f"(protocol `{info.get('protocol', 'instantmesh')}`) at {info.get('resolution', '?')}², composited on white.",
+             "", "| Method | PSNR ↑ | SSIM ↑ | LPIPS VGG ↓ | LPIPS Alex ↓ | CD×100 ↓ | IoU (points, paper) ↑ | "
+             f"IoU (solids) ↑ | F@{info.get('fscore_threshold', '?')} ↑ | ICP residual | ok / failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, v in s.items():
         lines.append(f"| {METHOD_TITLES.get(m, m)} | {_fmt(v['psnr'], 2)} | {_fmt(v['ssim'], 4)} | "
                      f"{_fmt(v['lpips_vgg'], 4)} | {_fmt(v['lpips_alex'], 4)} | {_fmt(v['cd'] * 100, 4)} | "
-                     f"{_fmt(v['iou'], 4)} | {_fmt(v['fscore'], 4)} | {_fmt(v['icp_residual'], 4)} | "
-                     f"{v['ok']} / {v['failed']} |")
+                     f"{_fmt(v['iou_points'], 4)} | {_fmt(v['iou'], 4)} | {_fmt(v['fscore'], 4)} | "
+                     f"{_fmt(v['icp_residual'], 4)} | {v['ok']} / {v['failed']} |")
     lines += ["", "Paper, GSO (Table 1), for orientation (other assets, 512², full training): feed-forward "
               "PSNR 28.67, SSIM 0.9456, LPIPS 0.0549, CD 0.7404, IoU 0.7077; refined PSNR 29.79, SSIM 0.9603, "
               "LPIPS 0.0468.", "",
               "Conventions (docs/eval.md): CD = mean squared nearest distance, both directions summed, ×100, in "
-              "the [-1, 1]³ frame after ICP; IoU of the solids by generalised winding numbers on a "
+              "the [-1, 1]³ frame after ICP (the paper's magnitudes rule out unsquared distances); IoU (points) = "
+              "IoU of the voxels the two surface samples occupy on a "
+              f"{info.get('iou_points_resolution', '?')}³ grid (the paper's \"from 16000 surface points\"); "
+              "IoU (solids) by generalised winding numbers on a "
               f"{info.get('iou_resolution', '?')}³ grid; {info.get('points', '?')} surface points per mesh."]
     failed = [r for r in rows if r["status"] != "ok" or r.get("notes")]
     if failed:
@@ -103,13 +106,13 @@ def markdown(rows: list[dict], info: dict) -> str:
         for r in failed:
             why = r.get("reason") or r.get("notes") or ""
             lines.append(f"| {_asset(r)} | {r['method']} | {r['status']} | {why.replace('|', '/')} |")
-    lines += ["", "## Per asset", "", "| asset | method | PSNR | SSIM | LPIPS VGG | CD×100 | IoU |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Per asset", "", "| asset | method | PSNR | SSIM | LPIPS VGG | CD×100 | IoU (points) | IoU |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["status"] == "ok":
             lines.append(f"| {_asset(r)} | {r['method']} | {_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'), 4)} | "
                          f"{_fmt(r.get('lpips_vgg'), 4)} | {_fmt((r.get('cd') or math.nan) * 100, 4)} | "
-                         f"{_fmt(r.get('iou'), 4)} |")
+                         f"{_fmt(r.get('iou_points'), 4)} | {_fmt(r.get('iou'), 4)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,9 @@ OUT/runs/nerf), `refined_color` / `refined_triplane` = refinement of one part on
 report.{md,csv,json} (naming the eval set, with a leak check against OUT/shards/index.parquet),
 sheets/<uid>.png, meshes/<uid>.<method>.glb (eval.mesh_export), views/<method>/<uid>/NN.png (RGBA, the
 ground truth's size and order) and rows/<slug>/<method>/<uid>.json (one finished row each, with the
-checkpoint that made it: a rerun with the same checkpoint skips those).
+sha256 of the checkpoint's weights that made it: a rerun skips a row whose weights are the same bytes
+and whose view files are all there, and redoes any other, also after retraining into the same step-N/).
+One `make eval` per OUT at a time (core.lock).
 Any per-asset failure (download, render, reconstruction, scoring) becomes a row with its reason; the report
 is always written.
 """
@@ -22,8 +24,10 @@ is always written.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +40,8 @@ from tqdm import tqdm
 from core.cli import config_from_args, save_resolved, stage_parser
 from core.config import Config
 from core.evalsets import EvalSetError, describe, leak_check, load_built
-from core.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_bytes, atomic_write_text, sha256_file
+from core.lock import stage_lock
 from eval import geometry as G
 from eval.metrics import Lpips, composite_on_white, image_metrics, mean_finite
 from eval.report import contact_sheet, write_report
@@ -105,7 +110,8 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
             raise G.GeometryError("ground truth geometry.npz is missing")
         g = G.evaluate_geometry(G.check_mesh(verts, faces, "predicted mesh"), G.load_mesh(gt["geometry"], "ground truth"),
                                 cfg.eval.points, cfg.eval.fscore_threshold, cfg.eval.iou_resolution,
-                                cfg.eval.icp_iterations, seed=cfg.seed)
+                                cfg.eval.icp_iterations, seed=cfg.seed,
+                                iou_points_resolution=cfg.eval.iou_points_resolution)
         notes = "; ".join(filter(None, [row["notes"], g.pop("notes")]))
         row.update({k: v for k, v in g.items() if k not in ("pred_watertight", "gt_watertight")}, notes=notes)
     except G.GeometryError as e:
@@ -114,9 +120,9 @@ def evaluate_one(uid: str, method: str, model, gt: dict, views, cfg: Config, lpi
     s = time.perf_counter()
     glb = out / "meshes" / f"{uid}.{method}.glb"
     with torch.no_grad():
-        if cfg.eval.mesh_export == "texture":  # xatlas + baking: minutes for a dense marching-cubes mesh on CPU
+        if cfg.eval.mesh_export == "texture":  # decimated first (refine.export_faces): seconds, not minutes
             export_glb(glb, verts.astype(np.float32), faces, res.color_fn(model),
-                       texture_size=cfg.refine.texture_size, texture_png=False)
+                       texture_size=cfg.refine.texture_size, texture_png=False, max_faces=cfg.refine.export_faces)
         elif cfg.eval.mesh_export == "vertex":
             colors = query_colors(res.color_fn(model), verts.astype(np.float32))
             atomic_write_bytes(glb, glb_bytes(verts.astype(np.float32), faces, vertex_colors=colors))
@@ -130,6 +136,45 @@ def _load(checkpoint: str, default: Path, cfg: Config):
     return load_model(path, cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def checkpoint_key(what: str, cache_file: Path) -> str:
+    """What identifies the model `what` describes ("checkpoint <step-N folder>" / "released checkpoint <file>",
+    as training.inference.load_model says): the sha256 of its weights' bytes (`*.safetensors` of a folder,
+    or the released file), each file's hash kept in `cache_file` by (path, size, mtime) so an unchanged
+    checkpoint is not read again. A description that names no file (a model built in memory) is its own key."""
+    m = re.match(r"^(?:released )?checkpoint (.+)$", what)
+    path = Path(m.group(1)) if m else None
+    if path is None or not path.exists():
+        return what
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    parts = []
+    for f in files:
+        st = f.stat()
+        stamp, entry = [st.st_size, st.st_mtime_ns], cache.get(str(f.resolve()))
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+            entry = cache[str(f.resolve())] = {"stamp": stamp, "sha256": sha256_file(f)}
+        parts.append(f"{f.name} {entry['sha256']}")
+    atomic_write_text(cache_file, json.dumps(cache))
+    return "sha256:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cached_row(done: Path, key: str, views: Path, n_views: int) -> dict | None:
+    """The finished row at `done` if it was made by the model `key` and (for an ok row) every one of its
+    `n_views` view files is there; None means redo it (never a crash on a damaged or stale cache)."""
+    try:
+        row = json.loads(done.read_text()) if done.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("checkpoint_key") != key:
+        return None
+    if row.get("status") == "ok" and not all((views / f"{i:02d}.png").is_file() for i in range(n_views)):
+        return None
+    return row
+
+
 def _failed(uid: str, methods: list[str], reason: str) -> list[dict]:
     return [{"uid": uid, "method": m, "status": "failed", "reason": reason} for m in methods]
 
@@ -140,6 +185,11 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
     Returns one row per (asset, method); assets that failed to download or render are rows with the reason.
     An eval set that is not built raises EvalSetError saying how to build it.
     """
+    with stage_lock(cfg.out_path, "eval"):
+        return _run(cfg, nerf_checkpoint, progress, source)
+
+
+def _run(cfg: Config, nerf_checkpoint: str, progress: bool, source: str | None) -> list[dict]:
     out = cfg.out_path / "eval"
     methods = methods_of(cfg)
     es = load_built(cfg, source or cfg.eval.source)
@@ -163,9 +213,10 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
             models[key] = _load(ckpt, default, cfg)
         except Exception as e:  # noqa: BLE001 - becomes the reason of every row that needs it
             load_errors[key] = f"{type(e).__name__}: {e}"
+    keys = {k: checkpoint_key(v[1], out / "checkpoint-hashes.json") for k, v in models.items()}
     lpips = Lpips("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []
-    resolution = None
+    resolution = views_per_asset = None
     bar = tqdm(total=len(es.uids) * len(methods), desc=f"eval {es.slug}", unit="recon", disable=not progress)
     for uid in es.uids:
         folder = es.renders / uid
@@ -182,16 +233,17 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
             continue
         preds: dict[str, list[np.ndarray] | None] = {}
         resolution = resolution or int(gt["rgba"].shape[1])
+        views_per_asset = views_per_asset or len(gt["rgba"])
         pick = np.linspace(0, len(gt["rgba"]) - 1, cfg.eval.sheet_views).round().astype(int)
         for method in methods:
-            # one finished row per (eval set, method, asset), valid for the checkpoint that produced it
+            # one finished row per (eval set, method, asset), valid for the weights that produced it
             done = out / "rows" / es.slug / method / f"{uid}.json"
             key = "nerf" if method == "nerf_mc" else "mesh"
             ckpt = models[key][1] if key in models else None
-            cached = json.loads(done.read_text()) if done.is_file() else None
-            if cached is not None and cached.get("checkpoint") == ckpt:
+            vdir = out / "views" / method / uid
+            cached = cached_row(done, keys[key], vdir, len(gt["rgba"])) if key in keys else None
+            if cached is not None:
                 row = cached
-                vdir = out / "views" / method / uid
                 preds[method] = ([np.asarray(Image.open(vdir / f"{i:02d}.png").convert("RGBA")) for i in pick]
                                  if row["status"] == "ok" else None)
             elif key in load_errors:
@@ -202,7 +254,7 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
                     preds[method] = [pred[i] for i in pick]
                 except Exception as e:  # noqa: BLE001 - one asset never stops the evaluation
                     row, preds[method] = _failed(uid, [method], f"{type(e).__name__}: {e}")[0], None
-                row["checkpoint"] = ckpt
+                row["checkpoint"], row["checkpoint_key"] = ckpt, keys.get(key)
                 if row["status"] == "ok":  # failures are retried by a rerun
                     atomic_write_text(done, json.dumps(row))
             rows.append({**row, "name": names.get(uid, "")})
@@ -214,8 +266,10 @@ def run(cfg: Config, nerf_checkpoint: str = "", progress: bool = True, source: s
     bar.close()
     info = {"source": es.source, "eval_set": describe(es, leak), "assets": len(es.uids), "methods": methods,
             "checkpoint": {k: v[1] for k, v in models.items()} | {k: f"not loaded ({v})" for k, v in load_errors.items()},
-            "views": cfg.render.eval_orbit_views, "resolution": resolution, "points": cfg.eval.points,
-            "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution}
+            "views": views_per_asset or cfg.render.eval_orbit_views, "protocol": cfg.render.eval_protocol,
+            "resolution": resolution, "points": cfg.eval.points,
+            "fscore_threshold": cfg.eval.fscore_threshold, "iou_resolution": cfg.eval.iou_resolution,
+            "iou_points_resolution": cfg.eval.iou_points_resolution}
     write_report(rows, out, info)
     return rows
 
@@ -226,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nerf-checkpoint", default="", help="stage-1 checkpoint for nerf_mc (default: newest in OUT/runs/nerf)")
     for action in p._actions:  # the shared parser's wording is about training sources
         if action.dest == "source":
-            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> "
+            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir> "
                            "(default: config eval.source)")
     p.epilog = __doc__.split("\n\n")[2]
     args = p.parse_args(argv)

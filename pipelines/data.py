@@ -5,7 +5,8 @@ criterion as the reason), OUT/manifest/download.parquet (every kept asset: statu
 the main file, source, license, attribution, name, format, bytes, sha256) and the files under
 OUT/assets/. Steps run through `pipelines.executor` (`data.executor`: `ray` by default, RAY_ADDRESS for a
 cluster; `process` for worker processes on this machine; `local` in this process, for debugging). A rerun redoes only what is not ok. Exit status: 0 all ok, 3 finished with failures, 2 bad
-arguments or configuration.
+arguments or configuration. One run per OUT at a time (`OUT/.locks/data.lock`): a second run waits for
+the first, then finds its work done.
 
   python -m pipelines.data --source procedural --out /tmp/x
   python -m pipelines.data --source local:/data/meshes data.max_assets=0
@@ -25,6 +26,7 @@ from core import manifest
 from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
 from core.config import Config
 from core.layout import read_uid_list
+from core.lock import stage_lock
 from pipelines.download import download
 from pipelines.filter import CANDIDATE_SCHEMA, filter_table
 from pipelines.sources import SourceError, candidates, parse_source
@@ -33,7 +35,12 @@ FILTER_SCHEMA = CANDIDATE_SCHEMA.append(pa.field("status", pa.string())).append(
 
 
 def run_filter(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Candidates -> filter.parquet. Returns (kept rows, failed rows)."""
+    """Candidates -> filter.parquet. Returns (kept rows, failed rows). Holds OUT's `data` lock (core.lock)."""
+    with stage_lock(cfg.out_path, "data"):
+        return _run_filter(cfg)
+
+
+def _run_filter(cfg: Config) -> tuple[list[dict], list[dict]]:
     table, failed = candidates(cfg)
     d = cfg.data
     allow = read_uid_list(d.uid_allowlist) if d.uid_allowlist else None
@@ -61,16 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_resolved(cfg, "data")
     t0 = time.perf_counter()
-    try:
-        kept, listing_failed = run_filter(cfg)
-    except (FileNotFoundError, SourceError) as e:  # a uid list that is not there, a bad procedural setting
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "
-          f"-> {manifest.manifest_path(cfg.out, 'filter')}", flush=True)
-    rows = download(cfg, kept)
+    # one `make data` per OUT at a time: a second waits here, then finds the first one's work done
+    with stage_lock(cfg.out_path, "data"):
+        save_resolved(cfg, "data")
+        try:
+            kept, listing_failed = run_filter(cfg)
+        except (FileNotFoundError, ValueError, SourceError) as e:  # uid list missing or not text; bad procedural setting
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"filter: {len(kept)} kept, {len(listing_failed)} failed to list "
+              f"-> {manifest.manifest_path(cfg.out, 'filter')}", flush=True)
+        rows = download(cfg, kept)
     n_failed = len(listing_failed) + sum(r["status"] == manifest.FAILED for r in rows)
     print(f"data ({cfg.source}): {manifest.summary(rows)} downloads; {len(listing_failed)} failed before "
           f"download; {n_failed} failed in all; {time.perf_counter() - t0:.1f} s "

@@ -2,7 +2,8 @@
 
 Each stage is its own module and resumes itself, so a second run reuses what is done. Stages run as
 subprocesses (the render stages hold Blender in their workers; training is torch only) with the same
-`--config/--out/--source` and overrides; the eval set is built (pipelines.evalset) before it is scored.
+`--config/--out/--source` and overrides; the eval set is built (pipelines.evalset) before it is scored, and
+the HTML report (eval.html_report, run by name: pipelines never import eval) closes the chain.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("train-mesh: stage 2", "training.train_mesh", []),
     ("render-eval: the eval set (held-out procedural assets), orbit + 4 input views", "pipelines.evalset", []),
     ("eval: reconstruction (feed-forward / refined), re-rendered orbit, metrics, report", "eval.run", []),
+    ("report: one static HTML page of the run (open it offline)", "eval.html_report", []),
 ]
 
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {module:<22} {dt:7.1f} s{'  (some items failed: see OUT/manifest)' if rc == EXIT_PARTIAL else ''}")
     print(f"""
 Where to look:
+  the run        {out / 'report' / 'index.html'}  (open it in a browser: stages, renders, curves, table, 3D)
   report         {out / 'eval' / 'report.md'}  (also report.csv, report.json)
   contact sheets {out / 'eval' / 'sheets'}/*.png   renders: {out / 'renders' / 'sheet.png'}
   meshes         {out / 'eval' / 'meshes'}/*.glb

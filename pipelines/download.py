@@ -17,12 +17,14 @@ import pyarrow as pa
 from core import manifest
 from core.config import Config
 from core.io import clean_temporaries
+from core.lock import stage_lock
 from pipelines.executor import run_step
 from pipelines.sources import fetch_step
 
 DOWNLOAD_SCHEMA = pa.schema([
     ("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("source", pa.string()), ("name", pa.string()), ("license", pa.string()), ("attribution", pa.string()),
+    ("author", pa.string()), ("source_url", pa.string()),  # for the dataset card (pipelines/card.py)
     ("format", pa.string()), ("path", pa.string()),  # path: the main file later stages open
     ("bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64()),
     ("description", pa.string()),  # procedural: JSON of parts, kinds, augmentations, textures, ... (else null)
@@ -31,7 +33,7 @@ DOWNLOAD_SCHEMA = pa.schema([
 
 def _carry(item: dict, row: dict) -> dict:
     """Complete a step's row with the item's identity columns (license and attribution travel on)."""
-    out = {k: item.get(k) for k in ("source", "name", "license", "attribution", "format")}
+    out = {k: item.get(k) for k in ("source", "name", "license", "attribution", "author", "source_url", "format")}
     out.update({k: v for k, v in row.items() if k in DOWNLOAD_SCHEMA.names})
     out["uid"] = item["uid"]
     return out
@@ -44,7 +46,13 @@ def done_rows(out: str | Path) -> dict[str, dict]:
 
 
 def download(cfg: Config, kept: list[dict], flush_every_s: float = 2.0) -> list[dict]:
-    """Fetch every kept candidate (dicts from the filter's `ok` rows); write and return download rows."""
+    """Fetch every kept candidate (dicts from the filter's `ok` rows); write and return download rows.
+    Holds OUT's `data` lock (core.lock): another run's cleanup never meets this one's temporaries."""
+    with stage_lock(cfg.out_path, "data"):
+        return _download(cfg, kept, flush_every_s)
+
+
+def _download(cfg: Config, kept: list[dict], flush_every_s: float) -> list[dict]:
     out = cfg.out_path
     assets = out / "assets"
     assets.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ else eval.source.
 | `procedural` | indices after the training ones: `data.procedural_start + data.procedural_count` onwards (uids differ from training's) |
 | `val` | the val split of `OUT/manifest/shards.parquet`, from the training assets (`OUT/manifest/download.parquet`) |
 | `gso:<dir>` | `<dir>/<name>/meshes/model.obj`, by folder name |
+| `omniobject3d:<dir>` | `<dir>/raw_scans/<category>/<object_id>/Scan/Scan.obj`, by relative path |
 | `local:<dir>` | every mesh file under `<dir>`, by relative path |
 | `objaverse` | objaverse uids (of `eval.uids` when set), by uid |
 
@@ -36,6 +37,7 @@ from core.config import Config
 from core.evalsets import EvalSet, EvalSetError, parse_eval_source, resolve, training_uids
 from core.io import atomic_write_text
 from core.layout import read_uid_list
+from core.sources import FOLDER_KINDS
 from pipelines.data import FILTER_SCHEMA, run_filter
 from pipelines.download import DOWNLOAD_SCHEMA, download
 from pipelines.render import run as render_run
@@ -44,7 +46,7 @@ from pipelines.render import run as render_run
 def _order_key(kind: str):
     if kind == "procedural":
         return lambda r: int(r["locator"])
-    if kind in ("gso", "local"):
+    if kind in FOLDER_KINDS:
         return lambda r: (r.get("locator") or "", r["uid"])
     return lambda r: r["uid"]
 
@@ -63,7 +65,35 @@ def eval_config(cfg: Config, kind: str, arg: str, root: Path) -> Config:
         ecfg.source = f"{kind}:{arg}" if arg else kind
     if cfg.eval.uids:
         ecfg.data.uid_allowlist = cfg.eval.uids
+        if kind in FOLDER_KINDS:  # entries may name objects (GSO folder names, OmniObject3D object ids)
+            ecfg.data.uid_allowlist = _uids_of_list(ecfg, root)
     return ecfg
+
+
+def _uids_of_list(ecfg: Config, root: Path) -> str:
+    """eval.uids for a folder source, as uids: each entry (docs/eval.md "eval.uids") is a uid or the `name` of
+    a candidate (GSO: the object folder; OmniObject3D: the object id; local: the file's relative path).
+    Writes `root/eval-uids.txt` (the filter's allow-list) with a comment line per entry that matched none."""
+    from pipelines.sources import candidates
+
+    table, _ = candidates(ecfg)
+    by_name: dict[str, list[str]] = {}
+    for uid, name, locator in zip(*(table.column(c).to_pylist() for c in ("uid", "name", "locator"))):
+        for key in {uid, name or "", locator or ""} - {""}:
+            by_name.setdefault(key, []).append(uid)
+    uids, missing = set(), []
+    for entry in sorted(read_uid_list(ecfg.data.uid_allowlist)):
+        if entry in by_name:
+            uids.update(by_name[entry])
+        else:
+            missing.append(entry)
+    path = root / "eval-uids.txt"
+    atomic_write_text(path, "".join(f"{u}\n" for u in sorted(uids))
+                      + "".join(f"# no candidate: {m}\n" for m in missing))
+    if missing:
+        print(f"warning: {len(missing)} eval.uids entries match no candidate of {ecfg.source} "
+              f"(listed in {path})", file=sys.stderr)
+    return str(path)
 
 
 def _write_deny_list(cfg: Config, root: Path, train: set[str]) -> str:
@@ -142,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_parser(__doc__.split("\n\n")[0])
     for action in p._actions:  # the shared parser's wording is about training sources
         if action.dest == "source":
-            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> "
+            action.help = ("eval set: procedural (held-out) | val | objaverse | local:<dir> | gso:<dir> | omniobject3d:<dir> "
                            "(default: config eval.source)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)

@@ -5,7 +5,8 @@ manifest row per item. `data.executor`, `render.executor` and `shards.executor` 
 - `process`: isolated worker processes (spawned), at most `workers` at once, each living for many items.
   An item that runs past `timeout_s` gets its worker killed; a worker that dies (segfault, OOM kill) fails
   only the item it held. Either way that item becomes a `failed` row and a fresh worker takes the next one.
-- `ray`: the same on Ray (`RAY_ADDRESS` for a cluster): a step runs as Ray tasks of `batch_size` items,
+- `ray`: the same on Ray (`RAY_ADDRESS` for a cluster, else a private local instance: `init_ray`): a step
+  runs as Ray tasks of `batch_size` items,
   spread over the nodes (a task past `timeout_s` x its items is cancelled); a stateful worker is a Ray
   actor, killed and replaced after a timeout or a crash.
 
@@ -254,10 +255,15 @@ def _process_pool(make: Callable[[], Any], items: list[dict], put: Callable[[int
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
-    """Connect to Ray once: `address` or `RAY_ADDRESS` (a cluster), else start a local instance.
+    """Connect to Ray once: `address` or `RAY_ADDRESS` (a cluster), else start a private local instance.
 
-    Returns the `ray` module. A local instance gets `num_cpus` (default: all cores) and no dashboard; the
-    working tree travels with the driver only on a local instance (a cluster must have the package installed).
+    Returns the `ray` module. A bare `ray.init()` would join whatever `/tmp/ray/ray_current_cluster` names
+    (a world-writable folder: anyone's cluster) and unpickle results from it; `address="local"` always
+    starts a new instance, with token authentication on (`RAY_AUTH_MODE=token` unless the environment says
+    otherwise) and a random token in this process's environment only: Ray's servers listen on every
+    interface (Ray 2.60 has no loopback-only mode), the token refuses whoever else reaches them. It gets
+    `num_cpus` (default: all cores) and no dashboard; the working tree travels with the driver only on a
+    local instance. A cluster's authentication is its own (docs/scaleout.md: token on, 0600 token file).
     """
     import ray  # lazily: steps and the other backends never need it
 
@@ -267,9 +273,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     if address:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
+        _private_token()
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=True, configure_logging=False)
     return ray
+
+
+def _private_token() -> None:
+    """Token authentication for a private local instance: a random token in this process's environment,
+    unless the user chose a mode or a token (RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH)."""
+    import secrets
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
+                                                       or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    try:  # Ray caches its config (and a token it found) from the environment once imported: read it again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 def _call(fn: Callable[[list], list], batch: list) -> tuple[str, list]:

@@ -21,7 +21,9 @@ from core.config import DataConfig
 
 CANDIDATE_SCHEMA = pa.schema([
     ("uid", pa.string()), ("source", pa.string()), ("name", pa.string()), ("license", pa.string()),
-    ("attribution", pa.string()), ("format", pa.string()),
+    ("attribution", pa.string()), ("author", pa.string()),  # author: who made it (objaverse: the Sketchfab user)
+    ("source_url", pa.string()),  # where the asset is published (objaverse: its Sketchfab page; "" = none)
+    ("format", pa.string()),
     ("locator", pa.string()),  # source-specific: relative path, object path, procedural index
     ("face_count", pa.int64()), ("animation_count", pa.int64()), ("texture_count", pa.int64()),
     ("archive_bytes", pa.int64()),  # size of the file to download (objaverse: archives.glb.size)
@@ -31,8 +33,24 @@ CANDIDATE_SCHEMA = pa.schema([
 ])
 CRITERIA = ("uid deny-list", "uid allow-list", "license", "min faces", "max faces", "animation", "textures",
             "archive size", "age restricted", "category", "tag", "name", "LVIS", "max_assets")
+# Each criterion: the config key that sets it and how its reason (written by `filter_table` below) begins.
+CRITERION_KEYS = {
+    "uid deny-list": ("uid_denylist", "in uid deny-list"), "uid allow-list": ("uid_allowlist", "not in uid allow-list"),
+    "license": ("licenses", "license '"), "min faces": ("min_faces", "face count "),
+    "max faces": ("max_faces", "face count "), "animation": ("allow_animation", "animated ("),
+    "textures": ("min_textures", "texture count "), "archive size": ("max_archive_bytes", "archive "),
+    "age restricted": ("allow_age_restricted", "age-restricted"), "category": ("deny_categories", "category in"),
+    "tag": ("deny_tags", "tag in"), "name": ("deny_names", "name matches"),
+    "LVIS": ("lvis_categories", "not in the selected LVIS"), "max_assets": ("max_assets", "not sampled (max_assets="),
+}
 
 
+def criterion_of(reason: str) -> str:
+    """The criterion (one of CRITERIA) a `skipped` row of filter.parquet failed, from its reason; "" if none."""
+    for name, (key, prefix) in CRITERION_KEYS.items():
+        if reason.startswith(prefix) and (prefix != "face count " or f" {key} " in reason):
+            return name
+    return ""
 
 
 def candidate_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -63,6 +81,48 @@ ANNOTATION_TYPE = pa.struct([
     ("user", pa.struct([("displayName", pa.string()), ("username", pa.string())])),
     ("tags", _NAMED), ("categories", _NAMED),
 ])
+_STR_FIELDS = ("name", "license", "viewerUrl", "uri")
+_INT_FIELDS = ("faceCount", "animationCount")
+
+
+def annotation_problem(a: Any) -> str | None:
+    """Why an annotation (one uid's Sketchfab metadata) does not have the types the filters read (None when
+    it does): the fields of ANNOTATION_TYPE, each absent / null or of its type. A crafted or corrupt one is
+    then a failed row with this reason instead of a crash of the table build."""
+    def is_int(v: Any) -> bool:
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63)
+
+    def is_str(v: Any) -> bool:
+        return v is None or isinstance(v, str)
+
+    if not isinstance(a, dict):
+        return f"annotation is a {type(a).__name__}, not an object"
+    for k in _STR_FIELDS:
+        if not is_str(a.get(k)):
+            return f"annotation field {k} is a {type(a[k]).__name__}, not a string"
+    for k in _INT_FIELDS:
+        if not is_int(a.get(k)):
+            return f"annotation field {k} is not an integer: {str(a[k])[:40]!r}"
+    if a.get("isAgeRestricted") is not None and not isinstance(a["isAgeRestricted"], bool):
+        return "annotation field isAgeRestricted is not a boolean"
+    for k, inner in (("archives", None), ("user", ("displayName", "username"))):
+        v = a.get(k)
+        if v is not None and not isinstance(v, dict):
+            return f"annotation field {k} is a {type(v).__name__}, not an object"
+        if inner and v and not all(is_str(v.get(i)) for i in inner):
+            return f"annotation field {k} has a non-string name"
+    glb = (a.get("archives") or {}).get("glb")
+    if glb is not None and (not isinstance(glb, dict) or not is_int(glb.get("size")) or not is_int(glb.get("textureCount"))):
+        return "annotation field archives.glb is not an object of integer size / textureCount"
+    for k in ("tags", "categories"):
+        v = a.get(k)
+        if v is not None and (not isinstance(v, list) or not all(
+                e is None or isinstance(e, str) or (isinstance(e, dict) and is_str(e.get("slug")) and is_str(e.get("name")))
+                for e in v)):
+            return f"annotation field {k} is not a list of names"
+    return None
+
+
 CHUNK_ROWS = 65_536  # rows converted at once; an odd row sends only its chunk down the per-row Python path
 
 
@@ -72,7 +132,8 @@ def annotations_to_table(annotations: dict[str, dict], lvis: dict[str, str] | No
     Each chunk of dicts becomes one Arrow struct array (`ANNOTATION_TYPE`, converted in C++), and the columns
     are derived from it with pyarrow compute; a chunk pyarrow cannot convert (e.g. tags given as plain
     strings) is built by the per-row Python path instead, with the same result. `lvis` maps uid to its LVIS
-    category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for.
+    category. Attribution is "<displayName> (<viewerUrl>)", what CC BY asks for; `author` and `source_url` keep
+    its two parts for the dataset card (pipelines/card.py).
     """
     uids = list(annotations)
     values = list(annotations.values())  # same order as the keys; cheaper than a lookup per uid
@@ -127,6 +188,8 @@ def _annotations_to_table_arrow(uids: list[str], annotations: list[dict | None],
         "name": field("name"),
         "license": field("license"),
         "attribution": pc.binary_join_element_wise(who, " (", url, ")", ""),
+        "author": who,
+        "source_url": url,
         "format": pa.array(["glb"] * n, pa.string()),
         "locator": uid_col,
         "face_count": field("faceCount"),
@@ -159,8 +222,9 @@ def _annotations_to_table_lists(annotations: dict[str, dict], lvis: dict[str, st
     ann = [annotations[u] or {} for u in uids]
     glb = [((a.get("archives") or {}).get("glb") or {}) for a in ann]
     users = [a.get("user") or {} for a in ann]
-    attribution = [f"{u.get('displayName') or u.get('username') or 'unknown'} ({a.get('viewerUrl') or a.get('uri') or ''})"
-                   for u, a in zip(users, ann)]
+    authors = [u.get("displayName") or u.get("username") or "unknown" for u in users]
+    urls = [a.get("viewerUrl") or a.get("uri") or "" for a in ann]
+    attribution = [f"{who} ({url})" for who, url in zip(authors, urls)]
     lvis = lvis or {}
     cols = {
         "uid": uids,
@@ -168,6 +232,8 @@ def _annotations_to_table_lists(annotations: dict[str, dict], lvis: dict[str, st
         "name": [a.get("name") for a in ann],
         "license": [a.get("license") for a in ann],
         "attribution": attribution,
+        "author": authors,
+        "source_url": urls,
         "format": ["glb"] * len(uids),
         "locator": uids,
         "face_count": [a.get("faceCount") for a in ann],

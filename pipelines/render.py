@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from core import manifest as mf
-from core.cameras import eval_input_views, orbit_views, random_views
+from core.cameras import eval_input_views, eval_views, random_views
 from core.cli import config_from_args, save_resolved, stage_parser
 from core.config import Config, RenderConfig, check_executor
 from core.io import clean_temporaries
+from core.layout import UID_RE
+from core.lock import stage_lock
 from pipelines.executor import run_workers
 from render.blender import bpy_module, output_hash, render_asset
 from render.sheet import contact_sheet
@@ -56,7 +58,8 @@ def normalise_row(row: dict[str, Any], job: dict[str, Any] | None = None) -> dic
 def view_sets(uid: str, cfg: RenderConfig, eval_mode: bool) -> dict[str, np.ndarray]:
     """Subfolder -> OpenCV c2w [V,4,4]: "" for the random training views, orbit/inputs for evaluation."""
     if eval_mode:
-        return {"orbit": orbit_views(cfg.eval_orbit_views, cfg.eval_distance)["c2w"],
+        return {"orbit": eval_views(cfg.eval_protocol, cfg.eval_orbit_views, cfg.eval_distance,
+                                    cfg.eval_grid_distance)["c2w"],
                 "inputs": eval_input_views(cfg.eval_input_elevation_deg, cfg.eval_distance)["c2w"]}
     return {"": random_views(uid, cfg.views, (cfg.distance_min, cfg.distance_max),
                              (cfg.elevation_min_deg, cfg.elevation_max_deg))["c2w"]}
@@ -89,7 +92,10 @@ def row_from_meta(uid: str, folder: Path, meta: dict, job: dict) -> dict[str, An
 
 
 def plan(cfg: Config, eval_mode: bool) -> tuple[list[dict], list[dict]]:
-    """(jobs to render, rows of assets already complete) from the download manifest."""
+    """(jobs to render, rows of assets already complete or refused) from the download manifest.
+
+    A uid that is not `core.layout.UID_RE` (a path separator, `..`, a dot) names no folder: it is a failed
+    row with that reason, never a path, and the other assets render."""
     want = output_hash(cfg.render, eval_mode)
     root = render_root(cfg, eval_mode)
     src = mf.manifest_path(cfg.out, "download")
@@ -100,8 +106,10 @@ def plan(cfg: Config, eval_mode: bool) -> tuple[list[dict], list[dict]]:
         if r.get("status") != mf.OK:
             continue
         uid = str(r["uid"])
-        if not uid or "/" in uid or uid.startswith("."):
-            raise SystemExit(f"error: unsafe uid {uid!r} in {src}")
+        if not UID_RE.match(uid):
+            done.append(normalise_row({"uid": uid, "reason": f"unsafe uid {uid[:80]!r}: not [A-Za-z0-9_-]{{1,64}}; "
+                                       "not rendered"}, r))
+            continue
         folder = root / uid
         meta = done_meta(folder, eval_mode, want)
         if meta is not None:
@@ -119,16 +127,40 @@ def threads_per_renderer(cfg: RenderConfig, renderers: int) -> int:
     return cfg.threads if cfg.threads > 0 else max(1, (os.cpu_count() or 1) // max(1, renderers))
 
 
+def cap_memory(extra_bytes: int) -> int:
+    """Cap this process's address space (RLIMIT_AS) at what it maps now plus `extra_bytes`; return the cap.
+
+    Called in a renderer's own process (a worker process or a Ray actor) once bpy is loaded, so the cap is
+    on what one asset may add; an allocation past it fails (a MemoryError in Python, a failed allocation in
+    Blender, which may end the process): either way that asset's row fails and the renderer is replaced.
+    """
+    import resource
+
+    with open("/proc/self/statm") as f:  # first field: total program size in pages
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = mapped + extra_bytes
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
+
+
 class RenderWorker:
     """A stateful executor worker: holds one bpy for its lifetime and renders the assets it is given."""
 
-    def __init__(self, cfg: dict, threads: int, eval_mode: bool, max_file_bytes: int) -> None:
+    def __init__(self, cfg: dict, threads: int, eval_mode: bool, max_file_bytes: int,
+                 cap_memory: bool = False) -> None:
         self.cfg, self.threads, self.eval_mode = RenderConfig(**cfg), threads, eval_mode
         self.max_file_bytes = max_file_bytes
+        self.cap = cap_memory
 
     def ready(self) -> None:
-        """Import bpy (the slow part of a renderer's start) before the first asset's timeout starts."""
+        """Import bpy (the slow part of a renderer's start) before the first asset's timeout starts; then cap
+        this renderer's memory (render.max_memory_bytes; only in a process of its own: process, ray)."""
         bpy_module()
+        if self.cap and self.cfg.max_memory_bytes > 0:
+            cap_memory(self.cfg.max_memory_bytes)
 
     def __call__(self, job: dict) -> dict:
         return render_asset(job, job["dest"], self.cfg, view_sets(job["uid"], self.cfg, self.eval_mode),
@@ -136,8 +168,9 @@ class RenderWorker:
 
 
 def reset_failed(row: Any) -> bool:
-    """A renderer whose bpy could not reset after its asset holds unknown state: do not give it another."""
-    return isinstance(row, dict) and bool(row.get("reset_failed"))
+    """A renderer whose bpy could not reset after its asset (or ran out of memory) holds unknown state: do
+    not give it another."""
+    return isinstance(row, dict) and bool(row.get("reset_failed") or row.get("retire"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +182,13 @@ def run(cfg: Config, eval_mode: bool = False, executor: str | None = None, flush
         progress: bool = True) -> list[dict]:
     """Render what is left; write the manifest and the contact sheet; return all rows of this stage.
 
-    `executor` overrides render.executor (local | process | ray)."""
+    `executor` overrides render.executor (local | process | ray). One run per OUT and mode at a time
+    (core.lock: a second one waits, then finds the work done)."""
+    with stage_lock(cfg.out_path, "render_eval" if eval_mode else "render"):
+        return _run(cfg, eval_mode, executor, flush_s, progress)
+
+
+def _run(cfg: Config, eval_mode: bool, executor: str | None, flush_s: float, progress: bool) -> list[dict]:
     rc = cfg.render
     executor = check_executor(executor or rc.executor, "render.executor")
     root = render_root(cfg, eval_mode)
@@ -167,11 +206,16 @@ def run(cfg: Config, eval_mode: bool = False, executor: str | None = None, flush
         last_flush[0] = time.monotonic()
 
     def on_row(job: dict, row: dict) -> None:
-        if reset_failed(row):
+        if row.get("reset_failed"):
             print(f"render: warning: scene reset failed after {job['uid']} ({row.get('reset_reason', '')}); "
                   "its renderer is replaced", file=sys.stderr)
         if row.get("status") != mf.OK and str(row.get("reason", "")).startswith("timeout"):
             row = {**row, "seconds": rc.timeout_s}
+        elif row.get("status") != mf.OK and str(row.get("reason", "")).startswith("worker died") \
+                and executor != "local" and rc.max_memory_bytes > 0:
+            # Blender ends the process on an allocation it cannot make: most likely the memory cap
+            row = {**row, "reason": f"{row['reason']}; render.max_memory_bytes={rc.max_memory_bytes} may have been "
+                                    "reached (or Blender crashed on the file)"}
         r = normalise_row({**row, "rendered": row.get("status") == mf.OK,
                            "path": job["dest"] if row.get("status") == mf.OK else ""}, job)
         new.append(r)
@@ -180,7 +224,7 @@ def run(cfg: Config, eval_mode: bool = False, executor: str | None = None, flush
 
     renderers = 1 if executor == "local" else max(1, min(rc.workers, len(jobs)))
     make = partial(RenderWorker, dataclasses.asdict(rc), threads_per_renderer(rc, renderers), eval_mode,
-                   cfg.data.max_file_bytes)
+                   cfg.data.max_file_bytes, executor != "local")
     try:
         # bpy's import is the slow part of a renderer's start (seconds, more on a busy machine)
         run_workers(make, jobs, executor=executor, workers=renderers, timeout_s=rc.timeout_s, retire=reset_failed,

@@ -11,8 +11,11 @@ How it stays reproducible and resumable:
   writers (`shards.executor=process` or `ray`, `shards.writers=N`) produce the same, byte-identical files
   (sorted uids, sorted members, fixed mtime/uid/gid/mode).
 - A shard is written as `.tmp-*` and renamed when closed; `index.parquet` is rewritten after each close.
-  A rerun first adopts closed shards missing from the index (a crash between rename and index write),
-  drops index rows whose file vanished, then plans only uids not yet in a closed shard, numbering on.
+  A rerun drops index rows whose file vanished, adopts a closed shard the index does not list (a crash
+  between rename and index write) only if it is byte for byte what `write_shard` writes for its samples
+  (`matches_plan`: packable assets not yet indexed, every member, the end blocks), removes any other
+  file named like a shard (truncated, foreign: never indexed), then plans the uids not yet in a shard,
+  numbering on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import sys
 import tarfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,8 @@ from core.layout import (
     view_name,
     write_index,
 )
+from core.lock import stage_lock
+from pipelines.card import write_card
 from pipelines.executor import run_step
 
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512  # tarfile's block and default record size
@@ -255,45 +260,105 @@ def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[st
                     t.addfile(ti, io.BytesIO(data))
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
+    return index_row(plan, size, digest)
+
+
+def shard_chunks(plan: ShardPlan, mtime: float) -> Iterator[bytes]:
+    """The exact bytes `write_shard` writes for `plan`, as pieces (ustar header, data, padding per member;
+    two zero blocks and the padding to a whole record at the end): what a closed shard must be."""
+    total = 0
+    for a in plan.assets:
+        for name in sorted(a.files):
+            data = a.files[name].read_bytes()
+            ti = tarfile.TarInfo(f"{a.uid}.{name}")
+            ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
+            ti.uname = ti.gname = "gtr"
+            header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            pad = -len(data) % TAR_BLOCK
+            yield header
+            yield data
+            yield bytes(pad)
+            total += len(header) + len(data) + pad
+    yield bytes(tar_bytes(total) - total)
+
+
+def matches_plan(path: Path, plan: ShardPlan, mtime: float) -> tuple[bool, str]:
+    """(True, sha256) when the file at `path` is byte for byte the shard `plan` describes (every sample of
+    the plan, in order, each member's bytes those of the render folder, the end blocks and padding); else
+    (False, what differs). What a rerun checks before adopting a closed shard the index does not list."""
+    h = hashlib.sha256()
+    at = 0
+    with open(path, "rb") as f:
+        for piece in shard_chunks(plan, mtime):
+            got = f.read(len(piece))
+            if got != piece:
+                return False, (f"differs from the plan at byte {at}" if len(got) == len(piece)
+                               else f"ends at byte {at + len(got)} (truncated)")
+            h.update(got)
+            at += len(got)
+        if f.read(1):
+            return False, f"longer than the plan's {at} bytes"
+    return True, h.hexdigest()
+
+
+def adopt_closed(shard_dir: Path, index: list[dict[str, Any]], todo: dict[str, Asset],
+                 mtime: float) -> list[dict[str, Any]]:
+    """Closed shards on disk that the index does not list (a crash between a rename and the index write).
+
+    One is adopted only if its samples are packable assets not yet in an indexed shard (of its split, in
+    sorted order) and the file is byte for byte the shard `write_shard` writes for exactly them
+    (`matches_plan`: every member, the end blocks and padding); their assets leave `todo`. Any other file
+    named like a shard (truncated, foreign, stale) is not trusted: removed with a warning, its samples
+    packed again. Returns the adopted shards' index rows."""
+    known = {r["shard"] for r in index}
+    adopted = []
+    for path in sorted(shard_dir.glob("*.tar")):
+        m = SHARD_RE.match(path.name)
+        if not m or path.name in known:
+            continue
+        plan, why = _plan_of(path, m.group(1), todo)
+        if plan is not None:
+            ok, why = matches_plan(path, plan, mtime)
+            if ok:
+                adopted.append(index_row(plan, path.stat().st_size, why))
+                for a in plan.assets:
+                    del todo[a.uid]
+                continue
+        warnings.warn(f"{path} is not adopted ({why}); removed, its samples are packed again", stacklevel=2)
+        path.unlink()
+    return adopted
+
+
+def _plan_of(path: Path, split: str, todo: dict[str, Asset]) -> tuple[ShardPlan | None, str]:
+    """The plan a closed shard claims to be (its samples' assets, in its order), or (None, why not)."""
+    try:
+        with tarfile.open(path, "r:") as t:
+            keys = [m.name.partition(".")[0] for m in t]
+    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
+        return None, f"not a readable tar: {e}"
+    uids = list(dict.fromkeys(keys))
+    if not uids:
+        return None, "no samples"
+    for u in uids:
+        if u not in todo or todo[u].split != split:
+            return None, f"holds {u[:80]!r}, not a packable {split} asset outside the index"
+    return ShardPlan(path.name, split, [todo[u] for u in uids]), ""
+
+
+def index_row(plan: ShardPlan, size: int, digest: str) -> dict[str, Any]:
     return {"shard": plan.name, "split": plan.split, "uids": [a.uid for a in plan.assets],
             "count": len(plan.assets), "bytes": size, "sha256": digest,
             "licenses": [a.license for a in plan.assets], "attributions": [a.attribution for a in plan.assets]}
 
 
-def scan_shard(path: Path) -> dict[str, Any]:
-    """Index row of a closed shard found on disk but not in the index (uids from its member names)."""
-    uids: list[str] = []
-    meta: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as t:
-        for m in t:
-            key, _, field = m.name.partition(".")
-            if not uids or uids[-1] != key:
-                uids.append(key)
-            if field == "meta.json" and m.size <= MAX_META_BYTES:
-                f = t.extractfile(m)
-                meta[key] = json.loads(f.read()) if f else {}
-    h = sha256_file(path)
-    split = SHARD_RE.match(path.name).group(1)  # type: ignore[union-attr]
-    return {"shard": path.name, "split": split, "uids": uids, "count": len(uids), "bytes": path.stat().st_size,
-            "sha256": h, "licenses": [str(meta.get(u, {}).get("license", "")) for u in uids],
-            "attributions": [str(meta.get(u, {}).get("attribution", "")) for u in uids]}
-
-
-def reconcile_index(shard_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop index rows whose shard file is gone; adopt closed shards that the index does not list yet."""
+def indexed_on_disk(shard_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Index rows whose shard file is still there (a vanished one's uids are packed again)."""
     kept = []
     for r in rows:
         if (shard_dir / r["shard"]).is_file():
             kept.append(r)
         else:
             warnings.warn(f"index lists {r['shard']} but the file is gone; its uids will be packed again", stacklevel=2)
-    known = {r["shard"] for r in kept}
-    for p in sorted(shard_dir.glob("*.tar")):
-        if SHARD_RE.match(p.name) and p.name not in known:
-            try:
-                kept.append(scan_shard(p))
-            except (tarfile.TarError, OSError, ValueError) as e:
-                raise RuntimeError(f"{p} is not a readable shard ({e}); remove it and rerun") from e
     return kept
 
 
@@ -310,7 +375,12 @@ def write_shard_step(item: dict[str, Any], shard_dir: str, mtime: float) -> dict
 def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     """Pack every ok render into shards; resumable. Returns a summary (counts, shard names written).
 
-    `executor` overrides shards.executor (local | process | ray)."""
+    `executor` overrides shards.executor (local | process | ray). One run per OUT at a time (core.lock)."""
+    with stage_lock(cfg.out_path, "shards"):
+        return _pack(cfg, executor)
+
+
+def _pack(cfg: Config, executor: str | None) -> dict[str, Any]:
     sc = cfg.shards
     kind = check_executor(executor or sc.executor, "shards.executor")
     if sc.writers > 1 and kind == "local":
@@ -320,7 +390,7 @@ def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(shard_dir)
-    index = reconcile_index(shard_dir, read_index(out))
+    index = indexed_on_disk(shard_dir, read_index(out))
     done = {u: r for r in index for u in r["uids"]}
     assets, rows = collect_assets(cfg, done)
     forced_val = read_uid_list(sc.val_uids) if sc.val_uids else set()
@@ -328,10 +398,11 @@ def pack(cfg: Config, executor: str | None = None) -> dict[str, Any]:
     if leaked:
         raise RuntimeError(f"forced-val uids already packed in train shards: {leaked[:5]}... ; remove "
                            f"{shard_dir} (or those shards) and rerun, or the eval set leaks into training")
+    todo = {a.uid: a for a in assets if a.uid not in done}
+    index += adopt_closed(shard_dir, index, todo, sc.mtime)
     start = {s: 1 + max((int(SHARD_RE.match(r["shard"]).group(2)) for r in index if r["split"] == s), default=-1)
              for s in ("train", "val")}
-    todo = [a for a in assets if a.uid not in done]
-    plans = plan_shards(todo, sc.max_count, sc.max_bytes, start)
+    plans = plan_shards(list(todo.values()), sc.max_count, sc.max_bytes, start)
     write_index(out, index)
 
     def on_row(item: dict[str, Any], row: dict[str, Any]) -> None:
@@ -375,7 +446,8 @@ _MANIFEST_DEFAULTS = {"uid": "", "status": manifest.FAILED, "reason": "", "split
 
 def main(argv: Iterable[str] | None = None) -> int:
     p = stage_parser(__doc__.split("\n\n")[0] + "\n\n" + "Reads OUT/manifest/render.parquet and OUT/renders/; "
-                     "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet.")
+                     "writes OUT/shards/{train,val}-NNNNNN.tar, OUT/shards/index.parquet, OUT/manifest/shards.parquet and the "
+                     "dataset card OUT/shards/README.md with ATTRIBUTION.{md,csv} (pipelines/card.py).")
     args = p.parse_args(list(argv) if argv is not None else None)
     cfg = config_from_args(args)
     save_resolved(cfg, "shards")
@@ -384,9 +456,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    card = write_card(cfg)
     print(f"shards: wrote {len(s['written'])} new shard(s); {s['shards']} in the index "
           f"({s['train']} train / {s['val']} val samples); assets {s['ok']} ok, {s['skipped']} skipped, "
-          f"{s['failed']} failed -> {cfg.out_path / 'shards'}")
+          f"{s['failed']} failed -> {cfg.out_path / 'shards'}; dataset card {card['card'].name}, "
+          f"credits {card['attribution_md'].name}")
     return 0
 
 

@@ -54,7 +54,10 @@ OUTPUT_FIELDS = {
 def output_hash(cfg: RenderConfig, eval_mode: bool = False) -> str:
     """Short stable hash of the settings that determine the rendered files of one mode (stored in meta.json)."""
     mode = "eval" if eval_mode else "train"
-    blob = json.dumps({"mode": mode, **{k: getattr(cfg, k) for k in OUTPUT_FIELDS[mode]}}, sort_keys=True).encode()
+    fields = {k: getattr(cfg, k) for k in OUTPUT_FIELDS[mode]}
+    if eval_mode and cfg.eval_protocol != "instantmesh":  # the default protocol keeps the hash it always had
+        fields.update(eval_protocol=cfg.eval_protocol, eval_grid_distance=cfg.eval_grid_distance)
+    blob = json.dumps({"mode": mode, **fields}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -92,6 +95,7 @@ def _write_folder(out: Path, job: dict, cfg: RenderConfig, c2w: np.ndarray, scen
     meta = {
         "uid": job["uid"], "source": job.get("source", ""), "license": job.get("license", ""),
         "attribution": job.get("attribution", ""), "name": job.get("name", ""),
+        "author": job.get("author") or "", "source_url": job.get("source_url") or "",
         "normalization": {"center": [float(x) for x in scene_info["center"]], "scale": float(scene_info["scale"])},
         "depth_scale": cfg.depth_scale, "render": {**settings, "views": len(c2w),
                                                           "output_hash": output_hash(cfg, eval_mode)},
@@ -124,11 +128,13 @@ def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
     `view_sets` maps a subfolder ("" for the folder itself, or "orbit"/"inputs") to OpenCV poses [V,4,4];
     `eval_mode` (default: any subfolder other than "") picks which output settings the stored hash covers.
     The folder is written under a temporary name and renamed when complete. Returns a manifest row.
-    Textures may come only from the asset's folder (`asset_folder`). An unexpected exception's traceback
-    goes to stderr and its last line (with where it was raised) into `reason`. If the scene reset after
-    the asset fails, the row carries `reset_failed: True`: this bpy is in an unknown state, and the render
-    stage's executor replaces the renderer (pipelines.render) instead of giving it the next asset. A file
-    above `max_file_bytes` (data.max_file_bytes; 0 = no bound) fails without being opened.
+    The asset may read files only inside its folder (`asset_folder`, when that folder is named by the uid;
+    otherwise nothing but the file itself), through a sandbox beside `dest` (render.references). An
+    unexpected exception's traceback goes to stderr and its last line (with where it was raised) into
+    `reason`. If the scene reset after the asset fails, the row carries `reset_failed: True` (after a
+    MemoryError, `retire: True`): this bpy is in an unknown state, and the render stage's executor replaces
+    the renderer (pipelines.render) instead of giving it the next asset. A file above `max_file_bytes`
+    (data.max_file_bytes; 0 = no bound) fails without being opened.
     """
     t0 = time.time()
     uid = job["uid"]
@@ -139,8 +145,10 @@ def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
     tmp = Path(tempfile.mkdtemp(prefix="gtr-render-"))
     try:
         call = quiet_call if quiet else (lambda fn, *a, **k: fn(*a, **k))
-        info = call(prepare_scene, job["path"], job.get("format") or None, cfg, asset_folder(job["path"], uid),
-                    max_file_bytes)
+        folder = asset_folder(job["path"], uid)
+        # a file in a folder named by its uid may read that folder; any other file nothing but itself
+        info = call(prepare_scene, job["path"], job.get("format") or None, cfg,
+                    folder if folder.name == uid else None, max_file_bytes, Path(dest).parent)
         settings = setup_render(cfg, cfg.resolution, threads)
         light = lighting_for(uid, cfg)
         apply_lighting(light)
@@ -156,6 +164,9 @@ def render_asset(job: dict[str, Any], dest: str | Path, cfg: RenderConfig,
                    quality_ok=not flags, quality_flags=",".join(flags), device=settings["device"])
     except RenderError as e:
         row["reason"] = str(e)
+    except MemoryError:  # the renderer's memory cap (render.max_memory_bytes): this bpy's state is unknown
+        row["reason"] = "out of memory: the renderer's memory cap (render.max_memory_bytes) was reached"
+        row["retire"] = True
     except Exception as e:  # Blender on an unknown file can fail anywhere; the row keeps the cause
         row["reason"] = _unexpected(uid, "rendering", e)
     finally:

@@ -1,13 +1,25 @@
 """The Blender scene of one asset: reset, import by format, bounds, normalisation and texture checks.
 
-Untrusted files stay data: Python auto-execution is off and .blend files are appended datablock by
-datablock (never opened as a main file), refused when they carry scripts. Per-asset problems raise
-`RenderError`, whose message becomes the manifest reason. bpy is imported on first use.
+Untrusted files stay data. Before Blender opens anything, `render.references` lists every file the asset
+may read (inside its folder only) and builds a private sandbox folder holding exactly those; the import
+runs from there (working directory too), with the importers' own packing and image search off, and the
+sandbox is removed once every image it provided is packed. Sizes are bounded before the work they
+bound: texture sizes from their headers (unknown = refused) against a per-texture and a per-asset pixel
+budget, glTF/FBX triangles after instancing and subdivision from the file's own counts, then modifiers
+before the first evaluation and every instance before it is materialised. Python auto-execution is off
+and .blend files are appended datablock by datablock (never opened as a main file), refused when they
+carry scripts, link libraries or read cache files. Per-asset problems raise `RenderError`, whose message
+becomes the manifest reason. bpy is imported on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +27,7 @@ import numpy as np
 
 from core.config import RenderConfig
 from render.files import count_nonfinite_vertices, header_size
+from render.references import AssetFiles, ContainmentError, asset_files, build_sandbox
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
 FORMATS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".fbx", ".blend")
@@ -75,6 +88,9 @@ def _import_blend(path: Path) -> None:
         if len(src.texts):
             raise RenderError(f".blend holds {len(src.texts)} Python text block(s); refused, nothing executed")
         dst.objects = list(src.objects)
+    others = [lib.filepath for lib in bpy.data.libraries if Path(bpy.path.abspath(lib.filepath)).resolve() != path.resolve()]
+    if others:  # linked data would be read from those files: outside the asset
+        raise RenderError(f".blend links {len(others)} other library file(s); refused")
     for obj in dst.objects:
         if obj is not None:
             bpy.context.scene.collection.objects.link(obj)
@@ -92,7 +108,9 @@ def import_asset(path: str | Path, fmt: str | None = None) -> None:
     p = str(path)
     try:
         if ext in (".glb", ".gltf"):
-            bpy.ops.import_scene.gltf(filepath=p)
+            # images stay file-backed (in the sandbox) so check_textures sees where each came from; the
+            # default packs them at import, before any check
+            bpy.ops.import_scene.gltf(filepath=p, import_pack_images=False)
         elif ext == ".obj":
             bpy.ops.wm.obj_import(filepath=p)  # Y-up file -> Blender Z-up; MTL and map_Kd textures load
         elif ext == ".ply":
@@ -100,7 +118,8 @@ def import_asset(path: str | Path, fmt: str | None = None) -> None:
         elif ext == ".stl":
             bpy.ops.wm.stl_import(filepath=p)
         elif ext == ".fbx":
-            bpy.ops.import_scene.fbx(filepath=p)
+            # no recursive search for textures through the file's folder (and everything below it)
+            bpy.ops.import_scene.fbx(filepath=p, use_image_search=False)
         else:
             _import_blend(path)
     except RenderError:
@@ -130,13 +149,70 @@ def raw_face_count() -> int:
     return sum(len(m.polygons) for m in bpy.data.meshes)
 
 
+# Modifiers whose output has no more faces than their input (deformers, cleanups); anything else that is not
+# bounded below (geometry nodes, particles, remesh, screw, skin, boolean, caches that read other files, ...)
+# is refused before the first evaluation could materialise it.
+_SAME_FACES = {"ARMATURE", "TRIANGULATE", "DECIMATE", "WELD", "EDGE_SPLIT", "WEIGHTED_NORMAL", "NORMAL_EDIT",
+               "DATA_TRANSFER", "SMOOTH", "LAPLACIANSMOOTH", "CORRECTIVE_SMOOTH", "DISPLACE", "CAST", "WAVE",
+               "SIMPLE_DEFORM", "HOOK", "LATTICE", "CURVE", "SHRINKWRAP", "MESH_DEFORM", "SURFACE_DEFORM",
+               "UV_PROJECT", "UV_WARP", "VERTEX_WEIGHT_EDIT", "VERTEX_WEIGHT_MIX", "VERTEX_WEIGHT_PROXIMITY",
+               "MASK", "LAPLACIANDEFORM", "WARP"}
+
+
+def _modifier_factor(obj: Any, mod: Any) -> int:
+    """How many times more triangles `mod` can output than it takes in (RenderError if it cannot be bounded)."""
+    t = mod.type
+    if t in _SAME_FACES:
+        return 1
+    if t in ("SUBSURF", "MULTIRES"):
+        return 4 ** max(0, min(int(mod.render_levels), 32))
+    if t == "ARRAY" and mod.fit_type == "FIXED_COUNT":
+        return max(1, int(mod.count)) + 2  # + start / end caps
+    if t == "MIRROR":
+        return 2 ** sum(bool(a) for a in mod.use_axis)
+    if t == "SOLIDIFY":
+        return 3  # both shells and the rim
+    if t == "BEVEL":
+        return 4 * (int(mod.segments) + 1) ** 2
+    raise RenderError(f"modifier {t} on '{obj.name}': its output cannot be bounded before evaluation; refused")
+
+
+def estimated_triangles() -> int:
+    """An upper bound of the triangles the first evaluation will produce, from the original data only (no
+    evaluation): mesh triangles times each render-enabled modifier's factor, per object. Objects that
+    instance others (verts / faces / collections, particle systems) are refused: their count is unbounded."""
+    bpy = bpy_module()
+    total = 0
+    for obj in bpy.data.objects:
+        if obj.instance_type != "NONE" or len(getattr(obj, "particle_systems", ())):
+            raise RenderError(f"object '{obj.name}' instances geometry ({obj.instance_type}); refused")
+        if obj.type != "MESH" or obj.data is None:
+            continue
+        n = max(0, len(obj.data.loops) - 2 * len(obj.data.polygons))  # sum over polygons of (corners - 2)
+        for mod in obj.modifiers:
+            if mod.show_render:
+                n *= _modifier_factor(obj, mod)
+        total += n
+    return total
+
+
 def scene_geometry(max_triangles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The evaluated, triangulated scene in world coordinates: vertices [N,3] float64, faces [F,3] int64.
 
     Covers every geometry object and instance after modifiers and parent transforms (what Cycles renders).
+    With `max_triangles`, a first pass counts the triangles of every evaluated mesh instance without
+    copying any (RenderError above the bound), so no instance is materialised past the cap.
     """
     bpy = bpy_module()
     depsgraph = bpy.context.evaluated_depsgraph_get()
+    if max_triangles is not None:
+        n = 0
+        for inst in depsgraph.object_instances:
+            data = inst.object.data if inst.object.type == "MESH" else None
+            if data is not None:
+                n += max(0, len(data.loops) - 2 * len(data.polygons))
+                if n > max_triangles:
+                    raise RenderError(f"too many faces: more than {max_triangles} triangles after instancing")
     verts, faces, offset, n_tris = [], [], 0, 0
     for inst in depsgraph.object_instances:
         obj = inst.object
@@ -167,7 +243,7 @@ def scene_geometry(max_triangles: int | None = None) -> tuple[np.ndarray, np.nda
     return np.concatenate(verts), np.concatenate(faces)
 
 
-def normalise_scene() -> tuple[np.ndarray, float]:
+def normalise_scene(max_triangles: int | None = None) -> tuple[np.ndarray, float]:
     """Centre the scene on its bounding-box centre and scale its largest side to 1 (docs/CONTRACTS.md).
 
     The box covers all geometry of all roots after every parent transform. Returns (center [3], scale) with
@@ -176,7 +252,7 @@ def normalise_scene() -> tuple[np.ndarray, float]:
     bpy = bpy_module()
     from mathutils import Matrix
 
-    v, f = scene_geometry()
+    v, f = scene_geometry(max_triangles)
     if len(f) == 0:
         raise RenderError("empty scene: no renderable faces after import")
     if not np.isfinite(v).all():
@@ -194,72 +270,161 @@ def normalise_scene() -> tuple[np.ndarray, float]:
     return center, scale
 
 
-def check_textures(max_pixels: int, folder: str | Path | None = None) -> list[str]:
+def check_textures(max_pixels: int, folder: str | Path | None = None, max_total_pixels: int = 0) -> list[str]:
     """Textures that could not be used: not found, unreadable, or (with `folder`) outside `folder`.
 
-    A glTF `uri` or an MTL `map_Kd` can name any file on disk (`/home/u/secret.png`, `../../x.png`);
-    Blender would load it. Every file-backed image that is not packed is resolved (symlinks too), and
-    one outside `folder` is recorded as missing (`outside the asset folder: <path>`) and removed from the
-    scene before anything renders, so no pixel of it reaches the output. Sizes come from the file header
-    (PIL) before `img.size`, which decodes the whole image; raises RenderError above `max_pixels`.
+    Every file-backed image that is not packed is resolved (symlinks too, relative paths from the working
+    directory as Blender would); one outside `folder` (the sandbox) is recorded as missing (`outside the
+    asset folder: <path>`) and removed from the scene before anything decodes it, and one inside gets its
+    absolute path, so no later change of directory can make it name another file. Sizes come from the
+    header (render.files.header_size, no pixel decoded) before `img.size`, which decodes the whole image:
+    an image whose header names no size is refused, and RenderError is raised above `max_pixels` for one
+    texture or above `max_total_pixels` (0 = no bound) for all of them together.
     """
     bpy = bpy_module()
     root = Path(folder).resolve() if folder is not None else None
     missing = []
+    total = 0
+
+    def label_of(img: Any, real: Path | None) -> str:
+        if real is not None and root is not None and real.is_relative_to(root):
+            return real.relative_to(root).as_posix()
+        return img.filepath or img.name
+
     for img in list(bpy.data.images):  # a copy: outside images are removed while iterating
         if img.source not in ("FILE", "TILED") or img.type not in ("IMAGE", "UV_TEST"):  # UV_TEST: failed load
             continue
-        label = img.filepath or img.name
         if img.packed_file is None:
             fp = bpy.path.abspath(img.filepath, library=img.library)
             real = Path(fp).resolve() if fp else None
             if root is not None and real is not None and not real.is_relative_to(root):
-                missing.append(f"outside the asset folder: {label}")
+                missing.append(f"outside the asset folder: {img.filepath or img.name}")
                 bpy.data.images.remove(img)
                 continue
             if real is None or not real.is_file():
-                missing.append(label)
+                missing.append(label_of(img, real))
                 continue
+            img.filepath = str(real)
             source: str | bytes = str(real)
         else:
+            real = None
             source = bytes(img.packed_file.data)
         try:
             head = header_size(source)
         except ValueError as e:
             raise RenderError(f"texture '{img.name}': {e}") from None
-        if head is not None and head[0] * head[1] > max_pixels:
+        if head is None:
+            raise RenderError(f"texture '{img.name}': no size in its header (unknown format); refused, not decoded")
+        if head[0] * head[1] > max_pixels:
             raise RenderError(f"texture '{img.name}' is {head[0]}x{head[1]}, above the {max_pixels}-pixel bound")
+        total += head[0] * head[1]
+        if max_total_pixels and total > max_total_pixels:
+            raise RenderError(f"textures of this asset hold more than {max_total_pixels} pixels "
+                              "(render.max_asset_texture_pixels)")
         w, h = img.size  # decodes the image: only after the header said its size is within bounds
         if w * h == 0:
-            missing.append(label)
+            missing.append(label_of(img, real))
         elif w * h > max_pixels:
             raise RenderError(f"texture '{img.name}' is {w}x{h}, above the {max_pixels}-pixel bound")
     return missing
 
 
+def check_before_import(files: AssetFiles, cfg: RenderConfig) -> None:
+    """The bounds that need no Blender: every texture the asset may load sized from its header (unknown =
+    refused) against render.max_texture_pixels and, summed, render.max_asset_texture_pixels; the glTF's
+    triangles after instancing (and FBX's after subdivision) against 2 x render.max_faces."""
+    total = 0
+    for label, src in files.images:
+        data = src() if callable(src) else src
+        try:
+            head = header_size(data)
+        except ValueError as e:
+            raise RenderError(f"texture '{label}': {e}") from None
+        if head is None:
+            raise RenderError(f"texture '{label}': no size in its header (unknown format); refused, not decoded")
+        if head[0] * head[1] > cfg.max_texture_pixels:
+            raise RenderError(f"texture '{label}' is {head[0]}x{head[1]}, above the {cfg.max_texture_pixels}-pixel "
+                              "bound")
+        total += head[0] * head[1]
+        if cfg.max_asset_texture_pixels and total > cfg.max_asset_texture_pixels:
+            raise RenderError(f"textures of this asset hold more than {cfg.max_asset_texture_pixels} pixels "
+                              "(render.max_asset_texture_pixels)")
+    cap = 2 * cfg.max_faces
+    if files.triangles is not None and files.triangles > cap:
+        raise RenderError(f"too many faces: the file declares {files.triangles} triangles after instancing "
+                          f"and subdivision > {cap}")
+    if files.instances is not None and files.instances > cfg.max_faces:
+        raise RenderError(f"too many mesh instances: {files.instances} > {cfg.max_faces}")
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """Importers try some paths relative to the process's working directory first: make that the sandbox."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def prepare_scene(path: str | Path, fmt: str | None, cfg: RenderConfig, folder: str | Path | None = None,
-                  max_file_bytes: int = 0) -> dict[str, Any]:
+                  max_file_bytes: int = 0, sandbox_parent: str | Path | None = None) -> dict[str, Any]:
     """Reset, import, check bounds, normalise. Returns normalisation, geometry and missing textures.
 
-    A file above `max_file_bytes` (data.max_file_bytes; 0 = no bound) fails unopened. Textures outside
-    `folder` (default: the file's own folder) are not loaded (`check_textures`)."""
+    A file above `max_file_bytes` (data.max_file_bytes; 0 = no bound) fails unopened. The asset may read
+    files inside `folder` only (None: none but itself, a single-file asset); they are linked into a private
+    sandbox folder created under `sandbox_parent` (default: the system's temporary folder) and imported
+    from there; the sandbox is gone when this returns (every image it provided is packed)."""
     size = Path(path).stat().st_size if Path(path).is_file() else 0
     if max_file_bytes and size > max_file_bytes:
         raise RenderError(f"file is {size} bytes, above the {max_file_bytes}-byte bound")
     ext = ("." + fmt.lower().lstrip(".")) if fmt else Path(path).suffix.lower()
-    bad = count_nonfinite_vertices(path, ext) if Path(path).is_file() else 0
-    if bad:
-        raise RenderError(f"non-finite vertex coordinates ({bad} vertices)")
-    reset_scene()
-    import_asset(path, fmt)
+    if ext not in FORMATS:
+        raise RenderError(f"unsupported format '{ext}' (supported: {', '.join(FORMATS)})")
+    if ext == ".fbx":
+        bpy_module()  # Blender's FBX parser (render.references) is importable once bpy is
+    try:
+        files = asset_files(path, ext, folder) if ext != ".blend" else None
+    except ContainmentError as e:
+        raise RenderError(str(e)) from None
+    if files is not None:
+        check_before_import(files, cfg)
+    if sandbox_parent is not None:
+        Path(sandbox_parent).mkdir(parents=True, exist_ok=True)
+    sandbox = Path(tempfile.mkdtemp(prefix=".tmp-sandbox-", dir=sandbox_parent))  # mode 0700
+    try:
+        main = build_sandbox(files, sandbox) if files is not None else Path(path)
+        with _working_directory(sandbox):
+            bad = count_nonfinite_vertices(main, ext) if files is not None else 0
+            if bad:
+                raise RenderError(f"non-finite vertex coordinates ({bad} vertices)")
+            reset_scene()
+            import_asset(main, fmt)
+            faces = raw_face_count()
+            if faces > cfg.max_faces:
+                raise RenderError(f"too many faces: {faces} > {cfg.max_faces}")
+            estimate = estimated_triangles()
+            if estimate > 2 * cfg.max_faces:
+                raise RenderError(f"too many faces: up to {estimate} triangles after modifiers > {2 * cfg.max_faces}")
+            missing = (files.refused if files is not None else []) + check_textures(
+                cfg.max_texture_pixels, sandbox if files is not None else Path(path).resolve().parent,
+                cfg.max_asset_texture_pixels)
+            _pack_file_images()
+    except ContainmentError as e:
+        raise RenderError(str(e)) from None
+    finally:
+        shutil.rmtree(sandbox, ignore_errors=True)
     _match_viewport_to_render()
-    faces = raw_face_count()
-    if faces > cfg.max_faces:
-        raise RenderError(f"too many faces: {faces} > {cfg.max_faces}")
-    missing = check_textures(cfg.max_texture_pixels, folder if folder is not None else Path(path).resolve().parent)
-    center, scale = normalise_scene()
-    v, f = scene_geometry(max_triangles=4 * cfg.max_faces)
-    if len(f) > 2 * cfg.max_faces:  # after triangulation (quads count twice)
-        raise RenderError(f"too many faces: {len(f)} triangles > {2 * cfg.max_faces}")
+    center, scale = normalise_scene(max_triangles=2 * cfg.max_faces)
+    v, f = scene_geometry(max_triangles=2 * cfg.max_faces)
     return {"center": center, "scale": scale, "vertices": v.astype(np.float32), "faces": f.astype(np.int32),
             "missing_textures": missing}
+
+
+def _pack_file_images() -> None:
+    """Pack every file-backed image (the file's bytes, not decoded) so the sandbox can go before rendering."""
+    bpy = bpy_module()
+    for img in bpy.data.images:
+        if img.source == "FILE" and img.packed_file is None and img.filepath and Path(img.filepath).is_file():
+            img.pack()

@@ -87,12 +87,32 @@ def mean_scalar(value: float, device: torch.device) -> float:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (small picklable things: RNG states, counters)."""
+    """Every rank's `obj`, in rank order, on every rank (small picklable things: RNG states, counters).
+
+    all_gather_object unpickles what the other ranks send and the process group has no authentication:
+    run multi-node training on a private network only (docs/scaleout.md)."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def batch_split(global_batch: int, micro_batch: int = 0, world: int | None = None) -> tuple[int, int]:
+    """(assets per rank per forward, accumulation steps) for a GLOBAL batch over `world` ranks
+    (default: this world): global_batch = world x micro x accumulation. micro_batch 0 = global / world (no
+    accumulation). A split that does not divide is a ValueError saying which numbers."""
+    world = world_size() if world is None else world
+    if global_batch < 1 or micro_batch < 0 or world < 1:
+        raise ValueError(f"batch_size must be >= 1 and micro_batch >= 0, got {global_batch} and {micro_batch}")
+    if global_batch % world:
+        raise ValueError(f"batch_size {global_batch} (global) does not divide over {world} ranks")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"batch_size {global_batch} over {world} ranks is {per_rank} per rank, which micro_batch "
+                         f"{micro} does not divide (batch_size = ranks x micro_batch x accumulation steps)")
+    return micro, per_rank // micro
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Textured mesh export: xatlas UV unwrap, a texture baked from a colour function at the surface, GLB out.
+"""Textured mesh export: quadric decimation, xatlas UV unwrap, a texture baked from a colour function at the
+surface, GLB out.
 
 The mesh comes out of marching cubes in the canonical normalised frame (docs/CONTRACTS.md: Z up, the asset inside
 [-0.5, 0.5]^3). glTF is Y up, so the GLB stores every position as
@@ -8,6 +9,13 @@ The mesh comes out of marching cubes in the canonical normalised frame (docs/CON
 which is exactly the inverse of what Blender's glTF importer does on import ((X, Y, Z)_gltf -> (X, -Z, Y)),
 so importing `mesh.glb` into Blender puts the asset back where it was rendered from, and any glTF viewer
 shows it upright. `load_glb` undoes the rotation for readers in Python (trimesh itself keeps glTF's axes).
+
+Speed: a marching-cubes mesh has far more faces than its shape needs (250 k at 256³), and xatlas's chart
+growing costs more than linearly in the faces of a chart. So the mesh is first decimated by quadric edge
+collapse (`fast-simplification`, MIT) to at most `max_faces` (`refine.export_faces`), and charts are capped
+at about `FACES_PER_CHART` faces' worth of area; the colour detail lives in the baked texture, not in the
+vertices, so the re-rendered textured mesh loses almost nothing (tests/training/test_export.py holds it
+against a dense vertex-coloured mesh on an analytic sphere; docs/benchmarks.md has the times).
 
 Texture: the colour function (f_c at the surface points) gives colours in the 8-bit sRGB-encoded space of
 the training images; the baked PNG stores those values directly, which is what glTF's sRGB baseColorTexture
@@ -19,8 +27,9 @@ baked texel so that bilinear lookups across chart borders (seams) do not bleed i
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,18 +85,46 @@ class UVMesh:
     vmap: np.ndarray  # [M] int64 index of each cut vertex in the input vertices
 
 
-def uv_unwrap(verts: np.ndarray, faces: np.ndarray, texture_size: int = 1024, padding: int = 2) -> UVMesh:
-    """xatlas charts packed into a `texture_size`² atlas with `padding` texels between charts."""
+def decimate(verts: np.ndarray, faces: np.ndarray, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation to at most `max_faces` faces (0 = keep the mesh as it is).
+
+    verts [N,3], faces [F,3] -> verts [M,3] float32, faces [<=max_faces,3] int32, with unreferenced vertices
+    and collapsed (zero-area index) triangles removed. A mesh already small enough comes back unchanged.
+    """
+    verts, faces = check_mesh(verts, faces)
+    if max_faces <= 0 or len(faces) <= max_faces:
+        return verts, faces
+    import fast_simplification
+
+    v, f = fast_simplification.simplify(verts, faces, target_count=int(max_faces))
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    used, f = np.unique(f.reshape(-1), return_inverse=True)
+    return np.asarray(v, dtype=np.float32)[used], f.reshape(-1, 3).astype(np.int32)
+
+
+FACES_PER_CHART = 100  # chart area cap, in faces' worth of the mesh's mean face area: xatlas's chart growing
+# is superlinear in chart size (20 k faces: 11 s uncapped, 1.0 s at ~100 faces per chart; same atlas use)
+
+
+def uv_unwrap(verts: np.ndarray, faces: np.ndarray, texture_size: int = 1024, padding: int = 2,
+              faces_per_chart: int = FACES_PER_CHART) -> UVMesh:
+    """xatlas charts packed into a `texture_size`² atlas with `padding` texels between charts; each chart
+    covers at most about `faces_per_chart` mean faces of area (0 = no cap, xatlas's default)."""
     import xatlas
 
     verts, faces = check_mesh(verts, faces)
     atlas = xatlas.Atlas()
     atlas.add_mesh(verts, faces)
+    charts = xatlas.ChartOptions()
+    if faces_per_chart > 0:
+        e1, e2 = verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]
+        area = 0.5 * float(np.linalg.norm(np.cross(e1, e2), axis=1).sum())
+        charts.max_chart_area = area * min(1.0, faces_per_chart / len(faces))
     pack = xatlas.PackOptions()
     pack.resolution = int(texture_size)
     pack.padding = int(padding)
     pack.bilinear = True  # keep a texel of gap so bilinear lookups stay inside a chart
-    atlas.generate(xatlas.ChartOptions(), pack)
+    atlas.generate(charts, pack)
     vmap, new_faces, uv = atlas[0]
     return UVMesh(verts=verts[vmap], faces=new_faces.astype(np.int32), uv=uv.astype(np.float32),
                   vmap=vmap.astype(np.int64))
@@ -191,31 +228,46 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [N,3] of counter-clockwise faces (+Z for a vertex no face touches)."""
+    v = np.asarray(verts, dtype=np.float64)
+    n = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])  # [F,3], length = 2 area
+    out = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(out, faces[:, k], n)
+    length = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(length > 0, out / np.maximum(length, 1e-30), [0.0, 0.0, 1.0])
+
+
 def glb_bytes(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray | None = None,
-              texture: np.ndarray | None = None, vertex_colors: np.ndarray | None = None) -> bytes:
+              texture: np.ndarray | None = None, vertex_colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> bytes:
     """A GLB of one mesh (canonical-frame verts [N,3], faces [F,3]) in glTF's Y-up frame.
 
     Either `uv` [N,2] (v up) + `texture` [S,S,3] uint8 (PBR baseColorTexture, metallic 0, roughness 1),
-    or `vertex_colors` [N,3] in [0,1] (COLOR_0, with a plain white material), or neither.
+    or `vertex_colors` [N,3] in [0,1] (COLOR_0, with a plain white material), or neither. `normals` [N,3]
+    (canonical frame; default: `vertex_normals` of this mesh) make viewers shade it smooth instead of
+    faceted (glTF's rule without NORMAL).
     """
     import trimesh
     from PIL import Image
 
     verts, faces = check_mesh(verts, faces)
     pos = to_gltf_frame(verts).astype(np.float32)
+    nrm = to_gltf_frame(vertex_normals(verts, faces) if normals is None else normals).astype(np.float32)
     if uv is not None and texture is not None:
         material = trimesh.visual.material.PBRMaterial(
             name="baked", baseColorTexture=Image.fromarray(np.ascontiguousarray(texture)),
             metallicFactor=0.0, roughnessFactor=1.0, doubleSided=True)
         visual = trimesh.visual.TextureVisuals(uv=np.asarray(uv, dtype=np.float64), material=material)
-        mesh = trimesh.Trimesh(pos, faces, visual=visual, process=False)
+        mesh = trimesh.Trimesh(pos, faces, visual=visual, vertex_normals=nrm, process=False)
     elif vertex_colors is not None:
         vc = np.round(np.clip(np.asarray(vertex_colors, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
         rgba = np.concatenate([vc, np.full((len(vc), 1), 255, np.uint8)], axis=1)
-        mesh = trimesh.Trimesh(pos, faces, vertex_colors=rgba, process=False)
+        mesh = trimesh.Trimesh(pos, faces, vertex_colors=rgba, vertex_normals=nrm, process=False)
     else:
-        mesh = trimesh.Trimesh(pos, faces, process=False)
-    return mesh.export(file_type="glb")
+        mesh = trimesh.Trimesh(pos, faces, vertex_normals=nrm, process=False)
+    return mesh.export(file_type="glb", include_normals=True)
 
 
 @dataclass
@@ -224,15 +276,19 @@ class ExportInfo:
 
     path: str
     vertices: int  # after the UV cut (seam vertices duplicated)
-    faces: int
+    faces: int  # after decimation
     texture_size: int
     coverage: float  # fraction of texels inside a UV triangle
     vertex_color_path: str = ""
+    input_faces: int = 0  # of the mesh given (before decimation)
+    seconds: dict[str, float] = field(default_factory=dict)  # decimate, unwrap, bake, write
 
 
 def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn: ColorFn,
-               texture_size: int = 1024, vertex_colors: bool = False, texture_png: bool = True) -> ExportInfo:
-    """Unwrap, bake and write `path` (GLB with a UV texture) atomically; optionally `<stem>_vc.glb` too.
+               texture_size: int = 1024, vertex_colors: bool = False, texture_png: bool = True,
+               max_faces: int = 20_000) -> ExportInfo:
+    """Decimate to `max_faces` (0 = keep all), unwrap, bake and write `path` (GLB with a UV texture)
+    atomically; optionally `<stem>_vc.glb` too (the full mesh, colours at its vertices).
 
     The vertex-colour variant is a separate file because glTF multiplies COLOR_0 into the base colour, so
     one file with both would darken the texture. With `texture_png` the texture is also written beside the
@@ -240,13 +296,26 @@ def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn:
     """
     path = Path(path)
     verts, faces = check_mesh(verts, faces)
-    uvmesh = uv_unwrap(verts, faces, texture_size)
+    t = [time.perf_counter()]
+
+    def lap() -> float:
+        t.append(time.perf_counter())
+        return round(t[-1] - t[-2], 4)
+
+    low_v, low_f = decimate(verts, faces, max_faces)
+    seconds = {"decimate": lap()}
+    uvmesh = uv_unwrap(low_v, low_f, texture_size)
+    seconds["unwrap"] = lap()
     texture, filled = bake_texture(uvmesh, color_fn, texture_size)
-    atomic_write_bytes(path, glb_bytes(uvmesh.verts, uvmesh.faces, uv=uvmesh.uv, texture=texture))
+    seconds["bake"] = lap()
+    normals = vertex_normals(low_v, low_f)[uvmesh.vmap]  # of the uncut mesh: no shading seam along UV cuts
+    atomic_write_bytes(path, glb_bytes(uvmesh.verts, uvmesh.faces, uv=uvmesh.uv, texture=texture, normals=normals))
     if texture_png:
         atomic_write_bytes(path.with_name(f"{path.stem}_texture.png"), _png(texture))
+    seconds["write"] = lap()
     info = ExportInfo(path=str(path), vertices=len(uvmesh.verts), faces=len(uvmesh.faces),
-                      texture_size=int(texture_size), coverage=float(filled.mean()))
+                      texture_size=int(texture_size), coverage=float(filled.mean()), input_faces=len(faces),
+                      seconds=seconds)
     if vertex_colors:
         vc_path = path.with_name(f"{path.stem}_vc.glb")
         colors = query_colors(color_fn, verts)

@@ -15,6 +15,7 @@ skipping non-finite steps, logging, checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -40,6 +41,7 @@ class LoopResult:
     step: int
     skipped: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss of that step (this process)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm before clipping
     val: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> validation scalars
     checkpoint: Path | None = None
     resumed_from: Path | None = None
@@ -143,18 +145,36 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, s: OptimConfig,
+def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[dict] | dict, s: OptimConfig,
                device: torch.device, dtype: torch.dtype | None) -> tuple[float, dict[str, float], bool]:
-    """One optimisation step. Returns (loss, scalars, applied); a non-finite loss or gradient on any rank
-    skips the update on every rank, leaving parameters and optimizer state untouched."""
+    """One optimisation step over `batches`, this rank's micro-batches of the global batch: each micro
+    loss / len(batches) is backpropagated (gradients add up to the mean over this rank's assets; DDP
+    all-reduces them once, on the last micro-batch, into the mean over the global batch). Returns (loss,
+    scalars, applied), loss and scalars averaged over the micro-batches; a non-finite loss or gradient on any
+    rank skips the update on every rank, leaving parameters and optimizer state untouched. A single batch
+    (a dict) is one micro-batch."""
+    if isinstance(batches, dict):
+        batches = [batches]
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss, scalars = module(batch)
-    value = float(loss.detach())
-    out = {k: float(v) for k, v in scalars.items()}
-    if not D.all_true(math.isfinite(value), device):
+    n = len(batches)
+    values: list[float] = []
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        sync = i == n - 1 or not hasattr(module, "no_sync")
+        with contextlib.nullcontext() if sync else module.no_sync():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, scalars = module(batch)
+            values.append(float(loss.detach()))
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
+            # every rank runs every backward (the collectives must match); a NaN is skipped after
+            if loss.requires_grad:
+                (loss / n).backward()
+    value = sum(values) / n
+    out = dict(sums)
+    if not D.all_true(all(math.isfinite(v) for v in values), device):
+        opt.zero_grad(set_to_none=True)
         return value, out, False
-    loss.backward()
     params = [p for g in opt.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
     out["grad_norm"] = float(norm)
@@ -176,11 +196,16 @@ def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run
     """Train `objective` to `s.steps` (a stage's `cfg.nerf` / `cfg.mesh`), resuming from the newest valid
     checkpoint under `run_dir`. Rank r seeds python, numpy and torch with `seed + r`.
 
+    `data` yields this rank's micro-batches (`s.micro_batch` assets, or batch_size / world); a step takes
+    `accumulation = batch_size / (world · micro)` of them (`training.distributed.batch_split`), so
+    `s.batch_size` is the global batch. The data position counts micro-batches.
+
     `stop_at` ends this process early (after that step, checkpointing it) without changing the schedule —
     what an interruption looks like, for tests and time-boxed jobs. `progress` shows a tqdm bar (rank 0).
     """
     run_dir = Path(run_dir)
     device = D.init()
+    _, accumulation = D.batch_split(s.batch_size, s.micro_batch)
     objective.to(device)
     apply_speedups(objective.model, s)
     opt, dtype = make_optimizer(objective, s), autocast_dtype(s.precision, device)
@@ -199,14 +224,16 @@ def train(objective: torch.nn.Module, data: Callable[[int], Iterable[dict]], run
     batches = iter(data(state.position))
     t0, samples = time.perf_counter(), 0
     while state.step < end:
-        batch = to_device(next(batches), device)
-        state.position += 1
+        micro = [to_device(next(batches), device) for _ in range(accumulation)]
+        state.position += accumulation
         module.train()
-        loss, scalars, applied = train_step(module, opt, batch, s, device, dtype)
+        loss, scalars, applied = train_step(module, opt, micro, s, device, dtype)
         sched.step()
         state.step += 1
         result.losses[state.step] = loss
-        samples += len(batch.get("uid", [0])) * D.world_size()
+        if "grad_norm" in scalars:
+            result.grad_norms[state.step] = scalars["grad_norm"]
+        samples += sum(len(b.get("uid", [0])) for b in micro) * D.world_size()
         rate = samples / max(time.perf_counter() - t0, 1e-9)
         if not applied:
             state.skipped += 1

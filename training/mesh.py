@@ -156,14 +156,16 @@ def _background(background: float | Tensor, device: torch.device) -> Tensor:
 
 
 def shade(model: torch.nn.Module, planes: Tensor, surface: Surface, background: float | Tensor = 1.0,
-          antialias: bool = True, chunk: int = 1 << 18) -> dict[str, Tensor]:
+          antialias: bool = True, chunk: int = 1 << 18, hard_color: bool = False) -> dict[str, Tensor]:
     """Colour a rasterized surface: rgb [V,3,H,W] = f_c at each hit point (`model.query_color`) composited
     on `background` (a float or [3]) by the coverage, and that coverage, mask [V,1,H,W].
 
     Differentiable in planes and f_c, and in the vertices through the surface. With `antialias` the
     silhouettes are smoothed (coverage becomes fractional and gives the mask gradients to vertices; for
     renders people look at and for reported PSNRs); refinement's loss leaves it out: the CPU twin's
-    antialias backward costs 10x the rest of a step, and it only moves silhouette pixels.
+    antialias backward costs 10x the rest of a step, and it only moves silhouette pixels. `hard_color`
+    keeps the colour under the hard mask (f_c where a triangle covers the pixel centre, background elsewhere,
+    the released `MeshGen._decode_appearance`) and antialiases only the mask.
     """
     planes = _one_asset(planes)
     V, H, W, _ = surface.points.shape
@@ -175,23 +177,28 @@ def shade(model: torch.nn.Module, planes: Tensor, surface: Surface, background: 
         cols = torch.cat([model.query_color(planes, p[None])[0] for p in pts.split(chunk)])
         rgb = rgb.index_put((surface.hit,), cols.to(rgb.dtype))
     mask = hit
-    if antialias:
-        mixed = surface.rasterizer.antialias(torch.cat([rgb, hit], dim=-1).contiguous(), surface.rast,
-                                             surface.clip, surface.faces)
-        rgb, mask = mixed[..., :3], mixed[..., 3:]
-    rgb = rgb + (1.0 - mask) * bg  # colour is premultiplied by coverage; background fills the rest
+    if antialias and hard_color:
+        mask = surface.rasterizer.antialias(hit.contiguous(), surface.rast, surface.clip, surface.faces)
+        rgb = rgb + (1.0 - hit) * bg
+    else:
+        if antialias:
+            mixed = surface.rasterizer.antialias(torch.cat([rgb, hit], dim=-1).contiguous(), surface.rast,
+                                                 surface.clip, surface.faces)
+            rgb, mask = mixed[..., :3], mixed[..., 3:]
+        rgb = rgb + (1.0 - mask) * bg  # colour is premultiplied by coverage; background fills the rest
     return {"rgb": rgb.permute(0, 3, 1, 2), "mask": mask.permute(0, 3, 1, 2)}
 
 
 def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Tensor, c2w: Tensor, K: Tensor,
                 H: int, W: int, background: float | Tensor = 1.0, rasterizer: Rasterizer | None = None,
-                antialias: bool = True, chunk: int = 1 << 18) -> dict[str, Tensor]:
+                antialias: bool = True, chunk: int = 1 << 18, hard_color: bool = False) -> dict[str, Tensor]:
     """Render one asset's textured mesh from V cameras: `rasterize_mesh`, then `shade`.
 
     verts [N, 3], faces [F, 3] (normalised world frame); c2w [V, 4, 4] OpenCV, K [V, 3, 3] for an H×W image;
     background a float or [3]. Returns rgb [V, 3, H, W] (f_c at the surface point of each pixel, composited
     on the background by the mask), depth [V, 1, H, W] (planar z, 0 = empty, the contract's convention),
     mask [V, 1, H, W] (antialiased coverage) and normal [V, 3, H, W] (world-space face normals, 0 = empty).
+    `hard_color`: colour under the hard mask, as released (`shade`).
     An empty mesh renders as background with zero mask and depth.
     """
     planes = _one_asset(planes)
@@ -205,7 +212,7 @@ def render_mesh(model: torch.nn.Module, planes: Tensor, verts: Tensor, faces: Te
         return {"rgb": bg.view(1, 3, 1, 1).expand(V, 3, H, W).clone(), "depth": zeros, "mask": zeros.clone(),
                 "normal": torch.zeros(V, 3, H, W, device=dev)}
     surface = rasterize_mesh(rasterizer or Rasterizer("auto", dev), verts, faces, c2w, K, H, W)
-    out = shade(model, planes, surface, background, antialias, chunk)
+    out = shade(model, planes, surface, background, antialias, chunk, hard_color)
     fid = (surface.rast[..., 3].long() - 1).clamp(min=0)
     normal = face_normals(verts.float(), surface.faces)[fid] * surface.hit[..., None]  # [V, H, W, 3]
     return {**out, "depth": surface.depth.permute(0, 3, 1, 2), "normal": normal.permute(0, 3, 1, 2)}

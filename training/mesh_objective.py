@@ -16,17 +16,34 @@ from core.config import MeshConfig
 from training.cameras import camera_rays
 from training.losses import (
     LPIPSLoss,
-    bin_length,
     depth_loss,
     mask_loss,
     mse,
-    planar_to_ray_depth,
     psnr,
     ray_opacity_regulariser,
 )
 from training.mesh import extract_mesh, render_mesh
 from training.mesh_level import mesh_level
 from training.ops.raster import Rasterizer
+
+
+def image_terms(pred: dict[str, Tensor], gt_rgb: Tensor, gt_mask: Tensor, gt_depth: Tensor,
+                depth_mean_over: str = "foreground") -> dict[str, Tensor]:
+    """The unweighted image terms of stage 2 (the released `MeshRenderLoss`, fixture `mesh_losses`):
+    rgb = MSE over all pixels (background included), mask = MSE of the (antialiased) coverage, depth =
+    squared error on ground-truth foreground (`training.losses.depth_loss`). pred {rgb, mask, depth} and the
+    targets are [N,c,H,W]; depth planar, 0 = background."""
+    return {"rgb": mse(pred["rgb"], gt_rgb), "mask": mask_loss(pred["mask"], gt_mask),
+            "depth": depth_loss(pred["depth"], gt_depth, gt_mask, depth_mean_over)}
+
+
+def regulariser_rays(c2w: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Rays of the supervision pixels for the regulariser: origins and directions [..., h, w, 3] whose
+    camera-z component is 1 (the released `get_cam_rays(norm=False)`), so that the parameter t along them
+    is the planar depth the renders store."""
+    o, d = camera_rays(c2w, K, height, width)
+    forward = c2w[..., None, None, :3, 2]
+    return o, d / (d * forward).sum(-1, keepdim=True)
 
 
 class MeshObjective(nn.Module):
@@ -36,7 +53,8 @@ class MeshObjective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.lpips = lpips if lpips is not None or cfg.lpips_weight == 0 else LPIPSLoss(cfg.lpips_net)
+        self.lpips = (lpips if lpips is not None or cfg.lpips_weight == 0
+                      else LPIPSLoss(cfg.lpips_net, size=cfg.lpips_size))
         self._raster: Rasterizer | None = None
         self.empty_total = 0  # assets whose mesh came out empty, since construction
         self.levels: list[float] = []  # the mesh level of each asset of the last render
@@ -64,30 +82,26 @@ class MeshObjective(nn.Module):
                 continue
             outs.append(render_mesh(self.model, pl, verts, faces, batch["sup_c2w"][b], batch["sup_K"][b], h, w,
                                     batch["background"][b], self.rasterizer(verts.device),
-                                    antialias=self.cfg.antialias, chunk=self.cfg.query_chunk))
+                                    antialias=self.cfg.antialias, chunk=self.cfg.query_chunk,
+                                    hard_color=self.cfg.hard_color))
         return outs, planes
 
     def regulariser(self, batch: dict, planes: Tensor) -> Tensor:
-        """Ray opacity at one random point per ray in front of the ground-truth surface (docs/CONTRACTS.md), L1 to 0."""
+        """The released ray-opacity regulariser (`training.losses.ray_opacity_regulariser`) over the
+        supervision rays: `mesh.reg_rays` random rays per asset, or all of them (0, as released)."""
         B, Vs = batch["sup_c2w"].shape[:2]
         h, w = batch["sup_rgb"].shape[-2:]
-        o, d = camera_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]
-        depth = batch["sup_depth"].float().permute(0, 1, 3, 4, 2)  # [B,Vs,h,w,1]
-        fwd = batch["sup_c2w"].float()[:, :, None, None, :3, 2].expand_as(d)
-        t = planar_to_ray_depth(depth, d, fwd)
-        n = min(self.cfg.reg_rays, Vs * h * w)
-        pick = torch.stack([torch.randperm(Vs * h * w, device=d.device)[:n] for _ in range(B)])  # [B,n]
-
-        def take(x: Tensor) -> Tensor:
-            x = x.reshape(B, Vs * h * w, -1)
-            return torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1]))
-
-        ro, rd, rt = take(o), take(d), take(t)
+        o, d = regulariser_rays(batch["sup_c2w"].float(), batch["sup_K"].float(), h, w)  # [B,Vs,h,w,3]
+        depth = batch["sup_depth"].float().permute(0, 1, 3, 4, 2)  # [B,Vs,h,w,1] planar = t along d
+        o, d, depth = (x.reshape(B, Vs * h * w, -1) for x in (o, d, depth))
+        n = self.cfg.reg_rays
+        if 0 < n < Vs * h * w:  # an unbiased subsample of the same mean
+            pick = torch.stack([torch.randperm(Vs * h * w, device=d.device)[:n] for _ in range(B)])  # [B,n]
+            o, d, depth = (torch.gather(x, 1, pick[..., None].expand(-1, -1, x.shape[-1])) for x in (o, d, depth))
         # Box, near plane and density units come from the model, in our frame (docs/model.md "Frames").
-        box, near, mc = self.model.box_half_size_ours(), self.model.near_min_ours(), self.model.cfg
-        delta = bin_length(ro, rd, box, mc.samples_per_ray, near) * self.model.units_per_ours
-        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), ro, rd, rt, box, delta,
-                                       near)
+        return ray_opacity_regulariser(lambda p: self.model.query_density(planes, p), o, d, depth,
+                                       self.model.box_half_size_ours(), self.model.near_min_ours(),
+                                       self.model.units_per_ours)
 
     def losses(self, batch: dict, outs: list[dict[str, Tensor] | None], planes: Tensor
                ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -104,10 +118,9 @@ class MeshObjective(nn.Module):
         pred = {k: torch.cat([outs[i][k] for i in keep]).float() for k in ("rgb", "depth", "mask")}
         gt_rgb = torch.cat([batch["sup_rgb"][i] for i in keep]).float()  # [N,3,h,w]
         gt_mask = torch.cat([batch["sup_mask"][i] for i in keep]).float()
-        gt_depth = torch.cat([batch["sup_depth"][i] for i in keep]).float()
-        terms["rgb"] = mse(pred["rgb"], gt_rgb)
-        terms["mask"] = mask_loss(pred["mask"], gt_mask)
-        terms["depth"] = depth_loss(pred["depth"], gt_depth, gt_mask)
+        gt_depth = torch.cat([batch["sup_depth"][i] for i in keep]).float() * c.depth_units
+        pred["depth"] = pred["depth"] * c.depth_units
+        terms.update(image_terms(pred, gt_rgb, gt_mask, gt_depth, c.depth_mean_over))
         loss = c.rgb_weight * terms["rgb"] + c.mask_weight * terms["mask"] + c.depth_weight * terms["depth"]
         if c.lpips_weight > 0:
             terms["lpips"] = self.lpips(pred["rgb"].clamp(0, 1), gt_rgb)

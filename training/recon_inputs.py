@@ -6,11 +6,16 @@ Three ways to give the cameras (checked in this order):
    `OUT/renders_eval/<uid>/inputs/`;
 2. `cameras.json`: `{"frames": [{"file": "a.png", "c2w": 4x4, "K": 3x3, "mask": "a_mask.png"?}, ...]}` with
    OpenCV `c2w` in our normalised Z-up frame (object inside [-0.5, 0.5]^3) and `K` in pixels of that file;
-3. a named layout (`--layout`): `eval4` — the contract's 4 evaluation input views (azimuth 0/90/180/270,
+3. the released inference folder (snap_gtr `scripts/inference.py: load_eval_data`): `rgb_NNN.png` with
+   `cam_NNN.txt` beside each (the released `save_camera` format: a world-to-camera OpenCV extrinsic in their
+   Y-up [−1, 1] frame and fx fy cx cy height width), converted into ours by the inverse of the fixed
+   similarity (`RELEASED_FRAME_SCALE` = 2, Y-up → Z-up);
+4. a named layout (`--layout`): `eval4` — the contract's 4 evaluation input views (azimuth 0/90/180/270,
    elevation 20°, distance 2.6, FoV 40°), images taken in sorted file-name order; `zero123pp` — the
-   Zero123++ v1.2 6-view output, one 3×2 grid image (3 rows, 2 columns, read row by row) or 6 images,
-   azimuths 30° + 60°·k, elevations 20°/−10° alternating, FoV 30°, radius 4 for an object in [−1, 1]^3,
-   i.e. 2.0 in our frame (InstantMesh's convention, which is ours: Z up, azimuth from +X towards +Y).
+   Zero123++ v1.2 6-view output, one 3×2 grid image (3 rows, 2 columns, read row by row) or 6 images: the
+   released `prepare_mv` cameras (elevations 20°/−10° alternating, azimuths 30° + 60°·k measured from +Z
+   towards +X in their Y-up frame, FoV 30°, radius 4 for an object in [−1, 1]^3), which in our frame (Z up,
+   azimuth from +X towards +Y, data in [−0.5, 0.5]^3) are azimuths −60° + 60°·k at radius 2.
 
 Images are RGBA (straight alpha), or RGB with a mask file beside them (`NAME.mask.png`, `NAME_mask.png` or
 `masks/NAME.png`). Everything that does not fit raises `InputError` naming the file and the problem.
@@ -31,14 +36,19 @@ MAX_SIDE = 8192  # refuse larger images (bounded memory; PIL's bomb guard is per
 MAX_VIEWS = 64  # the transformer's sequence grows with views; more than this is a mistake
 MAX_JSON_BYTES = 4 << 20
 
-# Zero123++ v1.2 output layout (the released code's facts in docs/CONTRACTS.md), in our frame.
-ZERO123PP_AZIMUTHS = tuple(30.0 + 60.0 * k for k in range(6))
+# The released data's frame: Y-up, objects in [-1, 1]^3, i.e. ours x 2 (the official preset's
+# official_frame_scale; pinned by the fixture's Zero123++ cameras, tests/training/test_released_cameras.py).
+RELEASED_FRAME_SCALE = 2.0
+# Zero123++ v1.2 output layout, the released prepare_mv cameras (docs/CONTRACTS.md), in our frame: their
+# azimuth φ runs from +Z towards +X in Y-up, ours from +X towards +Y in Z-up, so ours = φ − 90°.
+ZERO123PP_AZIMUTHS = tuple(30.0 + 60.0 * k - 90.0 for k in range(6))
 ZERO123PP_ELEVATIONS = (20.0, -10.0, 20.0, -10.0, 20.0, -10.0)
-ZERO123PP_DISTANCE = 4.0 / 2.0  # radius 4 around an object in [-1, 1]^3; ours is half that size
+ZERO123PP_DISTANCE = 4.0 / RELEASED_FRAME_SCALE  # radius 4 around an object in [-1, 1]^3
 ZERO123PP_FOV = 30.0
 ZERO123PP_GRID = (3, 2)  # rows, columns
 
 LAYOUTS = ("eval4", "zero123pp")
+RELEASED_IMAGE, RELEASED_CAMERA = "rgb_", "cam_"  # the released inference folder's file names
 
 
 class InputError(ValueError):
@@ -54,7 +64,7 @@ class Views:
     c2w: np.ndarray  # [V,4,4] float32, OpenCV, canonical frame
     K: np.ndarray  # [V,3,3] float32, pixels of S
     names: list[str]
-    source: str  # render | json | eval4 | zero123pp
+    source: str  # render | json | released | eval4 | zero123pp
 
     def __len__(self) -> int:
         return len(self.c2w)
@@ -87,6 +97,34 @@ def split_grid(image: np.ndarray, rows: int = 3, cols: int = 2) -> list[np.ndarr
                          f"divisible by {cols}; got {W}x{H}")
     h, w = H // rows, W // cols
     return [image[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]
+
+
+def read_released_camera(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A released `cam_NNN.txt` (`dataset_utils.save_camera`): the world-to-camera OpenCV extrinsic [4,4]
+    (their frame), K [3,3] and (height, width) of the image it was written for. InputError if malformed."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InputError(f"{path} is larger than {MAX_JSON_BYTES} bytes")
+        lines = path.read_text().splitlines()
+        w2c = np.array([[float(x) for x in line.split()] for line in lines[1:5]], dtype=np.float64)
+        fx, fy, cx, cy, height, width = (float(x) for x in lines[7].split())
+    except (OSError, ValueError, IndexError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a released camera file (extrinsic 4x4, then fx fy cx cy height width): "
+                         f"{e}") from None
+    if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
+        raise InputError(f"{path}: the extrinsic must be 4 rows of 4 numbers")
+    K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    return w2c, K, (int(height), int(width))
+
+
+def released_to_ours(c2w_theirs: np.ndarray, scale: float = RELEASED_FRAME_SCALE) -> np.ndarray:
+    """OpenCV c2w [..., 4, 4] in the released frame → ours: the inverse of `training.cameras.to_official_frame`
+    (rotation Aᵀ·R, centre Aᵀ·t / scale, A = Z-up → Y-up)."""
+    A = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    out = np.array(c2w_theirs, dtype=np.float64, copy=True)
+    out[..., :3, :3] = A.T @ out[..., :3, :3]
+    out[..., :3, 3] = out[..., :3, 3] @ A / scale
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,9 +312,30 @@ def read_views(folder: str | Path, size: int, layout: str | None = None, backgro
             raise InputError(f"images and cameras do not match: {len(extra)} image(s) in {folder} have no "
                              f"camera in cameras.json: {', '.join(extra[:5])}")
         c2w, K = np.stack(c2w_l), np.stack(K_l)
+    elif layout is None and any(folder.glob(f"{RELEASED_CAMERA}*.txt")):
+        source = "released"
+        paths = sorted(folder.glob(f"{RELEASED_IMAGE}*.png"))
+        if not paths:
+            raise InputError(f"{folder} has released camera files ({RELEASED_CAMERA}*.txt) but no "
+                             f"{RELEASED_IMAGE}*.png images")
+        rgba, c2w_l, K_l = [], [], []
+        for p in paths:
+            cam = p.with_name(p.name.replace(RELEASED_IMAGE, RELEASED_CAMERA, 1)).with_suffix(".txt")
+            if not cam.is_file():
+                raise InputError(f"images and cameras do not match: {p.name} has no {cam.name}")
+            w2c, k, (h, w) = read_released_camera(cam)
+            img = load_rgba(p)
+            if img.shape[:2] != (h, w):  # the released loader rescales K by the image height it reads
+                k = k * np.array([[img.shape[1] / w], [img.shape[0] / h], [1.0]])
+            rgba.append(img)
+            c2w_l.append(released_to_ours(np.linalg.inv(w2c)))
+            K_l.append(k)
+        names = [p.name for p in paths]
+        c2w, K = np.stack(c2w_l).astype(np.float32), np.stack(K_l).astype(np.float32)
     elif layout is None:
-        raise InputError(f"{folder} has neither cameras.npz (a render folder) nor cameras.json; name a layout "
-                         f"(--layout {' | '.join(LAYOUTS)}) for images without cameras")
+        raise InputError(f"{folder} has neither cameras.npz (a render folder) nor cameras.json nor released "
+                         f"{RELEASED_CAMERA}*.txt files; name a layout (--layout {' | '.join(LAYOUTS)}) for images "
+                         f"without cameras")
     else:
         source = layout
         paths = list_images(folder)

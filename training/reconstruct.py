@@ -6,7 +6,9 @@
 The input folder is read by `training.recon_inputs` (render folder, cameras.json or a named layout). The
 checkpoint is ours (a `step-N/` folder or a run folder: the newest valid step) or the authors' released
 `ckpt.pth` (with `--config configs/official.yaml`, converted on load; the frame transform is inside the
-model). Output folder (default OUT/reconstruct/<input name>/), written under a temporary name and renamed:
+model). Output folder (default OUT/reconstruct/<asset name>/: a render folder's uid, else the input folder's
+name, its parent's for a generic one like `inputs/`; `output_folder` says more), written under a temporary
+name and renamed:
 
     mesh.glb             UV-textured mesh (xatlas + baked f_c), Y-up glTF (training/export.py)
     mesh_texture.png     the baked texture;  mesh_vc.glb with refine.vertex_colors=true
@@ -22,6 +24,7 @@ a message naming the problem (`InputError`, `ReconstructError` and its kinds).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,7 +85,7 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
     t = time.perf_counter()
     info = export_glb(out_dir / "mesh.glb", result.verts.cpu().numpy(), result.faces.cpu().numpy(),
                       result.color_fn(model), texture_size=cfg.refine.texture_size,
-                      vertex_colors=cfg.refine.vertex_colors)
+                      vertex_colors=cfg.refine.vertex_colors, max_faces=cfg.refine.export_faces)
     export_s = time.perf_counter() - t
 
     device = result.planes.device
@@ -117,14 +120,69 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
         "psnr_input_views": {"before_refinement": result.psnr_before, "after_refinement": result.psnr_after},
         "refine_losses": result.refine.losses if result.refine is not None else [],
         "mesh": {"vertices": int(len(result.verts)), "faces": int(len(result.faces)),
-                 "glb_vertices": info.vertices, "texture_size": info.texture_size,
-                 "texture_coverage": round(info.coverage, 4)},
+                 "glb_vertices": info.vertices, "glb_faces": info.faces, "texture_size": info.texture_size,
+                 "texture_coverage": round(info.coverage, 4), "export_seconds": info.seconds},
         "views": {"count": len(views), "names": views.names, "source": views.source, "size": int(S)},
         "device": str(device),
         **(extra or {}),
     }
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2, default=str))
     return timings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the output goes.
+# ----------------------------------------------------------------------------------------------------------
+
+# Folder names that say what a folder holds, not which asset: `OUT/evalsets/<slug>/renders_eval/<uid>/inputs`
+GENERIC_NAMES = {"inputs", "input", "orbit", "images", "image", "views", "view", "rgb", "rgba", "renders", "frames"}
+IDENTITY_KEYS = ("input", "checkpoint", "layout", "refine", "tune")  # what makes two reconstructions the same
+
+
+def safe_name(text: str) -> str:
+    """`text` as a file-system and WebDataset-safe name: [A-Za-z0-9_-], at most 64 characters ("" if none)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:64].strip("-")
+
+
+def asset_name(input_dir: str | Path) -> str:
+    """The name of the asset an input folder shows: the uid in its meta.json (a render folder of ours), else
+    the folder's own name, or its parent's when the folder's name is generic (`inputs`, `images`, ...)."""
+    from core.layout import MAX_META_BYTES, UID_RE
+
+    folder = Path(input_dir).resolve()
+    meta = folder / "meta.json"
+    try:
+        if meta.is_file() and meta.stat().st_size <= MAX_META_BYTES:
+            uid = json.loads(meta.read_text()).get("uid")
+            if isinstance(uid, str) and UID_RE.match(uid):
+                return uid
+    except (OSError, ValueError, AttributeError):
+        pass  # not a render folder of ours: named by its path
+    parts = [p for p in (folder.name, folder.parent.name) if p]
+    while len(parts) > 1 and parts[0].lower() in GENERIC_NAMES:
+        parts.pop(0)
+    return safe_name(parts[0]) or "reconstruction"
+
+
+def output_folder(root: Path, name: str, identity: dict[str, Any], force: bool = False) -> tuple[Path, bool]:
+    """(folder, already done) for a reconstruction named `name` under `root`, never another's folder.
+
+    `root/name` if it is free or holds this same reconstruction (timings.json with the same input,
+    checkpoint, layout, refine and tune); otherwise the first free or same `name-2`, `name-3`, ... .
+    `done` is True when that folder is complete and `force` is not set (the command then has nothing to do).
+    """
+    for k in range(1, 10_000):
+        folder = root / (name if k == 1 else f"{name}-{k}")
+        if not folder.exists():
+            return folder, False
+        timings = folder / "timings.json"
+        try:
+            old = json.loads(timings.read_text()) if timings.is_file() else None
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and all(old.get(key) == identity.get(key) for key in IDENTITY_KEYS):
+            return folder, not force
+    raise RuntimeError(f"no free output folder for {name} under {root}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="folder of posed images (see training/recon_inputs.py)")
     p.add_argument("--checkpoint", required=True, help="step-N/ folder or run folder (ours), or a released ckpt.pth")
     p.add_argument("--layout", choices=LAYOUTS, default=None, help="named camera layout for images without cameras")
-    p.add_argument("--output", default=None, help="output folder (default OUT/reconstruct/<input name>)")
+    p.add_argument("--output", default=None, help="output folder (default OUT/reconstruct/<asset name>, suffixed "
+                   "-2, -3, ... when that holds another reconstruction)")
     p.add_argument("--no-refine", action="store_true", help="feed-forward only (skip texture refinement)")
     p.add_argument("--tune", choices=("both", "color", "triplane"), default=None,
                    help="what refinement fine-tunes (Table 3; default refine.tune)")
@@ -150,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if args.tune:
         cfg.refine.tune = args.tune
-    out_dir = Path(args.output) if args.output else cfg.out_path / "reconstruct" / Path(args.input).resolve().name
-    if (out_dir / "timings.json").is_file() and not args.force:
+    identity = {"input": str(Path(args.input).resolve()), "checkpoint": str(Path(args.checkpoint).resolve()),
+                "layout": args.layout, "refine": not args.no_refine, "tune": cfg.refine.tune}
+    if args.output:  # the user's own choice of folder: redone only with --force, whatever it holds
+        out_dir, done = Path(args.output), (Path(args.output) / "timings.json").is_file() and not args.force
+    else:
+        out_dir, done = output_folder(cfg.out_path / "reconstruct", asset_name(args.input), identity, args.force)
+    if done:
         print(f"{out_dir} is complete (timings.json present); nothing to do (--force redoes it)")
         return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -168,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     clean_temporaries(out_dir.parent)
-    extra = {"input": str(args.input), "checkpoint": str(args.checkpoint), "layout": args.layout,
-             "refine": not args.no_refine, "tune": cfg.refine.tune, "config": to_dict(cfg)}
+    extra = {**identity, "config": to_dict(cfg)}
     with atomic_dir(out_dir, overwrite=True) as tmp:
         timings = write_outputs(result, model, views, Path(tmp), cfg, extra=extra)
     s = timings["seconds"]

@@ -28,15 +28,22 @@ from training.stage import stage_main, stage_shards
 
 
 def init_weights(cfg: Config, model: nn.Module, run_dir: Path) -> Path | None:
-    """Stage-1 weights into `model`, unless the mesh run already has a checkpoint (the loop resumes it)."""
-    if latest_checkpoint(run_dir) is not None:
+    """Stage-1 weights into `model`, unless the mesh run already has a checkpoint (the loop resumes it).
+    Says which checkpoint it starts from (or resumes), so a run never starts from an unknown one."""
+    resumed = latest_checkpoint(run_dir)
+    if resumed is not None:
+        if D.is_main():
+            print(f"mesh: resuming {resumed} (the stage-1 weights it started from are in it)", flush=True)
         return None
     src = Path(cfg.mesh.init) if cfg.mesh.init else cfg.out_path / "runs" / "nerf"
     try:
-        return load_weights(src, model)
+        folder = load_weights(src, model)
     except CheckpointError as e:
         raise SystemExit(f"error: no stage-1 checkpoint to start from ({e}); run `make train-nerf` first "
                          f"or set mesh.init=<run or step folder>") from None
+    if D.is_main():
+        print(f"mesh: starting from stage-1 checkpoint {folder}", flush=True)
+    return folder
 
 
 def run(cfg: Config, stop_at: int | None = None, objective: MeshObjective | None = None) -> LoopResult:

@@ -46,8 +46,9 @@ def run(cfg: Config, stop_at: int | None = None) -> LoopResult:
     # One loader epoch = one checkpoint period, so resuming from a periodic checkpoint reads nothing twice.
     workers = max(1, cfg.loader.workers)
     per_worker = -(-cfg.nerf.ckpt_every // workers)
+    micro, accumulation = D.batch_split(cfg.nerf.batch_size, cfg.nerf.micro_batch)  # this rank's share per step
     # Views arrive as uint8 RGBA and are composited on the training device (training.loop.to_device).
-    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * cfg.nerf.batch_size,
+    loader = make_loader(cfg, train_urls, "nerf", epoch_samples=per_worker * micro * accumulation,
                          composite="device")
     val = fixed_val_batch(cfg, val_urls) if D.is_main() else None
     return train(objective, lambda position: epoch_stream(loader, position), run_dir, cfg.nerf, seed=cfg.seed,

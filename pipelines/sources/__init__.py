@@ -12,6 +12,7 @@ strings are parsed by `core.sources.parse_source` (re-exported here), which eval
 | `objaverse` | the package's uids + annotations (+ LVIS) | `sources.objaverse.fetch` (load_objects + verify) |
 | `local:<dir>` | every mesh file under `<dir>` | `sources.local.fetch` (verify, link or copy) |
 | `gso:<dir>` | `<dir>/<name>/meshes/model.obj` | `sources.gso.fetch` (OBJ + MTL + texture folder) |
+| `omniobject3d:<dir>` | `<dir>/raw_scans/<category>/<object_id>/Scan/Scan.obj` | `sources.omniobject3d.fetch` (OBJ + MTL + texture) |
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def candidates(cfg: Config) -> tuple[pa.Table, list[dict[str, Any]]]:
 
         rows, failed = gso.candidates(arg)
         return candidate_table(rows), failed
+    if kind == "omniobject3d":
+        from pipelines.sources import omniobject3d
+
+        rows, failed = omniobject3d.candidates(arg)
+        return candidate_table(rows), failed
     from pipelines.sources import objaverse
 
     return objaverse.candidates(cfg.data)
@@ -75,6 +81,10 @@ def fetch_step(cfg: Config) -> tuple[Callable[..., dict], dict[str, Any]]:
         from pipelines.sources import gso
 
         return gso.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes}
+    if kind == "omniobject3d":
+        from pipelines.sources import omniobject3d
+
+        return omniobject3d.fetch, {"assets_dir": out, "root": arg, "max_bytes": d.max_file_bytes}
     from pipelines.sources import objaverse
 
     return objaverse.fetch, {"assets_dir": out, "cache": d.objaverse_cache, "mirror": d.objaverse_mirror,

@@ -14,12 +14,16 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
-from pipelines.sources.local import MTL_MAP_KEYS, obj_dependencies, uid_for
+from pipelines.sources.local import MTL_MAP_KEYS, dependencies, uid_for
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "Google Scanned Objects (Downs et al., 2022), Google LLC, CC BY 4.0"
+AUTHOR = "Google"
+# Each object's page on Gazebo Fuel, where the collection is published; the folder name is the model's name
+SOURCE_URL = "https://app.gazebosim.org/GoogleResearch/fuel/models/{name}"
 MESH = "meshes/model.obj"
 
 
@@ -35,7 +39,8 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for name in names:
         rel = f"{name}/{MESH}"
         base = {"uid": uid_for(rel), "source": "gso", "name": name, "license": LICENSE,
-                "attribution": f"{ATTRIBUTION}: {name}", "format": "obj", "locator": rel}
+                "attribution": f"{ATTRIBUTION}: {name}", "author": AUTHOR,
+                "source_url": SOURCE_URL.format(name=quote(name)), "format": "obj", "locator": rel}
         try:
             os.listdir(rootp / name)
             has_mesh = (rootp / rel).is_file()
@@ -64,12 +69,13 @@ def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None) 
     """Download step for GSO: verify the OBJ, copy OBJ + MTL + textures into `assets_dir/<uid>/`."""
     t0 = time.perf_counter()
     obj_dir = Path(root) / item["name"]
+    if not is_inside(Path(root), obj_dir) or Path(item["name"]).name != item["name"]:
+        raise VerifyError(f"object folder {item['name']!r} resolves outside the GSO folder")
     obj = obj_dir / MESH
+    if not is_inside(obj_dir, obj):  # a link to a file elsewhere would be copied as if it were the object
+        raise VerifyError(f"{MESH} resolves outside the object folder (a symlink); refused")
     verify_file(obj, "obj", max_bytes=max_bytes)
-    files = {MESH: obj}
-    for dep in obj_dependencies(obj):
-        if is_inside(obj_dir, dep):
-            files[dep.resolve().relative_to(obj_dir.resolve()).as_posix()] = dep
+    files = dependencies(obj, "obj", obj_dir)  # {folder-relative name: real file}, MESH included
     textures = obj_dir / "materials" / "textures"
     for mtl in [p for p in files.values() if p.suffix.lower() == ".mtl"]:
         for ref in _expected_textures(mtl):
@@ -77,8 +83,8 @@ def fetch(item: dict, assets_dir: str, root: str, max_bytes: int | None = None) 
             if target.is_file() or ref.startswith("/") or ".." in Path(ref).parts:
                 continue
             found = textures / Path(ref).name
-            if found.is_file():
-                files[(mtl.parent.relative_to(obj_dir) / ref).as_posix()] = found
+            if found.is_file() and is_inside(obj_dir, found):
+                files[(mtl.parent.relative_to(obj_dir.resolve()) / ref).as_posix()] = found
     for rel, src in files.items():
         if rel != MESH and src.stat().st_size == 0:
             raise VerifyError(f"zero-byte file: {rel}")

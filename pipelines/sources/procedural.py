@@ -63,8 +63,8 @@ def candidates(count: int, start: int = 0, preset: str = "basic", seed: int = 0,
         else:
             uid, name = world.uid_for(seed, i, difficulty), f"procedural world asset #{i}"
         rows.append({"uid": uid, "source": "procedural", "name": name, "license": LICENSE,
-                     "attribution": ATTRIBUTION, "format": "glb", "locator": str(i), "texture_count": 1,
-                     "animation_count": 0, "age_restricted": False})
+                     "attribution": ATTRIBUTION, "author": ATTRIBUTION, "source_url": "", "format": "glb",
+                     "locator": str(i), "texture_count": 1, "animation_count": 0, "age_restricted": False})
     return rows
 
 

@@ -11,6 +11,8 @@ import pytest
 from core.cameras import (
     blender_to_opencv,
     eval_input_views,
+    eval_views,
+    grid_views,
     intrinsics,
     look_at,
     opencv_to_blender,
@@ -126,3 +128,20 @@ def test_view_name_pads_to_the_largest_index():
         view_name(0, "mask", 4)
     with pytest.raises(ValueError, match="outside"):
         view_name(4, "rgba", 4)
+
+
+def test_grid_protocol_is_16_azimuths_at_4_elevations():
+    g = grid_views()
+    assert g["c2w"].shape == (64, 4, 4)
+    centres = g["c2w"][:, :3, 3].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 2.7, atol=1e-5)
+    el = np.degrees(np.arcsin(centres[:, 2] / 2.7))
+    np.testing.assert_allclose(el, np.repeat([0.0, 20.0, 40.0, 60.0], 16), atol=1e-4)
+    az = np.degrees(np.arctan2(centres[:, 1], centres[:, 0])) % 360
+    np.testing.assert_allclose(az, np.tile(22.5 * np.arange(16), 4), atol=1e-4)
+    for c in g["c2w"]:  # every camera looks at the origin
+        np.testing.assert_allclose(c[:3, 2], -c[:3, 3] / np.linalg.norm(c[:3, 3]), atol=1e-6)
+    np.testing.assert_allclose(eval_views("instantmesh", 20, 2.6, 2.7)["c2w"], orbit_views(20, 2.6)["c2w"])
+    np.testing.assert_allclose(eval_views("lrm64", 20, 2.6, 2.0)["distance"], 2.0)
+    with pytest.raises(ValueError, match="eval_protocol"):
+        eval_views("lgm", 20, 2.6, 2.7)

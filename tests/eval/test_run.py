@@ -193,3 +193,32 @@ def test_procedural_held_out_then_an_empty_mesh(world, monkeypatch, capsys):
     assert meta.stat().st_mtime_ns == stamp  # the already-rendered asset was reused
     assert "0/1 rows ok" in capsys.readouterr().out
     assert np.asarray(Image.open(out / "eval" / "sheets" / "procedural-0008.png")).ndim == 3
+
+
+def test_rows_are_kept_for_the_same_weights_only_and_redone_when_a_view_is_missing(world, monkeypatch, tmp_path):
+    """The row cache follows the checkpoint's bytes, not its path: retraining into the same step-N/ (new
+    model.safetensors at the same path) redoes every row; a cached row whose view file went missing is
+    redone instead of crashing the evaluation."""
+    torch.set_num_threads(2)
+    out, _, _ = world
+    step = tmp_path / "runs" / "mesh" / "step-4"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"weights of the first training")
+    cfg = load_config(None, [f"out={out}", *SMALL, "eval.max_assets=1", "eval.methods=[feedforward]"])
+    monkeypatch.setattr(eval_run, "_load", lambda ckpt, default, c: (_model(SphereGTR, c), f"checkpoint {step}"))
+    build_evalset(cfg, "procedural", progress=False)
+    calls = []
+    real = eval_run.evaluate_one
+    monkeypatch.setattr(eval_run, "evaluate_one", lambda uid, method, *a: calls.append((uid, method)) or
+                        real(uid, method, *a))
+    assert {r["status"] for r in eval_run.run(cfg, source="procedural", progress=False)} == {"ok"}
+    assert len(calls) == 1
+    eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 1  # the same weights: the finished row is reused
+    (step / "model.safetensors").write_bytes(b"weights of a second training, same path")
+    eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 2  # other bytes at the same path: redone
+    (out / "eval" / "views" / "feedforward" / "procedural-0008" / "03.png").unlink()
+    rows = eval_run.run(cfg, source="procedural", progress=False)
+    assert len(calls) == 3 and rows[0]["status"] == "ok"
+    assert (out / "eval" / "views" / "feedforward" / "procedural-0008" / "03.png").is_file()

@@ -89,3 +89,26 @@ def test_sigkill_halfway_leaves_nothing_taken_as_done(tmp_path):
     # what the manifest had recorded as ok before the kill was not redone
     for r in recorded:
         assert Path(r["path"]).stat().st_ino == before[Path(r["path"]).name]
+
+
+def test_two_concurrent_data_runs_on_one_out_are_both_safe(tmp_path):
+    """Two `make data` on one OUT: the second waits for the first's lock (it would otherwise remove the
+    first's temporaries mid-write), then finds the work done; both exit 0 with the complete table."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.data", "--source", "procedural", "--out", str(out),
+           "data.procedural_count=12", "data.procedural_texture_size=256", "data.executor=local", "data.max_assets=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out / ".locks" / "data.lock"
+    t0 = time.monotonic()
+    while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
+        assert first.poll() is None and time.monotonic() - t0 < 60, "the first run never took OUT's data lock"
+        time.sleep(0.05)
+    second = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (_, e1), (_, e2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (e1[-2000:], e2[-2000:])
+    assert "waiting for that run to finish" in e2 and "Traceback" not in e1 + e2
+    got = rows(out)
+    assert len(got) == 12 and all(r["status"] == "ok" for r in got.values())
+    for r in got.values():
+        verify_file(r["path"], "glb", expected_bytes=r["bytes"])

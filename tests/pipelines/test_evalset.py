@@ -102,3 +102,20 @@ def test_training_uids_excluded_and_the_leak_warning(tmp_path, renders):
     assert leak["overlap"] == es.uids and "all splits" in leak["against"]
     md = markdown([], {"eval_set": E.describe(es, leak)})
     assert "TRAIN/EVAL LEAK: 1 of 1" in md and local_uid("a.ply") in md
+
+
+def test_eval_uids_may_name_objects_of_a_folder_source(tmp_path, renders):
+    """eval.uids (one entry a line, # comments): for folder sources an entry is a uid or an object's name
+    (a GSO folder, an OmniObject3D object id); entries that match nothing are listed, not silently dropped."""
+    from tests.pipelines.test_sources import build_omniobject3d
+
+    root = build_omniobject3d(tmp_path / "omni")
+    lst = tmp_path / "list.txt"
+    lst.write_text("# the paper's OmniObject3D list would go here\napple_002\ntoy_car_003  # a comment\nnot_there\n")
+    cfg = load_config(None, [f"out={tmp_path / 'out'}", "data.executor=local", f"eval.uids={lst}",
+                             "eval.max_assets=0"])
+    es = P.build(cfg, f"omniobject3d:{root}", progress=False)
+    want = {local_uid("apple/apple_002/Scan/Scan.obj"), local_uid("toy_car/toy_car_003/Scan/Scan.obj")}
+    assert set(es.uids) == want and es.slug.startswith("omniobject3d-omni-")
+    written = (es.root / "eval-uids.txt").read_text()
+    assert "# no candidate: not_there" in written

@@ -178,3 +178,154 @@ def test_mirror_rewrites_only_dataset_urls():
     assert r.full_url == "http://mirror.local/objaverse/glbs/000-001/x.glb" and r.type == "http"
     other = h.https_request(urllib.request.Request("https://example.org/a"))
     assert other.full_url == "https://example.org/a"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Annotations are data: crafted uids, object paths and files become failed rows; nothing outside is touched
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_crafted_uids_and_object_paths_are_failed_rows(tmp_path):
+    """uids with `../` or absolute, object paths that are absolute (an existing host file), climb out, lack a
+    `/`, or are not strings: failed rows with the reason, before any file is touched, in the filter table;
+    the host files keep their bytes; nothing is created outside OUT and the cache."""
+    host = tmp_path / "host"
+    victim = host / "victim.glb"
+    victim.parent.mkdir()
+    victim.write_bytes(b"not a glb: this file must survive")
+    good = f"{99:032x}"
+    mirror = tmp_path / "mirror"
+    size = make_procedural_asset(0, mirror / "glbs" / "000-001" / f"{good}.glb", 16)["bytes"]
+    evil = {"../../host/evil": "glbs/000-001/x.glb", str(host / "abs"): "glbs/000-001/y.glb",
+            f"{1:032x}": str(victim), f"{2:032x}": "glbs/000-001/../../../host/victim.glb", f"{3:032x}": "noslash",
+            f"{4:032x}": ["glbs", "000-001"], f"{5:032x}": f"glbs/000-001/{6:032x}.glb", good: f"glbs/000-001/{good}.glb"}
+    gz_json(mirror / "object-paths.json.gz", evil)
+    gz_json(mirror / "metadata" / "000-001.json.gz", {u: annotation(u, size) for u in evil if isinstance(u, str)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(mirror)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    before = _tree_state(tmp_path)
+    try:
+        out = tmp_path / "out"
+        rc = run(out, tmp_path / "cache", f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        import urllib.request
+        urllib.request.install_opener(None)
+    assert rc == 3
+    f = table(out, "filter")
+    assert f[good]["status"] == "ok" and table(out, "download")[good]["status"] == "ok"
+    for u in evil:
+        if u == good:
+            continue
+        assert f[u]["status"] == "failed", (u, f[u])
+        assert "not an Objaverse uid" in f[u]["reason"] or "is not glbs/NNN-NNN/" in f[u]["reason"], f[u]
+    assert victim.read_bytes() == b"not a glb: this file must survive"
+    after = _tree_state(tmp_path)
+    created = {p for p in after if p not in before and not p.startswith((str(out), str(tmp_path / "cache")))}
+    assert created == set() and all(after[p] == before[p] for p in before if not p.startswith(str(out)))
+
+
+def test_fetch_refuses_a_crafted_locator_before_touching_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(objaverse, "_VERSIONED_PATH", objaverse._VERSIONED_PATH)
+    monkeypatch.setattr(objaverse, "BASE_PATH", objaverse.BASE_PATH)
+    victim = tmp_path / "victim.glb"
+    victim.write_bytes(b"keep me")
+    calls = []
+    monkeypatch.setattr(objaverse, "load_objects", lambda *a, **k: calls.append(a) or {})
+    for uid, locator in ((f"{1:032x}", str(victim)), ("../x", "glbs/000-001/../x.glb"), (f"{1:032x}", "")):
+        with pytest.raises(src.VerifyError, match="not an Objaverse uid|is not glbs/NNN-NNN/"):
+            src.fetch({"uid": uid, "locator": locator}, str(tmp_path / "assets"), cache=str(tmp_path / "cache"))
+    assert calls == [] and victim.read_bytes() == b"keep me" and not (tmp_path / "assets").exists()
+
+
+@pytest.mark.parametrize("content", [["a", "list"], "a string", {f"{1:032x}": 5}])
+def test_malformed_object_paths_file_is_a_failed_row(tmp_path, content):
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    gz_json(cache / "object-paths.json.gz", content)
+    gz_json(cache / "metadata" / "000-001.json.gz", ["not", "an", "object"])
+    out = tmp_path / "out"
+    try:
+        rc = run(out, cache.parent, "http://127.0.0.1:9")
+    finally:
+        import urllib.request
+        urllib.request.install_opener(None)
+    assert rc == 3
+    rows = list(table(out, "filter").values())
+    assert rows and all(r["status"] == "failed" and r["reason"] for r in rows), rows
+
+
+def test_metadata_that_is_not_objects_fails_its_uids(tmp_path):
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    a, b = f"{1:032x}", f"{2:032x}"
+    gz_json(cache / "object-paths.json.gz", {a: f"glbs/000-001/{a}.glb", b: f"glbs/000-002/{b}.glb"})
+    gz_json(cache / "metadata" / "000-001.json.gz", {a: "a string, not an annotation"})
+    gz_json(cache / "metadata" / "000-002.json.gz", [b])
+    out = tmp_path / "out"
+    try:
+        assert run(out, cache.parent, "http://127.0.0.1:9") == 3
+    finally:
+        import urllib.request
+        urllib.request.install_opener(None)
+    f = table(out, "filter")
+    assert f[a]["status"] == "failed" and "annotation is a str" in f[a]["reason"]
+    assert f[b]["status"] == "failed" and "not an object of uid -> annotation" in f[b]["reason"]
+
+
+def test_annotation_bomb_is_refused_while_decompressing(tmp_path):
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    cache.mkdir(parents=True)
+    bomb = gzip.compress(b'{"' + b"a" * (50 << 20) + b'": 1}', compresslevel=9)  # 50 MB from ~50 kB
+    assert len(bomb) < 1 << 20
+    (cache / "object-paths.json.gz").write_bytes(bomb)
+    with pytest.raises(src.AnnotationError, match="decompresses to more than 1048576 bytes"):
+        src.read_json_gz(cache / "object-paths.json.gz", max_bytes=1 << 20)
+    out = tmp_path / "out"
+    try:
+        assert run(out, cache.parent, "http://127.0.0.1:9", "data.max_annotation_bytes=1048576") == 3
+    finally:
+        import urllib.request
+        urllib.request.install_opener(None)
+    (row,) = table(out, "filter").values()
+    assert row["status"] == "failed" and "decompresses to more than" in row["reason"]
+
+
+def test_download_does_not_read_annotation_files_a_worker_may_find_truncated(world, tmp_path):
+    """On a node-local cache another (killed or concurrent) worker may leave object-paths.json.gz cut short
+    while downloads run: the download step never reads it (the package's lookup is answered from the
+    checked locator), so the download succeeds instead of failing with EOFError."""
+    ver, mirror, url = world
+    out = tmp_path / "out"
+    run(out, ver.parent, url)
+    full = (ver / "object-paths.json.gz").read_bytes()
+    (ver / "object-paths.json.gz").write_bytes(full[: len(full) // 2])  # what a cut-off urlretrieve leaves
+    uid = U["remote"]
+    (ver / "glbs/000-001" / f"{uid}.glb").unlink()
+    item = {"uid": uid, "locator": f"glbs/000-001/{uid}.glb", "archive_bytes": None}
+    row = src.fetch(item, str(tmp_path / "assets2"), cache=str(ver.parent), mirror=url, retries=1, timeout_s=5)
+    assert row["status"] == "ok" and Path(row["path"]).read_bytes() == (mirror / "glbs/000-001" / f"{uid}.glb").read_bytes()
+
+
+def test_annotations_of_the_wrong_types_are_failed_rows(tmp_path):
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    bad = {"faceCount": "many", "tags": 5, "name": {"x": 1}, "archives": [1], "user": "bob",
+           "categories": [3], "license": 3, "isAgeRestricted": "yes", "animationCount": 10**30}
+    uids = {f"{i + 1:032x}": {k: v} for i, (k, v) in enumerate(bad.items())}
+    uids[f"{99:032x}"] = annotation(f"{99:032x}", 10)
+    gz_json(cache / "object-paths.json.gz", {u: f"glbs/000-001/{u}.glb" for u in uids})
+    gz_json(cache / "metadata" / "000-001.json.gz", uids)
+    out = tmp_path / "out"
+    try:
+        assert run(out, cache.parent, "http://127.0.0.1:9") == 3
+    finally:
+        import urllib.request
+        urllib.request.install_opener(None)
+    f = table(out, "filter")
+    for u, a in uids.items():
+        if u == f"{99:032x}":
+            assert f[u]["status"] == "ok", f[u]
+        else:
+            assert f[u]["status"] == "failed" and f"field {next(iter(a))}" in f[u]["reason"], (a, f[u])

@@ -254,3 +254,44 @@ def test_ray_writers_give_the_same_bytes_as_one_local_writer(tmp_path):
     finally:
         ray.shutdown()
     assert [(r["shard"], r["sha256"]) for r in read_index(a)] == [(r["shard"], r["sha256"]) for r in read_index(b)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_end_blocks", "foreign", "other_bytes"])
+def test_a_shard_file_the_index_does_not_list_is_adopted_only_if_it_is_exactly_ours(tmp_path, damage):
+    """After a crash between a shard's rename and the index write, a rerun adopts the file only if it is byte
+    for byte the shard of its samples: a truncated one (mid-member, or just its end blocks cut), a foreign
+    tar, or one whose members differ from the render folders is removed and written again; the result is
+    the same bytes as a clean pack elsewhere."""
+    write_renders(tmp_path / "a", UIDS[:4], views=2)
+    write_renders(tmp_path / "b", UIDS[:4], views=2)
+    pack(_cfg(tmp_path / "b", max_count=2))  # the reference, never damaged
+    cfg = _cfg(tmp_path / "a", max_count=2)
+    pack(cfg)
+    shards = tmp_path / "a" / "shards"
+    (shards / "index.parquet").unlink()
+    victim = shards / "train-000001.tar"
+    data = victim.read_bytes()
+    if damage == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "no_end_blocks":
+        end = len(data.rstrip(b"\0"))
+        victim.write_bytes(data[: -(-end // 512) * 512])  # every member complete, the zero blocks gone
+        with tarfile.open(victim) as t:  # tarfile still lists every member: what adoption used to trust
+            assert len(t.getmembers()) == len(tarfile.open(tmp_path / "b" / "shards" / victim.name).getmembers())
+    elif damage == "foreign":
+        with tarfile.open(victim, "w") as t:
+            t.add(tmp_path / "a" / "renders" / UIDS[0] / "meta.json", arcname=f"{UIDS[2]}.meta.json")
+    else:
+        folder = tmp_path / "a" / "renders" / UIDS[2]
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "attribution": "changed after packing"}))
+        (tmp_path / "b" / "renders" / UIDS[2] / "meta.json").write_text((folder / "meta.json").read_text())
+        shutil.rmtree(tmp_path / "b" / "shards")
+        pack(_cfg(tmp_path / "b", max_count=2))
+    with pytest.warns(UserWarning, match="is not adopted"):
+        s = pack(cfg)
+    assert victim.name in s["written"] and "train-000000.tar" not in s["written"]  # the intact one was adopted
+    ia, ib = read_index(tmp_path / "a"), read_index(tmp_path / "b")
+    assert [(r["shard"], r["uids"], r["sha256"]) for r in ia] == [(r["shard"], r["uids"], r["sha256"]) for r in ib]
+    for r in ia:
+        assert _sha(shards / r["shard"]) == r["sha256"]

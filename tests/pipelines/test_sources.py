@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -196,3 +197,103 @@ def test_gso_layout(tmp_path):
     placed = folder / "meshes" / "texture.png"  # where the MTL looks for it
     assert np.asarray(Image.open(placed))[0, 0].tolist() == [10, 200, 10]
     assert car["uid"] == hashlib.sha256(b"Toy_Car/meshes/model.obj").hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- containment
+
+
+def test_gso_object_whose_mesh_links_elsewhere_is_refused(tmp_path):
+    """A GSO folder whose meshes/model.obj (or whose texture) is a symlink to a file outside the object
+    folder: the link is never followed into OUT/assets."""
+    root, out = tmp_path / "gso", tmp_path / "out"
+    build_gso(root)
+    secret = tmp_path / "secret.obj"
+    secret.write_text("# secret\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (root / "Toy_Car" / "meshes" / "model.obj").unlink()
+    (root / "Toy_Car" / "meshes" / "model.obj").symlink_to(secret)
+    tex = root / "Mug_Blue" / "materials" / "textures" / "texture.png"
+    tex.unlink()
+    tex.symlink_to(secret)
+    assert data_main(["--source", f"gso:{root}", "--out", str(out), *LOCAL]) == 3
+    rows = {r["name"]: r for r in rows_of(out, "download").values()}
+    assert rows["Toy_Car"]["status"] == "failed" and "symlink" in rows["Toy_Car"]["reason"]
+    for p in (out / "assets").rglob("*"):
+        assert not (p.is_file() and b"# secret" in p.read_bytes()), p
+
+
+def test_local_gltf_buffer_outside_is_a_failed_row_and_nothing_outside_is_copied(tmp_path):
+    root, out = tmp_path / "meshes", tmp_path / "out"
+    (root / "g").mkdir(parents=True)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRET" * 10)
+    doc = {"asset": {"version": "2.0"}, "buffers": [{"uri": "../../secret.bin", "byteLength": 60}]}
+    (root / "g" / "bad.gltf").write_text(json.dumps(doc))
+    Image.new("RGB", (4, 4)).save(root / "g" / "ok.png")
+    (root / "g" / "link.png").symlink_to(secret)
+    doc = {"asset": {"version": "2.0"}, "images": [{"uri": "ok.png"}, {"uri": "link.png"}, {"uri": str(secret)}]}
+    (root / "g" / "good.gltf").write_text(json.dumps(doc))
+    assert data_main(["--source", f"local:{root}", "--out", str(out), *LOCAL]) == 3
+    rows = {Path(r["name"]).name: r for r in rows_of(out, "download").values()}
+    assert rows["bad"]["status"] == "failed" and "buffer 0 outside the asset folder" in rows["bad"]["reason"]
+    good = Path(rows["good"]["path"]).parent
+    assert rows["good"]["status"] == "ok" and sorted(p.name for p in good.iterdir()) == ["good.gltf", "ok.png"]
+    for p in (out / "assets").rglob("*"):
+        assert not (p.is_file() and b"SECRET" in p.read_bytes()), p
+
+
+# ---------------------------------------------------------------------------------------------- omniobject3d
+
+
+def build_omniobject3d(root: Path) -> Path:
+    """The layout OmniObject3D publishes (its README "Dataset format"), as `odl get` unpacks it:
+    raw/raw_scans/<category>/<object_id>/Scan/{Scan.obj, Scan.mtl, Scan.jpg}; one object without its scan."""
+    scans = root / "raw" / "raw_scans"
+    for cat, obj, colour in [("apple", "apple_001", (200, 20, 20)), ("apple", "apple_002", (20, 200, 20)),
+                             ("toy_car", "toy_car_003", (20, 20, 200))]:
+        scan = scans / cat / obj / "Scan"
+        scan.mkdir(parents=True)
+        trimesh.creation.box().export(scan / "Scan.obj")
+        (scan / "Scan.obj").write_text("mtllib Scan.mtl\nusemtl material_0\n" + (scan / "Scan.obj").read_text())
+        (scan / "Scan.mtl").write_text("newmtl material_0\nmap_Kd Scan.jpg\n")
+        Image.new("RGB", (8, 8), colour).save(scan / "Scan.jpg")
+    (scans / "toy_car" / "toy_car_004" / "images").mkdir(parents=True)
+    return root
+
+
+def test_omniobject3d_layout(tmp_path):
+    root, out = build_omniobject3d(tmp_path / "omni"), tmp_path / "out"
+    assert parse_source(f"omniobject3d:{root}") == ("omniobject3d", str(root.resolve()))
+    assert data_main(["--source", f"omniobject3d:{root}", "--out", str(out), *LOCAL]) == 3  # one broken folder
+    rows = {r["name"]: r for r in rows_of(out, "download").values()}
+    frows = {r["name"]: r for r in rows_of(out, "filter").values()}
+    assert frows["toy_car_004"]["status"] == "failed" and "Scan/Scan.obj missing" in frows["toy_car_004"]["reason"]
+    assert set(rows) == {"apple_001", "apple_002", "toy_car_003"}
+    car = rows["toy_car_003"]
+    assert car["status"] == "ok" and car["license"] == "by" and "OmniObject3D" in car["attribution"]
+    assert car["uid"] == hashlib.sha256(b"toy_car/toy_car_003/Scan/Scan.obj").hexdigest()[:32]
+    placed = Path(car["path"])
+    assert placed.name == "Scan.obj" and (placed.parent / "Scan.mtl").is_file()
+    src = root / "raw" / "raw_scans" / "toy_car" / "toy_car_003" / "Scan"
+    assert (placed.parent / "Scan.jpg").read_bytes() == (src / "Scan.jpg").read_bytes()  # the texture, unchanged
+    # the raw_scans folder itself names the same objects, with the same uids
+    out2 = tmp_path / "out2"
+    data_main(["--source", f"omniobject3d:{root / 'raw' / 'raw_scans'}", "--out", str(out2), *LOCAL])
+    assert {r["uid"] for r in rows_of(out2, "download").values()} == {r["uid"] for r in rows.values()}
+
+
+def test_omniobject3d_scan_linked_elsewhere_is_refused(tmp_path):
+    """A Scan.obj (or its texture) that is a symlink to a file outside the object folder is never copied."""
+    root, out = build_omniobject3d(tmp_path / "omni"), tmp_path / "out"
+    secret = tmp_path / "secret.obj"
+    secret.write_text("# secret\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    scan = root / "raw" / "raw_scans" / "apple" / "apple_001" / "Scan"
+    (scan / "Scan.obj").unlink()
+    (scan / "Scan.obj").symlink_to(secret)
+    tex = root / "raw" / "raw_scans" / "apple" / "apple_002" / "Scan" / "Scan.jpg"
+    tex.unlink()
+    tex.symlink_to(secret)
+    data_main(["--source", f"omniobject3d:{root}", "--out", str(out), *LOCAL])
+    rows = {r["name"]: r for r in rows_of(out, "download").values()}
+    assert rows["apple_001"]["status"] == "failed" and "symlink" in rows["apple_001"]["reason"]
+    for p in (out / "assets").rglob("*"):
+        assert not (p.is_file() and b"# secret" in p.read_bytes()), p

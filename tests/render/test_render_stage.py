@@ -90,6 +90,24 @@ def test_changing_training_views_does_not_restale_eval_renders(tmp_path):
     assert [len(x) for x in plan(more_views, False)] == [1, 0]  # training renders are stale
     farther = small(tmp_path, eval_distance=3.0)
     assert [len(x) for x in plan(farther, False)] == [0, 1] and [len(x) for x in plan(farther, True)] == [1, 0]
+    # the second eval protocol: eval renders of the 20-view orbit are stale for it (and its distance counts),
+    # training renders are not; the default protocol's hash is the one it always had
+    grid = small(tmp_path, eval_protocol="lrm64")
+    assert [len(x) for x in plan(grid, True)] == [1, 0] and [len(x) for x in plan(grid, False)] == [0, 1]
+    assert output_hash(grid.render, True) != output_hash(small(tmp_path, eval_protocol="lrm64",
+                                                              eval_grid_distance=2.0).render, True)
+    assert output_hash(small(tmp_path, eval_grid_distance=2.0).render, True) == output_hash(cfg.render, True)
+
+
+def test_eval_view_sets_follow_the_protocol(tmp_path):
+    from pipelines.render import view_sets
+
+    cfg = small(tmp_path)
+    default = view_sets("u", cfg.render, True)
+    assert len(default["orbit"]) == cfg.render.eval_orbit_views and len(default["inputs"]) == 4
+    grid = view_sets("u", small(tmp_path, eval_protocol="lrm64").render, True)
+    assert grid["orbit"].shape == (64, 4, 4) and np.allclose(grid["inputs"], default["inputs"])
+    assert np.allclose(np.linalg.norm(grid["orbit"][:, :3, 3], axis=1), 2.7)
 
 
 @pytest.mark.ray
@@ -102,7 +120,7 @@ def test_stage_with_ray_actors_then_resume(tmp_path, ray_local):
     run(cfg, executor="ray", progress=False)
     rows = rows_by_uid(tmp_path)
     assert set(rows) == {"asset0", "asset1", "broken"}  # the download-failed uid is not a render job
-    assert rows["broken"]["status"] == "failed" and "import failed" in rows["broken"]["reason"]
+    assert rows["broken"]["status"] == "failed" and "not a glb: no glTF header" in rows["broken"]["reason"]  # refused before Blender opens it
     for uid in ("asset0", "asset1"):
         r, d = rows[uid], tmp_path / "renders" / uid
         assert r["status"] == "ok" and r["rendered"] and r["license"] == "cc0", r
@@ -177,3 +195,49 @@ def test_eval_mode_orbit_and_inputs(tmp_path):
         np.testing.assert_allclose(inputs["c2w"][i], look_at(spherical_position(az, 20.0, 2.6)), atol=1e-5)
     assert len(list((d / "orbit").glob("*.depth.png"))) == 20 and (d / "inputs" / "meta.json").exists()
     assert rows_by_uid(tmp_path, "render_eval")["asset0"]["status"] == "ok"
+
+
+def test_an_unsafe_uid_is_a_failed_row_and_the_others_render(tmp_path):
+    """A download row whose uid names a path (`../x`, absolute, dotted): that row fails with the reason and
+    nothing is written for it; the stage goes on (it used to stop the whole stage)."""
+    out = tmp_path / "out"
+    make_assets(out, 1, bad=False)
+    rows = mf.read_rows(mf.manifest_path(out, "download"))
+    glb = rows[0]["path"]
+    for uid in ("../escaped", str(tmp_path / "abs"), "dotted.name"):
+        rows.append({**rows[0], "uid": uid, "path": glb})
+    mf.write_rows(mf.manifest_path(out, "download"), rows)
+    got = {r["uid"]: r for r in run(small(out, executor="local"), progress=False)}
+    assert got["asset0"]["status"] == "ok"
+    for uid in ("../escaped", str(tmp_path / "abs"), "dotted.name"):
+        assert got[uid]["status"] == "failed" and got[uid]["reason"].startswith("unsafe uid"), got[uid]
+    assert not (tmp_path / "out" / "escaped").exists() and not (tmp_path / "abs").exists()
+    assert sorted(p.name for p in (out / "renders").iterdir() if p.is_dir()) == ["asset0"]
+
+
+class HungryWorker:
+    """A renderer (RenderWorker: bpy, then the memory cap) whose asset asks for twice its cap."""
+
+    def __init__(self, cap: int) -> None:
+        from pipelines.render import RenderWorker
+
+        self.inner = RenderWorker({"max_memory_bytes": cap}, 1, False, 0, cap_memory=True)
+        self.cap = cap
+
+    def ready(self) -> None:
+        self.inner.ready()
+
+    def __call__(self, item: dict) -> dict:
+        np.ones(2 * self.cap, np.uint8)  # past the cap: MemoryError, not the machine's memory
+        return {"uid": item["uid"], "status": "ok"}
+
+
+def test_a_renderer_past_its_memory_cap_fails_its_row(tmp_path):
+    from functools import partial
+
+    from pipelines.executor import run_workers
+
+    rows = run_workers(partial(HungryWorker, 256 << 20), [{"uid": "a"}, {"uid": "b"}], executor="process",
+                       workers=1, timeout_s=120, progress=False)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("MemoryError" in r["reason"] for r in rows), rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,42 +84,52 @@ class Regression(torch.nn.Module):
         return (loss * float("nan") if batch["poison"] else loss), {}
 
 
-def global_batches(rows: slice, poison: tuple[int, int] | None = None):
-    """data(position) for the loop: step i's batch is rows `rows` of one fixed global batch; `poison` =
-    (step, row) makes the batch holding that row non-finite."""
+def global_batches(rank: int, world: int, micro: int, poison: tuple[int, int] | None = None):
+    """data(position) for the loop: this rank's micro-batches of one fixed global batch of ROWS rows per step
+    (rank r holds rows [r·ROWS/world, (r+1)·ROWS/world), cut into micro-batches of `micro` rows, taken in
+    order); `poison` = (step, row) makes the micro-batch holding that row non-finite."""
+    per_rank = ROWS // world
+    accumulation = per_rank // micro
+
     def data(position: int):
-        for i in itertools.count(position):
+        for p in itertools.count(position):
+            i, j = divmod(p, accumulation)
             g = torch.Generator().manual_seed(100 + i)
             x = torch.randn(ROWS, 4, generator=g)
             y = torch.sin(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
+            rows = slice(rank * per_rank + j * micro, rank * per_rank + (j + 1) * micro)
             bad = poison is not None and poison[0] == i + 1 and rows.start <= poison[1] < rows.stop
-            yield {"x": x[rows], "y": y[rows], "uid": ["a"] * (rows.stop - rows.start), "poison": bad}
+            yield {"x": x[rows], "y": y[rows], "uid": ["a"] * micro, "poison": bad}
     return data
 
 
-def _settings() -> OptimConfig:
-    # grad_clip 0.5 is hit on the first steps: clipping must act on the averaged gradient, as in one process
-    return OptimConfig(steps=STEPS, lr=0.05, warmup_steps=1, grad_clip=0.5, ckpt_every=100, log_every=1)
+def _settings(micro: int = 0) -> OptimConfig:
+    # grad_clip 0.5 is hit on the first steps: clipping must act on the averaged gradient, as in one process.
+    # batch_size is the global batch (all ranks); micro_batch 0 = batch_size / world size.
+    return OptimConfig(steps=STEPS, lr=0.05, warmup_steps=1, grad_clip=0.5, ckpt_every=100, log_every=1,
+                       batch_size=ROWS, micro_batch=micro)
 
 
-POISONS = {"clean": None, "nan_on_rank1_step3": (3, 6)}  # (step, row): row 6 is in rank 1's half
+# name: (poison (step, row), micro-batch per rank). Row 6 is in rank 1's half. "accumulate": 2 ranks x 2
+# micro-batches of 2 rows = the global batch of 8, with gradient accumulation.
+SCENARIOS = {"clean": (None, 0), "nan_on_rank1_step3": ((3, 6), 0), "accumulate": (None, 2),
+             "accumulate_nan": ((2, 1), 2)}
 
 
 def _ddp_rank(rank: int, world: int, ports: list[int], out: str) -> None:
-    """One rank: both scenarios in turn (one process group each), so the test pays one spawn."""
+    """One rank: every scenario in turn (one process group each), so the test pays one spawn."""
     torch.set_num_threads(1)
-    half = ROWS // world
-    for (name, poison), port in zip(POISONS.items(), ports):
+    for (name, (poison, micro)), port in zip(SCENARIOS.items(), ports):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         objective = Regression()
         try:
-            result = train(objective, global_batches(slice(rank * half, (rank + 1) * half), poison),
-                           Path(out) / name / "run", _settings(), seed=0, progress=False)
+            result = train(objective, global_batches(rank, world, micro or ROWS // world, poison),
+                           Path(out) / name / "run", _settings(micro), seed=0, progress=False)
         finally:
             D.shutdown()
-        torch.save({"params": [p.detach() for p in objective.model.parameters()], "skipped": result.skipped},
-                   Path(out) / name / f"rank{rank}.pt")
+        torch.save({"params": [p.detach() for p in objective.model.parameters()], "skipped": result.skipped,
+                    "grad_norms": result.grad_norms, "losses": result.losses}, Path(out) / name / f"rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -130,27 +141,36 @@ def _free_port() -> int:
 
 
 def test_ddp_on_2_gloo_ranks_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch):
-    """2 ranks, each with half of every batch, train through the loop's DDP path; a single process trains
-    on the whole batches (its mean loss = the mean of the two halves' means, so its gradient = DDP's
-    average). Parameters after the run are equal on both ranks and to the reference. With a NaN loss on
-    rank 1 only, both ranks skip that step (the reference skips the same step)."""
+    """2 ranks, each with half of every global batch (in one micro-batch, or in two with gradient
+    accumulation), train through the loop's DDP path; a single process trains on the whole batches (its
+    mean loss = the mean of the halves' means, so its gradient = DDP's average of the accumulated ones).
+    Gradient norms at every step and parameters after the run are equal on both ranks and to the
+    reference. With a NaN loss on one rank only, both ranks skip that step (the reference skips it too)."""
     import torch.multiprocessing as mp
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on CPU in the ranks, also on a GPU machine
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.start_processes(_ddp_rank, args=(2, [_free_port() for _ in POISONS], str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_rank, args=(2, [_free_port() for _ in SCENARIOS], str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     torch.set_num_threads(1)
     init = list(Regression().model.parameters())
-    for name, poison in POISONS.items():
+    for name, (poison, micro) in SCENARIOS.items():
         ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         reference = Regression()
-        ref = train(reference, global_batches(slice(0, ROWS), poison), tmp_path / name / "reference", _settings(),
+        ref = train(reference, global_batches(0, 1, ROWS, poison), tmp_path / name / "reference", _settings(),
                     seed=0, progress=False)
         assert ref.skipped == (1 if poison else 0), name
         assert ranks[0]["skipped"] == ranks[1]["skipped"] == ref.skipped, name
+        assert set(ranks[0]["grad_norms"]) == set(ref.grad_norms), name  # the same steps were applied
+        for step, norm in ref.grad_norms.items():
+            # the all-reduced gradient: equal on both ranks, and (to float32 reduction order) the reference's
+            assert ranks[0]["grad_norms"][step] == ranks[1]["grad_norms"][step], (name, step)
+            assert abs(ranks[0]["grad_norms"][step] - norm) <= 1e-5 * norm + 1e-7, (name, step)
+        for step in ref.losses:  # the global batch's loss is the mean of the two ranks' losses
+            mean = 0.5 * (ranks[0]["losses"][step] + ranks[1]["losses"][step])
+            assert (math.isnan(mean) and math.isnan(ref.losses[step])) or abs(mean - ref.losses[step]) < 1e-5, name
         for p0, p1, p in zip(ranks[0]["params"], ranks[1]["params"], reference.model.parameters()):
             assert torch.equal(p0, p1), name  # DDP keeps the replicas identical
             # float32 reduction order differs (all-reduce of two half-batch gradients vs one backward)
@@ -159,8 +179,20 @@ def test_ddp_on_2_gloo_ranks_equals_one_process_on_the_whole_batch(tmp_path, mon
         step = tmp_path / name / "run" / f"step-{STEPS}"
         meta = json.loads((step / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["skipped"] == ref.skipped
+        assert meta["position"] == STEPS * (ROWS // 2 // (micro or ROWS // 2)), name  # micro-batches consumed
         rng = torch.load(step / "rng.pt", weights_only=True)
         assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
+
+
+def test_batch_split_is_global_over_ranks_and_accumulation():
+    assert D.batch_split(512, 0, 32) == (16, 1)  # the paper's stage 1: 16 assets per GPU
+    assert D.batch_split(512, 4, 32) == (4, 4)  # 4 per forward, 4 accumulation steps
+    assert D.batch_split(192, 2, 32) == (2, 3)  # stage 2
+    assert D.batch_split(8, 0, 1) == (8, 1)
+    with pytest.raises(ValueError, match="does not divide over 5 ranks"):
+        D.batch_split(512, 0, 5)
+    with pytest.raises(ValueError, match="micro_batch 5 does not divide"):
+        D.batch_split(192, 5, 32)
 
 
 def _uids_in(shard: Path) -> str:

@@ -10,12 +10,11 @@ import torch
 
 from training.losses import (
     LPIPSLoss,
-    bin_length,
     depth_loss,
     mse,
-    planar_to_ray_depth,
     psnr,
     ray_opacity_regulariser,
+    ray_opacity_samples,
 )
 
 BOX = 0.5
@@ -32,13 +31,15 @@ def axis_rays(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def test_regulariser_constant_density_is_exact():
+    """Constant σ: a point at fraction u of an empty stretch L sees 1 − exp(−σ·(1−u)·L) to its end."""
     gen = torch.Generator().manual_seed(0)
     o, d = axis_rays(64, gen)
-    depth = torch.full((1, 64, 1), 1.8)
-    sigma, delta = 3.0, 0.02
-    loss = ray_opacity_regulariser(lambda p: torch.full(p.shape[:-1] + (1,), sigma), o, d, depth, BOX, delta,
-                                   generator=gen)
-    assert loss.item() == pytest.approx(1 - math.exp(-sigma * delta), rel=1e-6)
+    depth = torch.full((1, 64, 1), 1.8)  # surface at t = 1.8: L = 0.3 past the entry at 1.5
+    u = torch.rand(1, 64, 1, generator=gen)
+    sigma = 3.0
+    loss = ray_opacity_regulariser(lambda p: torch.full(p.shape[:-1] + (1,), sigma), o, d, depth, BOX, u=u)
+    want = (1 - torch.exp(-sigma * (1 - u) * 0.3)).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_regulariser_point_lies_between_entry_and_surface():
@@ -46,53 +47,60 @@ def test_regulariser_point_lies_between_entry_and_surface():
     depth = torch.tensor([[[1.9], [0.0], [1.7]]])  # second ray: background -> box exit (t = 2.5)
     u = torch.tensor([[[0.0], [0.5], [1.0]]])
     seen = []
-    ray_opacity_regulariser(lambda p: seen.append(p) or torch.zeros(p.shape[:-1] + (1,)), o, d, depth, BOX, 0.1,
-                            u=u)
+    ray_opacity_regulariser(lambda p: seen.append(p) or torch.zeros(p.shape[:-1] + (1,)), o, d, depth, BOX, u=u)
     x = seen[0][0, :, 0]  # world x of each sample; entry at x = -0.5
     assert torch.allclose(x, torch.tensor([-0.5, -2.0 + 2.0, -2.0 + 1.7]), atol=1e-6)
+    s = ray_opacity_samples(o, d, depth, BOX, u=u)
+    # the length left to the end of the stretch: 0.4 to the surface, 0.5 to the exit, 0 at the surface
+    torch.testing.assert_close(s["length"][0, :, 0], torch.tensor([0.4, 0.5, 0.0]), atol=1e-6, rtol=0)
 
 
 def test_regulariser_linear_density_matches_the_integral():
-    """σ grows linearly from the box entry, σ = a·s (s = distance past the entry). With the point uniform on
-    [0, L] the expected opacity is E[1 − exp(−kS)] = 1 − (1 − exp(−kL)) / (kL), k = a·Δt, L = the empty
-    length (surface depth − entry, or the whole chord for background rays)."""
+    """σ grows linearly from the box entry, σ = a·s (s = distance past the entry). The point is uniform on
+    [0, L] and its opacity is 1 − exp(−a·s·(L − s)); its expectation is ∫₀¹ 1 − exp(−a·L²·u(1−u)) du,
+    integrated here by scipy (L = surface depth − entry, or the whole chord for background rays)."""
+    from scipy.integrate import quad
+
     gen = torch.Generator().manual_seed(2)
     n = 200_000
     o, d = axis_rays(n, gen)
     depth = torch.full((1, n, 1), 2.2)  # L = 0.7
     depth[:, n // 2:] = 0.0  # background half: L = 1.0 (the chord)
-    a, delta = 40.0, 0.05
-    loss = ray_opacity_regulariser(lambda p: a * (p[..., :1] + BOX), o, d, depth, BOX, delta, generator=gen)
+    a = 4.0
+    loss = ray_opacity_regulariser(lambda p: a * (p[..., :1] + BOX), o, d, depth, BOX, generator=gen)
 
     def expected(L: float) -> float:
-        k = a * delta
-        return 1 - (1 - math.exp(-k * L)) / (k * L)
+        return quad(lambda u: 1 - math.exp(-a * L * L * u * (1 - u)), 0.0, 1.0)[0]
 
     closed = 0.5 * (expected(0.7) + expected(1.0))
     # Monte Carlo with 2e5 rays: the per-ray opacity has std < 0.3, so the mean's std < 1e-3.
     assert loss.item() == pytest.approx(closed, abs=3e-3)
 
 
-def test_regulariser_ignores_missed_rays_and_has_gradient():
+def test_regulariser_counts_missed_rays_as_zero_and_has_gradient():
     o = torch.tensor([[[-2.0, 0.0, 0.0], [-2.0, 5.0, 0.0]]])  # the second ray passes beside the box
     d = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
     depth = torch.zeros(1, 2, 1)
+    u = torch.full((1, 2, 1), 0.5)  # the middle of the chord: 0.5 left to the exit
     w = torch.tensor(2.0, requires_grad=True)
-    loss = ray_opacity_regulariser(lambda p: w * torch.ones(p.shape[:-1] + (1,)), o, d, depth, BOX, 0.1,
-                                   generator=torch.Generator().manual_seed(0))
-    assert loss.item() == pytest.approx(1 - math.exp(-0.2), rel=1e-6)  # the mean over the one valid ray
+    loss = ray_opacity_regulariser(lambda p: w * torch.ones(p.shape[:-1] + (1,)), o, d, depth, BOX, u=u)
+    # the mean over both rays, the missed one being 0 (the released L1 over all rays)
+    assert loss.item() == pytest.approx(0.5 * (1 - math.exp(-1.0)), rel=1e-6)
     loss.backward()
-    assert w.grad.item() == pytest.approx(0.1 * math.exp(-0.2), rel=1e-5)  # d/dw (1 - e^{-wΔ}) = Δ e^{-wΔ}
+    assert w.grad.item() == pytest.approx(0.5 * 0.5 * math.exp(-1.0), rel=1e-5)  # ½ · d/dw (1 − e^{−0.5w})
 
 
-def test_bin_length_and_planar_depth():
-    o = torch.tensor([[[-2.0, 0.0, 0.0]]])
-    d = torch.tensor([[[1.0, 0.0, 0.0]]])
-    assert bin_length(o, d, BOX, 100).item() == pytest.approx(0.01)
-    # A camera at the origin looking along +z; a ray at 60° off axis: planar z = 1 is t = 2 along it.
-    ray = torch.tensor([[math.sin(math.pi / 3), 0.0, math.cos(math.pi / 3)]])
-    assert planar_to_ray_depth(torch.tensor([[1.0]]), ray, torch.tensor([[0.0, 0.0, 1.0]])).item() == \
-        pytest.approx(2.0)
+def test_regulariser_lengths_use_the_direction_norm():
+    """Directions need not be unit (the released code passes camera-z-1 directions): t is in units of |d|
+    and the length back in the frame's units, so scaling d changes nothing but t."""
+    o, d = axis_rays(8, torch.Generator().manual_seed(3))
+    u = torch.rand(1, 8, 1, generator=torch.Generator().manual_seed(4))
+    depth = torch.full((1, 8, 1), 2.0)
+    one = ray_opacity_samples(o, d, depth, BOX, u=u)
+    two = ray_opacity_samples(o, 2 * d, depth / 2, BOX, u=u)
+    torch.testing.assert_close(two["points"], one["points"])
+    torch.testing.assert_close(two["length"], one["length"])
+    torch.testing.assert_close(two["t"], one["t"] / 2)
 
 
 def test_psnr_matches_skimage():

@@ -54,9 +54,11 @@ def test_zero123pp_layout_matches_its_definition():
     c2w, K = zero123pp_cameras(320)
     assert c2w.shape == (6, 4, 4)
     for k in range(6):
-        # Zero123++ v1.2: azimuth 30 + 60k, elevation 20 / -10 alternating, FoV 30, radius 4 in [-1, 1]^3
-        # = radius 2 for our [-0.5, 0.5]^3 object.
-        _check_orbit_camera(c2w[k], K[k], 320, 30.0 + 60.0 * k, 20.0 if k % 2 == 0 else -10.0, 2.0, 30.0)
+        # Zero123++ v1.2 (the released prepare_mv): azimuth 30 + 60k from +Z towards +X in their Y-up frame,
+        # i.e. −60 + 60k from +X towards +Y in ours; elevation 20 / -10 alternating, FoV 30, radius 4 in
+        # [-1, 1]^3 = radius 2 for our [-0.5, 0.5]^3 object (tests/training/test_released_cameras.py holds
+        # these against the released cameras themselves).
+        _check_orbit_camera(c2w[k], K[k], 320, -60.0 + 60.0 * k, 20.0 if k % 2 == 0 else -10.0, 2.0, 30.0)
 
 
 def test_split_grid_reads_row_by_row():

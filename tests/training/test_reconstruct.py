@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from core.config import load_config, save_config
+from tests.node_tools import missing, validate_gltf
 from tests.training.test_inference import SMALL, SphereGTR, fresh_model, sphere_views
 from training.inference import CheckpointMismatch, load_model
 from training.model import GTR
-from training.reconstruct import main
+from training.reconstruct import asset_name, main, output_folder
 
 
 def _save_run(tmp_path, overrides=()) -> tuple:
@@ -65,6 +66,17 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
     # Rerun: complete output is skipped.
     assert main(args) == 0
     assert "nothing to do" in capsys.readouterr().out
+    if not missing("gltf-validator"):  # what a viewer gets passes the Khronos validator, texture included
+        tex, vc = validate_gltf(out / "mesh.glb", out / "mesh_vc.glb")
+        assert tex["errors"] == 0 and vc["errors"] == 0 and tex["hasTextures"], (tex["messages"], vc["messages"])
+    # Without --output: OUT/reconstruct/<asset>, the asset's folder name standing in for a generic "inputs"
+    chair = tmp_path / "chair"
+    chair.mkdir()
+    inputs.rename(chair / "inputs")
+    named = ["--input", str(chair / "inputs"), *args[2:6], "--out", str(tmp_path / "run"), *args[8:]]
+    assert main(named) == 0
+    assert (tmp_path / "run" / "reconstruct" / "chair" / "mesh.glb").is_file()
+    assert not (tmp_path / "run" / "reconstruct" / "inputs").exists()
 
 
 # ---- bad input through the command: exit code 2 and the problem named -------------------------------------
@@ -112,3 +124,39 @@ def test_checkpoint_of_another_config(tmp_path, capsys):
         load_model(tmp_path / "nope", load_config(None))
     with pytest.raises(CheckpointMismatch, match="no complete checkpoint"):
         load_model(inputs, load_config(None))
+
+
+# ---- where the output goes: named after the asset, never over another reconstruction ---------------------
+
+
+def test_output_is_named_after_the_asset(tmp_path):
+    render = tmp_path / "evalsets" / "procedural-heldout" / "renders_eval" / "procedural-100" / "inputs"
+    render.mkdir(parents=True)
+    (render / "meta.json").write_text(json.dumps({"uid": "procedural-100"}))
+    assert asset_name(render) == "procedural-100"  # the render folder's uid, not "inputs"
+    (render / "meta.json").write_text(json.dumps({"uid": "has.dot"}))  # not a uid: named by the path
+    assert asset_name(render) == "procedural-100"
+    photos = tmp_path / "My Chair (2).v2" / "images"
+    photos.mkdir(parents=True)
+    assert asset_name(photos) == "My-Chair-2-v2"  # generic "images" -> the parent, made safe (no dots)
+    assert asset_name(tmp_path / "teapot") == "teapot"
+    assert asset_name(tmp_path / "..." / "inputs") == "reconstruction"
+
+
+def test_two_reconstructions_never_share_a_folder(tmp_path):
+    root = tmp_path / "reconstruct"
+    a = {"input": "/x/a/inputs", "checkpoint": "/c/step-3", "layout": None, "refine": True, "tune": "both"}
+    b = {**a, "input": "/y/a/inputs"}  # another asset folder with the same name
+    c = {**a, "checkpoint": "/c/step-9"}  # the same input, another model
+    assert output_folder(root, "a", a) == (root / "a", False)
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "timings.json").write_text(json.dumps({**a, "seconds": {}}))
+    assert output_folder(root, "a", a) == (root / "a", True)  # the same reconstruction: done
+    assert output_folder(root, "a", a, force=True) == (root / "a", False)  # --force redoes it in place
+    assert output_folder(root, "a", b) == (root / "a-2", False)
+    (root / "a-2").mkdir()
+    (root / "a-2" / "timings.json").write_text(json.dumps(b))
+    assert output_folder(root, "a", c) == (root / "a-3", False)
+    assert output_folder(root, "a", b) == (root / "a-2", True)
+    (root / "b").mkdir()  # a folder that is not a reconstruction of ours is never taken over
+    assert output_folder(root, "b", a) == (root / "b-2", False)

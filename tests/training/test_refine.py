@@ -106,12 +106,25 @@ def test_l1_constant_variant_and_loss_definition():
         want_l1 = (first - img).abs().mean().item()
         want_l2 = ((first - img) ** 2).mean().item()
     r1 = refine_texture(model, planes, verts, faces, img, c2w, K,
-                        RefineConfig(steps=3, loss="l1", schedule="constant", render_size=48))
-    r2 = refine_texture(model, planes, verts, faces, img, c2w, K, RefineConfig(steps=3, render_size=48))
+                        RefineConfig(recipe="paper", steps=3, loss="l1", render_size=48))
+    r2 = refine_texture(model, planes, verts, faces, img, c2w, K, RefineConfig(recipe="paper", steps=3, render_size=48))
     assert abs(r1.losses[0] - want_l1) < 1e-6 and abs(r2.losses[0] - want_l2) < 1e-6
+    # the released recipe renders at 2x and resizes bilinearly to the 48² targets before its L1
+    with torch.no_grad():
+        K2 = K.clone()
+        K2[:, :2] *= 2
+        surf2 = rasterize_mesh(Rasterizer("torch"), verts, faces, c2w, K2, 96, 96)
+        big = shade(model, planes, surf2, antialias=False)["rgb"]
+        down = torch.nn.functional.interpolate(big, size=(48, 48), mode="bilinear", align_corners=False)
+        want_rel = (down - img).abs().mean().item()
+    r3 = refine_texture(model, planes, verts, faces, img, c2w, K, RefineConfig(recipe="released", steps=2,
+                                                                               render_size=48))
+    assert abs(r3.losses[0] - want_rel) < 1e-6 and r3.recipe == "released"
     assert r1.losses[-1] < r1.losses[0] and r2.losses[-1] < r2.losses[0]
     with pytest.raises(ValueError, match="refine.tune"):
         refine_texture(model, planes, verts, faces, img, c2w, K, RefineConfig(tune="everything"))
+    with pytest.raises(ValueError, match="refine.recipe"):
+        refine_texture(model, planes, verts, faces, img, c2w, K, RefineConfig(recipe="cosine"))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +162,7 @@ def test_refinement_on_printed_text_raises_input_psnr_and_keeps_novel_views(text
     model = _model()
     with torch.no_grad():
         planes = model.triplane(torch.cat([img, mask], 1)[None], c2w[None], K[None])
-    cfg = RefineConfig(render_size=96)  # the paper's recipe: 20 steps, L2, cosine, lr 0.15 / 1e-4, both
+    cfg = RefineConfig(recipe="paper", render_size=96)  # the paper's recipe: 20 steps, L2, constant lr 0.15 / 1e-4, both
     res = refine_texture(model, planes, verts, faces, img, c2w, K, cfg)
 
     rz = Rasterizer("torch")

@@ -204,3 +204,26 @@ def test_resume_of_a_2_worker_run_matches_the_uninterrupted_run(tmp_path: Path) 
     assert len({round(v, 6) for v in straight.losses.values()}) == 7, straight.losses
     for step in range(4, 8):
         assert abs(resumed.losses[step] - straight.losses[step]) <= 1e-6, (step, resumed.losses, straight.losses)
+
+
+def test_the_stage1_checkpoint_it_starts_from_is_printed(tmp_path: Path, capsys) -> None:
+    """`make train-mesh` says which stage-1 checkpoint it loads (the newest of OUT/runs/nerf, or mesh.init),
+    and that it resumes its own run instead once that has a checkpoint."""
+    from training.checkpoint import TrainState, rng_state, save_checkpoint
+    from training.model import GTR
+    from training.train_mesh import init_weights
+
+    cfg = load_config(None, [f"out={tmp_path}"])
+    model = GTR(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (10, 20):
+        save_checkpoint(tmp_path / "runs" / "nerf", TrainState(step=step), model, opt, sched, [rng_state()])
+    assert init_weights(cfg, GTR(cfg.model), tmp_path / "runs" / "mesh") == tmp_path / "runs" / "nerf" / "step-20"
+    assert f"starting from stage-1 checkpoint {tmp_path / 'runs' / 'nerf' / 'step-20'}" in capsys.readouterr().out
+    cfg.mesh.init = str(tmp_path / "runs" / "nerf" / "step-10")
+    init_weights(cfg, GTR(cfg.model), tmp_path / "runs" / "mesh")
+    assert f"stage-1 checkpoint {tmp_path / 'runs' / 'nerf' / 'step-10'}" in capsys.readouterr().out
+    save_checkpoint(tmp_path / "runs" / "mesh", TrainState(step=5), model, opt, sched, [rng_state()])
+    assert init_weights(cfg, GTR(cfg.model), tmp_path / "runs" / "mesh") is None
+    assert f"resuming {tmp_path / 'runs' / 'mesh' / 'step-5'}" in capsys.readouterr().out

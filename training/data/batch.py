@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from core.layout import view_name
 from training.data.decode import ViewSpec, depth_png, field, read_header, rgba_png, scale_K
+from training.data.tario import failed_at
 
 CAMERA_KEYS = ("input_c2w", "input_K", "sup_c2w", "sup_K")
 UINT8_KEYS = ("input_rgba8", "sup_rgba8")  # [B,V,h,w,4] uint8 straight alpha, as stored; finish_batch composites
@@ -193,7 +194,7 @@ def decode_batches(src: Iterator[Mapping[str, Any]], spec: ViewSpec, rng: np.ran
             head = read_header(sample, spec, rng)
             m = uint8_groups(spec, head["W"], head["H"])
         except Exception as e:
-            if handler(e):
+            if handler(failed_at(e, sample.get("__url__"))):  # counted against the sample's shard
                 continue
             raise
         if out is not None and m != layout:
@@ -205,7 +206,7 @@ def decode_batches(src: Iterator[Mapping[str, Any]], spec: ViewSpec, rng: np.ran
         try:
             infos.append(decode_into(head, sample, spec, rng, out, len(infos)))
         except Exception as e:
-            if handler(e):
+            if handler(failed_at(e, sample.get("__url__"))):
                 continue
             raise
         ok = getattr(handler, "ok", None)

@@ -10,7 +10,11 @@ Streams: `resampled=True` is the training mode (each node draws from its own sha
 DataLoader worker with its own seeded RNG, `with_epoch` cuts the infinite stream into epochs);
 `resampled=False` visits every sample of the shards exactly once per epoch across nodes x workers (shards
 are split, after one seeded shuffle that all ranks agree on). A corrupt shard or sample is skipped with a
-warning and counted, never raised. Everything random comes from one numpy RNG per (seed, epoch, rank, worker),
+warning and counted, never raised; a shard that failed `loader.shard_failure_budget` times is skipped for
+the rest of the pass (reported once, counted in `ShardLoader.excluded`), and only a stream where nothing
+decodes at all, or whose every shard is skipped, raises DataStalled. What the loader holds is bounded:
+the shuffle buffer by `loader.shuffle_buffer` samples and `loader.shuffle_buffer_bytes` bytes, remote reads
+by `loader.read_timeout_s`. Everything random comes from one numpy RNG per (seed, epoch, rank, worker),
 so the same seed gives the same batches.
 """
 
@@ -31,7 +35,14 @@ from core.layout import read_index_file
 from training import distributed as D
 from training.data.batch import as_tensors, decode_batches, finish_batch
 from training.data.decode import ViewSpec, view_spec
-from training.data.tario import SkipCounter, expand_urls, open_stage, tar_samples
+from training.data.tario import (
+    DataStalled,
+    SkipCounter,
+    expand_urls,
+    open_stage,
+    shuffle_bounded,
+    tar_samples,
+)
 
 COMPOSITE = ("loader", "device")  # where uint8 views are composited: in the loader's process, or by the trainer
 
@@ -53,14 +64,17 @@ class SampleStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: list[str], spec: ViewSpec, batch_size: int, *, resampled: bool, seed: int,
                  rank: int, world_size: int, shuffle_buffer: int, batches_per_epoch: int = 0,
-                 max_consecutive_failures: int = 100):
+                 max_consecutive_failures: int = 100, shuffle_buffer_bytes: int = 0, read_timeout_s: float = 60.0,
+                 shard_failure_budget: int = 0, allow_pipe: bool = False):
         super().__init__()
         if not urls:
             raise ValueError("no shard URLs")
         self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
         self.resampled, self.seed, self.rank, self.world_size = resampled, seed, rank, world_size
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
-        self.max_consecutive_failures = max_consecutive_failures
+        self.shuffle_buffer_bytes, self.read_timeout_s = shuffle_buffer_bytes, read_timeout_s
+        self.max_consecutive_failures, self.shard_failure_budget = max_consecutive_failures, shard_failure_budget
+        self.allow_pipe = allow_pipe
         self.epoch = 0
 
     def node_shards(self) -> list[str]:
@@ -71,13 +85,18 @@ class SampleStream(torch.utils.data.IterableDataset):
             return order  # too few shards to split; ranks still differ through their RNG seeds
         return order[self.rank::self.world_size]
 
-    def _shards(self, worker: int, workers: int, rng: random.Random) -> Iterator[dict]:
+    def _shards(self, worker: int, workers: int, rng: random.Random, handler: SkipCounter) -> Iterator[dict]:
         shards = self.node_shards()
         if self.resampled:
             if not shards:
                 return
             while True:  # with_epoch cuts this
-                yield {"url": rng.choice(shards)}
+                left = [u for u in shards if u not in handler.excluded]
+                if not left:
+                    raise DataStalled(f"all {len(shards)} shard(s) of this stream failed "
+                                      f"{handler.shard_failure_budget} times each and were skipped; the last "
+                                      f"failure: {handler.last}")
+                yield {"url": rng.choice(left)}
         else:
             for u in shards[worker::workers]:
                 yield {"url": u}
@@ -93,20 +112,22 @@ class SampleStream(torch.utils.data.IterableDataset):
         py_rng = random.Random(int(ss.generate_state(1)[0]))
         # A resampled stream never ends: a systematic failure must raise instead of warning forever. A
         # finite pass (resampled=False) just skips what is bad and ends.
-        handler = SkipCounter(max_consecutive=self.max_consecutive_failures if self.resampled else 0)
+        handler = SkipCounter(max_consecutive=self.max_consecutive_failures if self.resampled else 0,
+                              shard_failure_budget=self.shard_failure_budget)
 
         def tagged(batches: Iterator[dict]) -> Iterator[dict]:
             for b in batches:
-                b["_worker"], b["_skipped"] = worker, handler.count
+                b["_worker"], b["_skipped"], b["_excluded"] = worker, handler.count, sorted(handler.excluded)
                 yield b
 
         stages: list[Any] = [
-            lambda: self._shards(worker, workers, py_rng),
-            partial(open_stage, handler=handler),
+            lambda: self._shards(worker, workers, py_rng, handler),
+            partial(open_stage, handler=handler, read_timeout_s=self.read_timeout_s, allow_pipe=self.allow_pipe),
             partial(tar_samples, handler=handler, skip=skip_unused(self.spec)),
         ]
         if self.shuffle_buffer > 1:
-            stages.append(wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 16), rng=py_rng))
+            stages.append(partial(shuffle_bounded, max_samples=self.shuffle_buffer,
+                                  max_bytes=self.shuffle_buffer_bytes, rng=py_rng))
         # Batches are decoded straight into (shared-memory, in a worker) buffers: no per-sample stack, no copy
         # into shared memory when the DataLoader sends them to the trainer.
         stages += [partial(decode_batches, spec=self.spec, rng=rng, batch_size=self.batch_size, handler=handler,
@@ -129,11 +150,17 @@ class ShardLoader:
             raise ValueError(f"composite must be one of {COMPOSITE}, got {composite!r}")
         self.stream, self.workers, self.composite = stream, workers, composite
         self._skipped: dict[int, int] = {}
+        self._excluded: dict[int, list[str]] = {}
 
     @property
     def skipped(self) -> int:
         """Corrupt shards/samples skipped so far in this epoch (summed over workers)."""
         return sum(self._skipped.values())
+
+    @property
+    def excluded(self) -> list[str]:
+        """Shards skipped for the rest of this epoch after loader.shard_failure_budget failures (any worker)."""
+        return sorted({u for us in self._excluded.values() for u in us})
 
     @property
     def batches_per_epoch(self) -> int:
@@ -145,7 +172,7 @@ class ShardLoader:
         self.stream.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._skipped = {}
+        self._skipped, self._excluded = {}, {}
         on_device = self.composite == "device"
         if self.workers > 0:
             # The workers' base seed comes from a generator of its own (our pipeline seeds its RNGs itself):
@@ -160,7 +187,8 @@ class ShardLoader:
         else:
             it = self.stream
         for b in it:
-            self._skipped[b.pop("_worker")] = b.pop("_skipped")
+            w = b.pop("_worker")
+            self._skipped[w], self._excluded[w] = b.pop("_skipped"), b.pop("_excluded")
             b = as_tensors(b)
             yield b if on_device else finish_batch(b)
 
@@ -171,19 +199,22 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
                 composite: str = "loader", **spec_overrides: Any) -> ShardLoader:
     """Batches for `stage` ("nerf" | "mesh") from shard `urls` (`composite`: see ShardLoader).
 
-    Arguments left None come from the config (`loader.*`, the stage's `batch_size`); rank/world size from
-    torch.distributed or RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
+    Arguments left None come from the config (`loader.*`; batches of the stage's per-rank micro-batch,
+    `training.distributed.batch_split` of its global `batch_size`); rank/world size from torch.distributed or
+    RANK/WORLD_SIZE. `epoch_samples` is per worker for the resampled stream (0 = the
     number of samples the index lists for these shards, spread over ranks x workers). `spec_overrides` are
     ViewSpec fields (e.g. `depths=True`, `patch=0`, `background="random"`).
     """
     spec = view_spec(cfg, stage, **spec_overrides)
     lc = cfg.loader
-    batch_size = batch_size or (cfg.nerf.batch_size if stage == "nerf" else cfg.mesh.batch_size)
     resampled = lc.resampled if resampled is None else resampled
     workers = lc.workers if workers is None else workers
     seed = lc.seed if seed is None else seed
     rank = D.rank() if rank is None else rank
     world_size = D.world_size() if world_size is None else world_size
+    if not batch_size:
+        section = cfg.nerf if stage == "nerf" else cfg.mesh
+        batch_size, _ = D.batch_split(section.batch_size, section.micro_batch, world_size)
     shard_list = expand_urls(urls)
     if not shard_list:
         raise FileNotFoundError(f"no shards match {urls!r}")
@@ -195,7 +226,9 @@ def make_loader(cfg: Config, urls: str | Sequence[str], stage: str = "nerf", *, 
         per_epoch = max(1, n // batch_size)
     stream = SampleStream(shard_list, spec, batch_size, resampled=resampled, seed=seed, rank=rank,
                           world_size=world_size, shuffle_buffer=lc.shuffle_buffer, batches_per_epoch=per_epoch,
-                          max_consecutive_failures=lc.max_consecutive_failures)
+                          max_consecutive_failures=lc.max_consecutive_failures,
+                          shuffle_buffer_bytes=lc.shuffle_buffer_bytes, read_timeout_s=lc.read_timeout_s,
+                          shard_failure_budget=lc.shard_failure_budget, allow_pipe=lc.allow_pipe)
     return ShardLoader(stream, workers, composite)
 
 

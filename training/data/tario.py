@@ -1,16 +1,23 @@
 """Shard reading for the loader: shard URLs -> raw samples {"__key__", field: bytes}, nothing decoded.
 
 A small streaming tar reader (Python's `tarfile` is slower than decoding the picked PNGs at demo size) that
-keeps only the members a sample needs, URL expansion and opening (local, `pipe:`, http(s), fsspec), the
-handler that skips and counts corrupt shards and samples, and a bounded `.npz` reader. `training.data.stream`
-builds its pipeline on it.
+keeps only the members a sample needs, URL expansion and opening (local, http(s) with a read timeout,
+`pipe:` only when allowed, fsspec), the handler that skips and counts corrupt shards and samples (and
+skips a shard for the rest of a pass once it failed `shard_failure_budget` times), a shuffle buffer
+bounded in bytes, and a bounded `.npz` reader. `training.data.stream` builds its pipeline on it.
+
+What opening a URL runs: a local path or `file:` is opened; `http(s)://` is read by urllib in this
+process (no subprocess), each read waiting at most `read_timeout_s`; `pipe:<command>` runs `<command>`
+through `/bin/sh` (WebDataset's gopen_pipe) and is refused unless `loader.allow_pipe` is true; any other
+scheme goes to fsspec (its backend's own timeouts apply). Nothing else is executed.
 
 Shards are untrusted input (they may come from anywhere by URL), so memory is bounded before anything is
 read: a member over MAX_FIELD_BYTES, a sample with more than MAX_FIELDS members or MAX_SAMPLE_BYTES of kept
 data, a field name outside the contract's (FIELD_RE), a key that is not a uid (core.layout.UID_RE: no `/`, no
 `..`), a duplicate field, or a member that is not a regular file (symlink, hard link, device, folder) makes
 the sample skipped and counted; its members are never extracted anywhere. `.npz` members are sized from the
-zip directory and the `.npy` headers before any array is allocated (no zip or shape bombs).
+zip directory and the `.npy` headers before any array is allocated, and each member is inflated in pieces
+that stop at its declared size (a directory that lies about a size never inflates more).
 """
 
 from __future__ import annotations
@@ -52,31 +59,57 @@ class DataStalled(RuntimeError):
 class SkipCounter:
     """A WebDataset handler: warn about a corrupt shard or sample, count it, keep going.
 
-    With `max_consecutive` > 0, that many failures in a row with no good sample between them (`ok()` resets
-    the run) raise DataStalled naming the last reason: a resampled stream is infinite, so a systematic error
-    (every sample fails, e.g. more views asked than rendered, or every shard URL unreachable) would otherwise
-    loop forever printing warnings.
+    Failures are counted per shard (the URL travels on the exception as `shard_url`): a shard with
+    `shard_failure_budget` failures (> 0) is `excluded` for the rest of this stream, with one warning
+    naming it, so a poisoned shard costs a few samples, not the run. With `max_consecutive` > 0, that many
+    failures before any sample decoded raise DataStalled naming the last reason: a resampled stream is
+    infinite, so a systematic error (every sample fails, e.g. more views asked than rendered, or every
+    shard URL unreachable) would otherwise loop forever printing warnings.
     """
 
-    def __init__(self, max_warnings: int = 20, max_consecutive: int = 0):
+    def __init__(self, max_warnings: int = 20, max_consecutive: int = 0, shard_failure_budget: int = 0):
         self.count = 0
         self.consecutive = 0
+        self.decoded = 0
         self.max_warnings = max_warnings
         self.max_consecutive = max_consecutive
+        self.shard_failure_budget = shard_failure_budget
+        self.per_shard: dict[str, int] = {}
+        self.excluded: dict[str, str] = {}  # shard URL -> its last failure
+        self.last = ""
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
         self.consecutive += 1
+        self.last = f"{type(exn).__name__}: {str(exn)[:500]}"
+        url = getattr(exn, "shard_url", None)
+        if url:
+            n = self.per_shard[url] = self.per_shard.get(url, 0) + 1
+            if self.shard_failure_budget and n >= self.shard_failure_budget and url not in self.excluded:
+                self.excluded[url] = self.last
+                warnings.warn(f"skipping shard {url} for the rest of this pass: {n} failures "
+                              f"(loader.shard_failure_budget); the last: {self.last[:300]}", stacklevel=2)
         if self.count <= self.max_warnings:
-            warnings.warn(f"skipping corrupt shard/sample ({type(exn).__name__}: {str(exn)[:300]})", stacklevel=2)
-        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            warnings.warn(f"skipping corrupt shard/sample ({self.last[:300]})", stacklevel=2)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive and not self.decoded:
             raise DataStalled(f"{self.consecutive} shards/samples in a row failed and none decoded; the last: "
-                              f"{type(exn).__name__}: {str(exn)[:500]}") from exn
+                              f"{self.last}") from exn
         return True
 
     def ok(self) -> None:
         """A sample decoded: the run of failures is over."""
         self.consecutive = 0
+        self.decoded += 1
+
+
+def failed_at(exn: BaseException, url: str | None) -> BaseException:
+    """`exn` tagged with the shard it came from (SkipCounter counts failures per shard)."""
+    if url and getattr(exn, "shard_url", None) is None:
+        try:
+            exn.shard_url = url  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__: counted, not per shard
+            pass
+    return exn
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -94,24 +127,64 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def open_url(url: str) -> Any:
-    """Local path / `file:` / `pipe:cmd` / http(s) etc. through WebDataset's gopen; other schemes via fsspec."""
-    from webdataset.gopen import gopen, gopen_schemes
-
+def open_url(url: str, read_timeout_s: float = 60.0, allow_pipe: bool = False) -> Any:
+    """A readable binary stream of `url` (module docstring: what each scheme runs). `read_timeout_s` bounds
+    every wait for http(s) bytes: a server that stalls mid-body raises TimeoutError instead of hanging."""
     scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in gopen_schemes:
+    if scheme in ("", "file"):
+        return open(url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:"), "rb")
+    if scheme in ("http", "https"):
+        import urllib.request
+
+        r = urllib.request.urlopen(url, timeout=read_timeout_s)  # the socket timeout holds for every read
+        if r.status != 200:
+            r.close()
+            raise OSError(f"{url}: HTTP {r.status}")
+        return r
+    if scheme == "pipe":
+        if not allow_pipe:
+            raise ValueError(f"{url[:200]}: a pipe: URL runs its command through the shell; refused "
+                             "(set loader.allow_pipe=true to allow it)")
+        from webdataset.gopen import gopen
+
         return gopen(url, "rb")
-    import fsspec  # object storage (s3://, gcs://, ...) where the matching fsspec backend is installed
+    import fsspec  # object storage (s3://, gcs://, hf://, ...) where the matching fsspec backend is installed
 
     return fsspec.open(url, "rb").open()
 
 
-def open_stage(src: Iterator[dict], handler: SkipCounter) -> Iterator[dict]:
+def open_stage(src: Iterator[dict], handler: SkipCounter, read_timeout_s: float = 60.0,
+               allow_pipe: bool = False) -> Iterator[dict]:
     for s in src:
         try:
-            yield {**s, "stream": open_url(s["url"])}
+            yield {**s, "stream": open_url(s["url"], read_timeout_s, allow_pipe)}
         except Exception as e:
-            handler(e)
+            handler(failed_at(e, s["url"]))
+
+
+def shuffle_bounded(src: Iterator[dict], max_samples: int, max_bytes: int, rng: Any) -> Iterator[dict]:
+    """A sample shuffle buffer with a budget: it fills up to `max_samples` samples or `max_bytes` bytes of
+    their fields (0 = no byte bound), whichever comes first, then releases one sample at random per sample
+    that arrives. What the loader holds here is bounded in bytes, whatever the samples weigh."""
+    buf: list[tuple[dict, int]] = []
+    held = 0
+
+    def release() -> dict:
+        nonlocal held
+        i = rng.randint(0, len(buf) - 1)
+        buf[i], buf[-1] = buf[-1], buf[i]
+        sample, size = buf.pop()
+        held -= size
+        return sample
+
+    for s in src:
+        size = sum(len(v) for v in s.values() if isinstance(v, (bytes, bytearray, memoryview)))
+        buf.append((s, size))
+        held += size
+        while buf and (len(buf) >= max_samples or (max_bytes > 0 and held > max_bytes)):
+            yield release()
+    while buf:
+        yield release()
 
 
 def _read_exact(f: Any, n: int) -> bytes:
@@ -258,7 +331,7 @@ class _Sample:
         """The sample's fields, or None after handing a bad sample to `handler`."""
         if self.bad is None:
             return self.fields
-        handler(ValueError(f"sample {self.key[:80]!r} in {self.url}: {self.bad}"))
+        handler(failed_at(ValueError(f"sample {self.key[:80]!r} in {self.url}: {self.bad}"), self.url))
         return None
 
 
@@ -281,6 +354,7 @@ def _shard_samples(stream: Any, url: str, handler: SkipCounter, skip: Any) -> It
             return True  # never read a foreign member; its sample is rejected in _Sample.add
         return skip is not None and skip(name)
 
+    excluded = getattr(handler, "excluded", {})
     for name, data in tar_members(stream, skip_member):
         _, key, field, why = parse(name)
         if key.startswith("__") and "/" not in key:
@@ -290,6 +364,8 @@ def _shard_samples(stream: Any, url: str, handler: SkipCounter, skip: Any) -> It
             if done is not None:
                 yield done
             cur = None
+            if url in excluded:  # this shard used up its failure budget: read no more of it
+                return
         if cur is None:
             cur = _Sample(key, url)
         cur.add(field, data, why)
@@ -312,7 +388,7 @@ def tar_samples(src: Iterator[dict], handler: SkipCounter, skip: Any = None) -> 
         except DataStalled:
             raise
         except Exception as e:
-            handler(e)
+            handler(failed_at(e, s["url"]))
         finally:
             close = getattr(s["stream"], "close", None)
             if close:
@@ -350,12 +426,30 @@ def _npy(buf: bytes, name: str) -> np.ndarray:
     return np.frombuffer(buf, dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
 
 
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, piece: int = 1 << 16) -> bytes:
+    """A zip member's bytes, inflated in `piece`-sized reads that stop at its declared size: `zf.read()`
+    inflates the whole compressed stream in one call before cutting it to that size, so a directory that
+    lies (declares 1 kB, deflates to 1 GB) would allocate the gigabyte first."""
+    chunks, got = [], 0
+    with zf.open(info) as f:
+        while got <= info.file_size:
+            c = f.read(min(piece, info.file_size + 1 - got))
+            if not c:
+                break
+            chunks.append(c)
+            got += len(c)
+    if got != info.file_size:
+        raise ValueError(f"{name}: {got} bytes, the zip directory says {info.file_size}")
+    return b"".join(chunks)
+
+
 def read_npz(data: bytes, limit: int, name: str = "npz", max_members: int = 16) -> dict[str, np.ndarray]:
     """An `.npz` (zip of `.npy`) from untrusted bytes -> {key: read-only array}, at most `limit` bytes unpacked.
 
     The zip directory's uncompressed sizes are summed before anything is inflated (a zip bomb is refused
-    from its directory), zipfile never returns more than a member's declared size (a lying directory fails
-    its CRC), and each `.npy` header must match its data exactly; no pickles.
+    from its directory), each member is inflated in small pieces that stop at its declared size (a lying
+    directory fails there, or on its CRC, having inflated at most that size), and each `.npy` header must
+    match its data exactly; no pickles.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -368,7 +462,7 @@ def read_npz(data: bytes, limit: int, name: str = "npz", max_members: int = 16) 
             out = {}
             for info in infos:
                 key = info.filename.removesuffix(".npy")
-                out[key] = _npy(zf.read(info), f"{name}:{info.filename}")
+                out[key] = _npy(_read_member(zf, info, f"{name}:{info.filename}"), f"{name}:{info.filename}")
             return out
     except zipfile.BadZipFile as e:
         raise ValueError(f"{name}: not a readable npz ({e})") from None

@@ -54,8 +54,8 @@ class GTR(nn.Module):
                                                cfg.ffn, cfg.ffn_mult, cfg.attn_bias)
         self.upsampler = TriplaneUpsampler(cfg.width, cfg.plane_channels, cfg.upsample)
         feat = 3 * cfg.plane_channels
-        self.density_mlp = DensityMLP(feat, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias)
-        self.color_mlp = ColorMLP(feat, cfg.mlp_hidden, cfg.color_layers, cfg.color_stretch)
+        self.density_mlp = DensityMLP(feat, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias, cfg.mlp_init)
+        self.color_mlp = ColorMLP(feat, cfg.mlp_hidden, cfg.color_layers, cfg.color_stretch, cfg.mlp_init)
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -179,11 +179,20 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(packed, tmp_path):
     assert loader.skipped >= 4
 
 
-def test_pipe_urls_and_brace_patterns(packed):
+def test_pipe_urls_only_when_allowed_and_brace_patterns(packed, tmp_path):
+    """`pipe:` runs its command through the shell: refused (a skipped shard, nothing run) unless
+    loader.allow_pipe; then it reads the shards."""
     cfg, _ = packed
     urls = shard_urls(cfg.out)
+    marker = tmp_path / "ran"
+    loader = make_loader(cfg, [f"pipe:touch {marker}; cat {u}" for u in urls], "nerf", batch_size=3, resampled=False)
+    with pytest.warns(UserWarning, match="refused") as caught:
+        assert list(loader) == []
+    assert not marker.exists() and sum("pipe: URL runs its command" in str(w.message) for w in caught) == len(urls)
+    cfg.loader.allow_pipe = True
     loader = make_loader(cfg, [f"pipe:cat {u}" for u in urls], "nerf", batch_size=3, resampled=False)
     assert sorted(u for b in loader for u in b["uid"]) == sorted(UIDS)
+    cfg.loader.allow_pipe = False
     brace = str(Path(cfg.out) / "shards" / "train-{000000..000004}.tar")
     loader = make_loader(cfg, brace, "nerf", batch_size=3, resampled=False)
     assert sorted(u for b in loader for u in b["uid"]) == sorted(UIDS)
@@ -276,6 +285,12 @@ def test_resampled_stream_raises_on_a_systematic_decode_error(tmp_path):
     cfg.loader.max_consecutive_failures = 20
     loader = make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=1, resampled=True, epoch_samples=10,
                          workers=0)  # needs 2 + 3 views, has 3
+    # the one shard uses up its failure budget (5) first: nothing is left to draw from
+    with pytest.warns(UserWarning), pytest.raises(DataStalled, match=r"all 1 shard\(s\) .*failed 5 times.*need 5"):
+        next(iter(loader))
+    cfg.loader.shard_failure_budget = 0  # no per-shard budget: the run of failures before any decode stops it
+    loader = make_loader(cfg, shard_urls(cfg.out), "mesh", batch_size=1, resampled=True, epoch_samples=10,
+                         workers=0)
     with pytest.warns(UserWarning), pytest.raises(DataStalled, match=r"20 shards/samples in a row.*need 5"):
         next(iter(loader))
     shutil.rmtree(tmp_path / "renders")
@@ -292,3 +307,112 @@ def test_an_epoch_of_a_2_worker_loader_is_every_workers_batches(packed):
         assert loader.stream.batches_per_epoch == per_worker
         loader.set_epoch(0)
         assert len(list(loader)) == loader.batches_per_epoch == per_worker * max(1, workers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A stalled server and a poisoned shard cost their shard, not the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _serve(folder: Path, stall: str):
+    """An HTTP server on 127.0.0.1 for `folder`; `stall` is sent half-way, then the connection hangs."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.endswith(stall):
+                data = (folder / stall).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                release.wait(120)  # never sends the rest while the test runs
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, release
+
+
+def _in_thread(fn, timeout_s: float):
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"the loader was still waiting after {timeout_s} s (no read timeout)"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_a_stalled_http_shard_times_out_and_the_others_are_read(packed):
+    cfg, _ = packed
+    shards = Path(cfg.out) / "shards"
+    names = sorted(p.name for p in shards.glob("train-*.tar"))
+    server, release = _serve(shards, names[0])
+    try:
+        cfg.loader.read_timeout_s = 1.0
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        loader = make_loader(cfg, [f"{base}/{n}" for n in names], "nerf", batch_size=1, resampled=False)
+        with pytest.warns(UserWarning, match="timed out"):
+            uids = _in_thread(lambda: [u for b in loader for u in b["uid"]], 60)
+        with tarfile_open(shards / names[0]) as t:
+            stalled = {m.name.split(".")[0] for m in t.getmembers()}
+        assert set(uids) == set(UIDS) - stalled and stalled  # every other shard's samples, once each
+    finally:
+        cfg.loader.read_timeout_s = 60.0
+        release.set()
+        server.shutdown()
+
+
+def tarfile_open(path: Path):
+    import tarfile
+
+    return tarfile.open(path)
+
+
+def test_a_poisoned_shard_is_skipped_and_reported_the_run_goes_on(tmp_path):
+    """Among good shards, one whose 30 samples all fail to decode: a resampled (training) stream skips it
+    after loader.shard_failure_budget failures, names it, and keeps yielding good batches; before, its run
+    of failures ended the run with DataStalled."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_renders(good, [f"g{i}" for i in range(6)], views=VIEWS, size=SIZE)
+    cfg = cfg_for(good)
+    pack(cfg)
+    write_renders(bad, [f"p{i:02d}" for i in range(30)], views=VIEWS, size=SIZE)
+    for png in (bad / "renders").rglob("*.rgba.png"):
+        png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"poison" * 10)  # a PNG signature, then garbage
+    bad_cfg = cfg_for(bad)
+    bad_cfg.shards.max_count = 100
+    pack(bad_cfg)
+    poisoned = shard_urls(bad)
+    assert len(poisoned) == 1
+    cfg.loader.max_consecutive_failures = 20
+    loader = make_loader(cfg, shard_urls(good) + poisoned, "nerf", batch_size=2, resampled=True,
+                         epoch_samples=40, workers=0, seed=3)
+    with pytest.warns(UserWarning, match="skipping shard .*train-000000.tar for the rest of this pass"):
+        batches = list(loader)
+    assert len(batches) == loader.batches_per_epoch == 20
+    assert {u[0] for b in batches for u in b["uid"]} == {"g"}
+    # the budget, plus what the shuffle buffer had read ahead from that shard before it was skipped
+    budget = cfg.loader.shard_failure_budget
+    assert loader.excluded == poisoned and budget <= loader.skipped < budget + cfg.loader.shuffle_buffer
