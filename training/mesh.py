@@ -70,6 +70,11 @@ def sdf_grid(model: torch.nn.Module, planes: Tensor, grid: int, level: float, me
         return coarse_to_fine_sdf(sdf_at, axis, stride, dilate)
 
 
+def extract_options(mesh_cfg: object) -> dict:
+    """extract_mesh's method / stride / dilate from a MeshConfig (mesh.extract, mesh.coarse_stride, mesh.coarse_dilate)."""
+    return {"method": mesh_cfg.extract, "stride": mesh_cfg.coarse_stride, "dilate": mesh_cfg.coarse_dilate}
+
+
 def extract_mesh(model: torch.nn.Module, planes: Tensor, grid: int, level: float, backend: str = "auto",
                  chunk: int = 1 << 18, method: str = "coarse_to_fine", stride: int = 4, dilate: int = 1,
                  stats: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -93,13 +98,15 @@ def extract_mesh(model: torch.nn.Module, planes: Tensor, grid: int, level: float
     if stats is not None:
         stats.update(vars(cost))
     if torch.is_grad_enabled() and (planes.requires_grad or any(p.requires_grad for p in model.parameters())):
-        pos = sdf >= 0  # the marching cubes' sign rule
+        # A sample matters when a grid neighbour, or the marching cubes' positive padding, has the other sign.
+        pos = F.pad(sdf >= 0, (1, 1, 1, 1, 1, 1), value=True)
         near = torch.zeros_like(pos)
-        for axis in range(3):  # a corner matters when a grid neighbour has the other sign
-            n = grid - 1
+        for axis in range(3):
+            n = grid + 1
             flip = pos.narrow(axis, 0, n) ^ pos.narrow(axis, 1, n)
             near.narrow(axis, 0, n).logical_or_(flip)
             near.narrow(axis, 1, n).logical_or_(flip)
+        near = near[1:-1, 1:-1, 1:-1]
         ijk = torch.nonzero(near)
         coords = torch.linspace(-box, box, grid, device=planes.device)
         live = -(query_density(model, planes, lattice_points(coords, *ijk.unbind(1)), chunk) - level)

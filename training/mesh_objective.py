@@ -22,7 +22,7 @@ from training.losses import (
     psnr,
     ray_opacity_regulariser,
 )
-from training.mesh import extract_mesh, render_mesh
+from training.mesh import extract_mesh, extract_options, render_mesh
 from training.mesh_level import mesh_level
 from training.ops.raster import Rasterizer
 
@@ -76,7 +76,7 @@ class MeshObjective(nn.Module):
             self.levels.append(mesh_level(self.model, pl, batch["input_c2w"][b], batch["input_K"][b],
                                           batch["input_rgb"].shape[-1], self.cfg))
             verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.levels[-1], self.cfg.mc_backend,
-                                        self.cfg.query_chunk)
+                                        self.cfg.query_chunk, **extract_options(self.cfg))
             if len(faces) == 0:
                 outs.append(None)
                 continue

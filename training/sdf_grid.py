@@ -7,23 +7,27 @@ component it finds.
 Coarse-to-fine, on the fine lattice `axis` [G] (the same sample positions as the dense grid):
 
 1. the field is evaluated on the coarse lattice (every `stride`-th fine index per axis, plus the last);
-2. a coarse cell is *active* when its 8 coarse corners do not all have one sign (`>= 0` is positive, the
-   marching cubes' rule), and then the active set is dilated by `dilate` coarse cells;
+2. a coarse cell is *active* when its 8 corners do not all have one sign (`>= 0` is positive, the marching
+   cubes' rule; the grid is padded by one positive sample on every side, as the marching cubes pad it, so a
+   boundary cell with a negative corner is active too); the active set is dilated by `dilate` coarse cells;
 3. every fine sample of every active cell is evaluated exactly; every other fine sample takes the value of
    a coarse corner of its (inactive, single-signed) cell, so it has the sign all of that cell's corners have;
-4. surface following: a fine cell with mixed signs inside an inactive coarse cell means the surface leaves
-   the active set there; its coarse cell is activated and step 3 repeats until no fine sign change lies
-   outside the active set.
+4. surface following: a fine cell (padding included) with mixed signs and a corner not evaluated means the
+   surface leaves the evaluated region there; its coarse cell is activated and step 3 repeats until there
+   is none (after `max_rounds` the whole grid is evaluated).
 
 What this guarantees (tests/training/test_sdf_grid.py holds it against the dense grid): at the end every
-fine edge with a sign change has two exactly evaluated ends, so every vertex and triangle of the result is
-the dense grid's, and a component of the dense mesh is either extracted whole or not at all (a kept and a
-missed triangle never share a vertex). A component is missed only if it lies entirely in inactive cells:
-the region it bounds contains no coarse sample and is more than `dilate` coarse cells away from every coarse
-sign change. Since every ball of radius √3/2·h_c (h_c = stride fine cells) contains a coarse sample, a
-missed component contains no such ball: at 256³ with stride 4, nothing thicker than 7 fine cells (3 % of the
-box) can be missed, and features that thin are kept when they lie within `dilate` cells of a found surface.
-On a smooth field whose features are larger than a coarse cell the result equals the dense extraction.
+fine cell with a sign change has 8 exactly evaluated corners, so every vertex and triangle of the result is
+the dense grid's (the same tensors, in the same order, when nothing is missed), and a component of the dense
+mesh is either extracted whole or not at all (its cells are connected through crossing edges, whose ends
+are exact). A component is missed only when every fine cell it crosses lies in an inactive coarse cell: 8
+corners of one sign, more than `dilate` coarse cells from any coarse sign change and never reached by
+surface following. So what can be missed is a feature of the other sign that the coarse lattice threads
+through without touching: its region in those cells holds no coarse sample. Every ball of radius √3/2·h_c
+(h_c = `stride` fine cells) holds a coarse sample, so a missed convex blob, plate or tube is thinner than √3·h_c:
+at stride 4, thinner than 7 fine cells (2.7 % of the box at 256³); a thinner feature is still found when it
+touches a coarse sample, lies within `dilate` coarse cells of a coarse sign change, or joins a found
+surface. A field whose features are all thicker than that (a smooth field) gives the dense extraction.
 """
 
 from __future__ import annotations
@@ -73,25 +77,33 @@ def _cell_corners(sign: Tensor) -> tuple[Tensor, Tensor]:
     return any_pos, all_pos
 
 
-def _mixed_cells(sdf: Tensor) -> Tensor:
-    """Cells [X-1, Y-1, Z-1] whose 8 corners do not all have one sign (>= 0 is positive)."""
-    any_pos, all_pos = _cell_corners(sdf >= 0)
-    return any_pos & ~all_pos
-
-
 def _gather3(t: Tensor, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
     """t[i][:, j][:, :, k] for 1-D index vectors: an outer-product gather."""
     return t.index_select(0, i).index_select(1, j).index_select(2, k)
 
 
+def _padded_mixed_cells(positive: Tensor) -> Tensor:
+    """Cells [X+1, Y+1, Z+1] of a sign grid [X, Y, Z] padded by one positive sample on every side (the
+    marching cubes' padding) whose 8 corners do not all have one sign."""
+    any_pos, all_pos = _cell_corners(F.pad(positive, (1, 1, 1, 1, 1, 1), value=True))
+    return any_pos & ~all_pos
+
+
+def _cells_to_activate(cells: Tensor, cell_of: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Coarse cell (i, j, k) holding each padded fine cell [N, 3] (a padding cell: the boundary cell inside)."""
+    fine = (cells - 1).clamp(0, len(cell_of) - 1)
+    return cell_of[fine[:, 0]], cell_of[fine[:, 1]], cell_of[fine[:, 2]]
+
+
 def coarse_to_fine_sdf(query: SdfQuery, axis: Tensor, stride: int = 4, dilate: int = 1,
-                       max_rounds: int = 32) -> tuple[Tensor, GridStats]:
+                       max_rounds: int = 64) -> tuple[Tensor, GridStats]:
     """The sdf on the G³ lattice `axis` [G], evaluated coarse-to-fine (module docstring) → (sdf [G,G,G], stats).
 
     Values are exact wherever a mesh vertex or a sign can depend on them; elsewhere they are a coarse
-    corner's value (the right sign). `stride` >= 2 is the coarse cell side in fine cells; `dilate` >= 0 the
-    coarse cells added around each coarse sign change; after `max_rounds` of surface following the rest of
-    the grid is evaluated (the dense result, at the dense cost). Raises ValueError on bad arguments.
+    corner's value (the right sign unless a feature was missed). `stride` >= 2 is the coarse cell side in
+    fine cells; `dilate` >= 0 the coarse cells added around each coarse sign change; after `max_rounds` of
+    surface following the rest of the grid is evaluated (the dense result, at the dense cost). Raises
+    ValueError on bad arguments.
     """
     if stride < 2 or dilate < 0 or max_rounds < 1:
         raise ValueError(f"coarse-to-fine needs stride >= 2, dilate >= 0, max_rounds >= 1; got {stride}, "
@@ -103,14 +115,16 @@ def coarse_to_fine_sdf(query: SdfQuery, axis: Tensor, stride: int = 4, dilate: i
     cidx = torch.arange(0, G, stride, device=dev)
     if int(cidx[-1]) != G - 1:
         cidx = torch.cat([cidx, torch.tensor([G - 1], device=dev)])  # the last cell is thinner
-    nc = len(cidx) - 1  # coarse cells per axis
     n = len(cidx)
+    nc = n - 1  # coarse cells per axis
     ci, cj, ck = torch.meshgrid(cidx, cidx, cidx, indexing="ij")
     coarse = query(lattice_points(axis, ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))).reshape(n, n, n)
     evaluated = n ** 3
 
-    any_pos, all_pos = _cell_corners(coarse >= 0)
-    active = any_pos & ~all_pos  # [nc]^3: coarse sign changes
+    # Coarse sign changes, the padding included: a boundary cell with a negative corner meets the padding.
+    cells = (torch.nonzero(_padded_mixed_cells(coarse >= 0)) - 1).clamp(0, nc - 1)
+    active = torch.zeros(nc, nc, nc, dtype=torch.bool, device=dev)
+    active[cells[:, 0], cells[:, 1], cells[:, 2]] = True
     if dilate:
         active = F.max_pool3d(active[None, None].float(), 2 * dilate + 1, 1, dilate)[0, 0] > 0
 
@@ -129,18 +143,21 @@ def coarse_to_fine_sdf(query: SdfQuery, axis: Tensor, stride: int = 4, dilate: i
             active[:] = True
         fine_active = _gather3(active, cell_of, cell_of, cell_of)  # [G-1]^3
         need = torch.zeros(G, G, G, dtype=torch.bool, device=dev)
-        for a, b, c in _CORNER_OFFSETS:  # the 8 corners of every active fine cell
-            need[a:a + G - 1, b:b + G - 1, c:c + G - 1] |= fine_active
+        for a, b, o in _CORNER_OFFSETS:  # the 8 corners of every active fine cell
+            need[a:a + G - 1, b:b + G - 1, o:o + G - 1] |= fine_active
         new = need & ~known
         idx = torch.nonzero(new)
         if len(idx):
-            sdf[idx[:, 0], idx[:, 1], idx[:, 2]] = query(lattice_points(axis, idx[:, 0], idx[:, 1], idx[:, 2])).to(sdf.dtype)
+            values = query(lattice_points(axis, idx[:, 0], idx[:, 1], idx[:, 2]))
+            sdf[idx[:, 0], idx[:, 1], idx[:, 2]] = values.to(sdf.dtype)
             evaluated += len(idx)
             known |= new
-        escaped = _mixed_cells(sdf) & ~fine_active  # the surface leaves the active set here
-        if not bool(escaped.any()):
+        # A fine cell (padding included) with a sign change and a corner not evaluated: the surface leaves
+        # the evaluated region there; its coarse cell joins the active set.
+        _, all_known = _cell_corners(F.pad(known, (1, 1, 1, 1, 1, 1), value=True))
+        escaped = torch.nonzero(_padded_mixed_cells(sdf >= 0) & ~all_known)
+        if not len(escaped):
             break
-        e = torch.nonzero(escaped)
-        active[cell_of[e[:, 0]], cell_of[e[:, 1]], cell_of[e[:, 2]]] = True
+        active[_cells_to_activate(escaped, cell_of)] = True
     return sdf, GridStats(evaluated=evaluated, rounds=rounds, active_cells=int(active.sum()),
                           coarse_cells=nc ** 3)
