@@ -1,8 +1,8 @@
 """Benchmarks of the mesh stage's ops: marching cubes (our PyTorch twin vs skimage on CPU; vs diso on GPU),
 rasterization of 8 views at 512² (the twin vs its first, per-view float64 version on CPU; vs nvdiffrast on
 GPU), and on GPU: the feed-forward mesh at 256³ (dense vs coarse-to-fine extraction) and one mesh-stage step
-of the paper config with diso + nvdiffrast vs the fully permissive twins (mesh.mc_backend=torch,
-mesh.raster_backend=torch), time and peak memory.
+of the paper config with diso + nvdiffrast vs the fully permissive twins (mesh.backend=torch), time and
+peak memory.
 
     python -m bench.mesh            # the CPU table
 `run_gpu(cfg, out_dir)` is called by `make gpu-check` (bench/gpu_check.py) on a lent GPU.
@@ -113,10 +113,10 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
                        f"torch twin on the same GPU; its first version (per view, float64): "
                        f"{timeit(rast_ref, 3):.4f} s"))
     rows += _feedforward_mesh(cfg, dev)
-    cuda = _paper_step(cfg, dev)
-    permissive = _paper_step(cfg, dev, mc_backend="torch", raster_backend="torch")
+    cuda = _paper_step(cfg, dev, backend="cuda")  # explicit: auto would fall back to the twins silently
+    permissive = _paper_step(cfg, dev, backend="torch")
     rows += cuda
-    rows.append(result("mesh-stage step per asset, permissive twins (mc torch, raster torch)", permissive[0]["ours"],
+    rows.append(result("mesh-stage step per asset, mesh.backend=torch (permissive twins)", permissive[0]["ours"],
                        cuda[0]["ours"], "diso + nvdiffrast", "s", "goal: within 1.3x (ratio >= 0.77); peak "
                        f"{permissive[1]['ours']:.1f} GiB; {permissive[0]['notes']}"))
     return rows
@@ -171,11 +171,12 @@ class _ZeroLoss(torch.nn.Module):
         return pred.sum() * 0.0
 
 
-def _paper_step(cfg: Config, dev: str, mc_backend: str = "", raster_backend: str = "") -> list[dict]:
-    """One optimisation step of the mesh stage at the config's sizes, on a synthetic one-asset batch (the
-    backends: the config's unless named)."""
+def _paper_step(cfg: Config, dev: str, backend: str = "") -> list[dict]:
+    """One optimisation step of the mesh stage at the config's sizes, on a synthetic one-asset batch
+    (`backend`: mesh.backend, the config's unless named: torch = the permissive twins)."""
     import dataclasses
 
+    from training.mesh import mesh_backends
     from training.mesh_objective import MeshObjective
     from training.model import GTR
 
@@ -197,8 +198,8 @@ def _paper_step(cfg: Config, dev: str, mc_backend: str = "", raster_backend: str
         lpips = LPIPSLoss(cfg.mesh.lpips_net)
     except Exception as e:  # noqa: BLE001 - the GPU machine may lack the offline LPIPS weights
         lpips, lpips_note = _ZeroLoss(), f"; LPIPS term left out ({type(e).__name__})"
-    mesh_cfg = dataclasses.replace(cfg.mesh, mc_backend=mc_backend or cfg.mesh.mc_backend,
-                                   raster_backend=raster_backend or cfg.mesh.raster_backend)
+    mesh_cfg = dataclasses.replace(cfg.mesh, backend=backend or cfg.mesh.backend)
+    mc, raster = mesh_backends(mesh_cfg)
     obj = MeshObjective(model, mesh_cfg, lpips=lpips).to(dev)
     Vi, Vs, S, s = cfg.loader.input_views, cfg.mesh.sup_views, cfg.loader.input_size, cfg.mesh.render_size
     c2w_i, K_i = _views(Vi, S, dev)
@@ -222,7 +223,7 @@ def _paper_step(cfg: Config, dev: str, mc_backend: str = "", raster_backend: str
         _sync(dev)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    note = (f"backends mc {mesh_cfg.mc_backend}, raster {mesh_cfg.raster_backend}, extract {mesh_cfg.extract}; "
+    note = (f"mesh.backend {mesh_cfg.backend or '(unset)'}: mc {mc}, raster {raster}, extract {mesh_cfg.extract}; "
             f"1 asset, {Vi} inputs at {S}^2, {Vs} views at {s}^2, grid {cfg.mesh.grid}^3, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M params; paper batch 192 over a cluster{lpips_note}")
     return [result("mesh-stage step per asset (paper config)", sorted(times)[1], None, "", "s", note),

@@ -70,6 +70,20 @@ def sdf_grid(model: torch.nn.Module, planes: Tensor, grid: int, level: float, me
         return coarse_to_fine_sdf(sdf_at, axis, stride, dilate)
 
 
+MESH_BACKENDS = {"torch": ("torch", "torch"), "cuda": ("diso", "nvdiffrast")}  # mesh.backend → (mc, raster)
+
+
+def mesh_backends(mesh_cfg: object) -> tuple[str, str]:
+    """(marching-cubes, rasterizer) backends of a MeshConfig: mesh.backend when set (torch = the permissive
+    twins, cuda = diso + nvdiffrast), else mesh.mc_backend and mesh.raster_backend. ValueError if unknown."""
+    chosen = mesh_cfg.backend
+    if not chosen:
+        return mesh_cfg.mc_backend, mesh_cfg.raster_backend
+    if chosen not in MESH_BACKENDS:
+        raise ValueError(f"unknown mesh.backend {chosen!r} (torch | cuda, or empty for mc_backend/raster_backend)")
+    return MESH_BACKENDS[chosen]
+
+
 def extract_options(mesh_cfg: object) -> dict:
     """extract_mesh's method / stride / dilate from a MeshConfig (mesh.extract, mesh.coarse_stride, mesh.coarse_dilate)."""
     return {"method": mesh_cfg.extract, "stride": mesh_cfg.coarse_stride, "dilate": mesh_cfg.coarse_dilate}

@@ -381,6 +381,7 @@ class Rasterizer:
 
     def __init__(self, backend: str = "auto", device: torch.device | str = "cpu"):
         self.backend = resolve_backend(backend, device)
+        self.ctx_device = torch.device(device)
         if self.backend == "nvdiffrast":
             self.dr: ModuleType | None = _nvdiffrast()
             self.ctx: object = cuda_context(str(torch.device(device)))
