@@ -51,7 +51,8 @@ def _raster_inputs(device: str, size: int = 512) -> tuple[torch.Tensor, torch.Te
 
 
 def run(cfg: Config, out_dir: Path) -> list[dict]:
-    """CPU measures: marching cubes 64³ / 128³ (twin vs skimage, forward only), rasterization 8 × 512²."""
+    """CPU measures: marching cubes 64³ / 128³ (twin vs skimage, forward only), rasterization 8 × 512² (vs the
+    first twin), extraction 128³ of the config's model, coarse-to-fine vs dense."""
     from skimage.measure import marching_cubes as sk_mc
 
     from training.ops.marching_cubes import TorchDiffMC
@@ -74,6 +75,7 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
                        "the first twin (per view, float64 coverage)", "s",
                        "same triangle ids at every pixel (tests/training/ops/test_raster.py); nvdiffrast needs "
                        "CUDA: see run_gpu"))
+    rows += _feedforward_mesh(cfg, "cpu", grid=128)[:2]  # the demo model; the 256³ paper rows: run_gpu
     return rows
 
 

@@ -42,15 +42,20 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-MAX_PAIRS = 1 << 22  # (triangle, pixel) candidates per chunk: bounds the twin's working memory (~0.5 GB)
+MAX_PAIRS = 1 << 22  # (triangle, pixel) candidates per chunk on CUDA: bounds the twin's working memory (~0.5 GB)
+CPU_MAX_PAIRS = 1 << 18  # on CPU: chunks that stay in cache (4M-pair chunks were 1.25x slower on one core)
+
+
+def _default_pairs(device: torch.device) -> int:
+    return MAX_PAIRS if device.type == "cuda" else CPU_MAX_PAIRS
 
 
 class TorchRasterizeContext:
     """Stands where nvdiffrast's context does; the twin keeps no state besides the device."""
 
-    def __init__(self, device: torch.device | str | None = None, max_pairs: int = MAX_PAIRS):
+    def __init__(self, device: torch.device | str | None = None, max_pairs: int | None = None):
         self.device = torch.device(device or "cpu")
-        self.max_pairs = max_pairs
+        self.max_pairs = max_pairs or _default_pairs(self.device)
 
 
 def _resolution(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -226,7 +231,7 @@ def rasterize(glctx: TorchRasterizeContext | None, pos: Tensor, tri: Tensor,
               ) -> tuple[Tensor, Tensor]:
     """nvdiffrast.torch.rasterize, in PyTorch (see the module docstring for conventions)."""
     H, W = _resolution(resolution)
-    max_pairs = glctx.max_pairs if isinstance(glctx, TorchRasterizeContext) else MAX_PAIRS
+    max_pairs = glctx.max_pairs if isinstance(glctx, TorchRasterizeContext) else _default_pairs(pos.device)
     if tri.ndim != 2 or tri.shape[1] != 3:
         raise ValueError(f"tri must be [F, 3], got {tuple(tri.shape)}")
     tri = tri.long()
