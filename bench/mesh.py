@@ -37,7 +37,7 @@ def _views(n: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return c2w, K
 
 
-def _raster_inputs(device: str, size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def raster_inputs(device: str, size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """A marching-cubes mesh (the kind stage 2 rasterizes) in clip space for 8 views."""
     from training.cameras import opencv_to_clip
     from training.ops.marching_cubes import marching_cubes
@@ -68,7 +68,7 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
         nf = len(TorchDiffMC()(g)[1])
         rows.append(result(f"marching cubes {n}^3 (torus, {nf} faces)", ours, base, "skimage.measure.marching_cubes",
                            "s", "ours is differentiable (vertices carry autograd to the grid); skimage is not"))
-    pos, f = _raster_inputs("cpu")
+    pos, f = raster_inputs("cpu")
     t = timeit(lambda: rasterize(None, pos, f, 512), repeat=3)
     t_ref = timeit(lambda: rasterize_reference(pos, f, 512), repeat=3)
     rows.append(result(f"rasterize 8 views 512^2 ({len(f)} faces), CPU twin", t, t_ref,
@@ -99,7 +99,7 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
 
     rows.append(result("marching cubes 256^3 forward+backward", timeit(lambda: fwd_bwd(TorchDiffMC()), 5),
                        timeit(lambda: fwd_bwd(diso), 5), "diso.DiffMC", "s", "torch twin on the same GPU"))
-    pos, f = _raster_inputs(dev)
+    pos, f = raster_inputs(dev)
     tw, nv = Rasterizer("torch", dev), Rasterizer("nvdiffrast", dev)
 
     def rast(r) -> None:
@@ -115,8 +115,8 @@ def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:
                        f"torch twin on the same GPU; its first version (per view, float64): "
                        f"{timeit(rast_ref, 3):.4f} s"))
     rows += _feedforward_mesh(cfg, dev)
-    cuda = _paper_step(cfg, dev, backend="cuda")  # explicit: auto would fall back to the twins silently
-    permissive = _paper_step(cfg, dev, backend="torch")
+    cuda = mesh_stage_step(cfg, dev, backend="cuda")  # explicit: auto would fall back to the twins silently
+    permissive = mesh_stage_step(cfg, dev, backend="torch")
     rows += cuda
     rows.append(result("mesh-stage step per asset, mesh.backend=torch (permissive twins)", permissive[0]["ours"],
                        cuda[0]["ours"], "diso + nvdiffrast", "s", "goal: within 1.3x (ratio >= 0.77); peak "
@@ -132,11 +132,11 @@ def _sync(dev: str) -> None:
 def _feedforward_mesh(cfg: Config, dev: str, grid: int = 256) -> list[dict]:
     """Triplane + extraction at `grid`³ on the paper model (analytic sphere surface over the real f_d work, as
     bench.reconstruct): mesh.extract=dense vs coarse_to_fine, the same mesh asserted."""
-    from bench.reconstruct import _inputs, _sphere_model
+    from bench.reconstruct import sphere_inputs, sphere_model
     from training.mesh import extract_mesh
 
-    model = _sphere_model(cfg, dev)
-    images, c2w, K = _inputs(cfg.loader.input_size, dev)
+    model = sphere_model(cfg, dev)
+    images, c2w, K = sphere_inputs(cfg.loader.input_size, dev)
 
     def triplane() -> torch.Tensor:
         with torch.no_grad():
@@ -183,7 +183,7 @@ class _ZeroLoss(torch.nn.Module):
         return pred.sum() * 0.0
 
 
-def _paper_step(cfg: Config, dev: str, backend: str = "") -> list[dict]:
+def mesh_stage_step(cfg: Config, dev: str, backend: str = "") -> list[dict]:
     """One optimisation step of the mesh stage at the config's sizes, on a synthetic one-asset batch
     (`backend`: mesh.backend, the config's unless named: torch = the permissive twins)."""
     import dataclasses

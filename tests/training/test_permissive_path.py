@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, Refuse())
     import torch
     import trimesh
-    from bench.mesh import _paper_step
-    from bench.reconstruct import _inputs, _sphere_model
+    from bench.mesh import mesh_stage_step
+    from bench.reconstruct import sphere_inputs, sphere_model
     from core.config import load_config
     from training.export import export_glb
     from training.inference import reconstruct
@@ -40,9 +40,9 @@ SCRIPT = textwrap.dedent("""
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, backend="torch", grid=32, sup_views=2,
                                                             render_size=32, level_mode="fixed"),
                               refine=dataclasses.replace(cfg.refine, steps=8, render_size=32))
-    step = _paper_step(cfg, "cpu")[0]["ours"]
-    model = _sphere_model(cfg, "cpu")
-    images, c2w, K = _inputs(64, "cpu")
+    step = mesh_stage_step(cfg, "cpu")[0]["ours"]
+    model = sphere_model(cfg, "cpu")
+    images, c2w, K = sphere_inputs(64, "cpu")
     res = reconstruct(model, images, c2w, K, cfg, refine=True)
     with tempfile.TemporaryDirectory() as tmp:
         info = export_glb(Path(tmp) / "m.glb", res.verts.numpy(), res.faces.numpy(), res.color_fn(model),

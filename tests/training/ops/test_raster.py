@@ -229,10 +229,10 @@ def test_fast_coverage_equals_the_float64_reference_on_a_marching_cubes_mesh() -
     """The batched float32 pass (what `rasterize` runs) against the first twin (one view at a time, coverage
     in float64, itself held against the closed forms and Blender above): the same triangle at every pixel
     of 4 views of a 50 k-face torus, the same (u, v, z/w), and no cracks between neighbouring triangles."""
-    from bench.mesh import _raster_inputs
+    from bench.mesh import raster_inputs
     from training.ops.raster import rasterize_reference
 
-    pos, faces = _raster_inputs("cpu", size=256)
+    pos, faces = raster_inputs("cpu", size=256)
     pos = pos[::2]
     fast, _ = rasterize(None, pos, faces, 256)
     ref = rasterize_reference(pos, faces, 256)
