@@ -143,10 +143,27 @@ def run(cfg: Config, out_dir: Path, repeat: int = 3) -> list[dict]:
     return rows
 
 
-# The four cases `make gpu-check` times (its budget is minutes): bf16 with and without checkpointing, the
-# fp32 baseline, and hand-written attention as the SDPA baseline. All eight: `cases=ALL_GPU_CASES`.
-GPU_CASES = (("bf16", "sdpa", True), ("bf16", "sdpa", False), ("fp32", "sdpa", False), ("bf16", "hand", False))
-ALL_GPU_CASES = tuple((d, a, c) for d in ("bf16", "fp32") for a in ("sdpa", "hand") for c in (True, False))
+# The cases `make gpu-check` times (its budget is minutes), (dtype, attention, checkpointing, torch.compile):
+# bf16 with and without checkpointing, the fp32 baseline, and hand-written attention as the SDPA baseline;
+# bench.mfu times bf16 compiled (COMPILE_CASES) under its own budget. All sixteen: `cases=ALL_GPU_CASES`.
+GPU_CASES = (("bf16", "sdpa", True, False), ("bf16", "sdpa", False, False), ("fp32", "sdpa", False, False),
+             ("bf16", "hand", False, False))
+COMPILE_CASES = (("bf16", "sdpa", False, False), ("bf16", "sdpa", False, True))
+ALL_GPU_CASES = tuple((d, a, c, k) for d in ("bf16", "fp32") for a in ("sdpa", "hand") for c in (True, False)
+                      for k in (False, True))
+# What `flops_per_sample` counts (printed with the step times): 2 FLOPs per multiply-add of every matmul/conv.
+FLOP_FORMULA = ("train = 3 x forward (+ 2 x transformer with checkpointing); forward = 2 x (encoder "
+                "N_img*C_in*p^2*W + depth*(N*W*3*inner + 2*N^2*inner + N*inner*W + N*W*hidden*(3 geglu|2)) + "
+                "upsampler 3*R^2*W*C*u^2 + rays*samples*(f_d + f_c matmuls)), N = N_img + 3*R^2 tokens")
+
+
+def _compile(model: Any) -> None:
+    """torch.compile the transformer blocks and the field (triplane sampling + f_d + f_c fused per call)."""
+    import torch
+
+    for i, blk in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(blk)
+    model._query_model_frame = torch.compile(model._query_model_frame)
 
 
 def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, repeat: int = 3,
@@ -168,9 +185,9 @@ def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, rep
     b = _batch(batch, V, size, sup, patch, "cuda")
     rows: list[dict] = []
     names = {"bf16": torch.bfloat16, "fp32": None}
-    for dtype_name, attn, ckpt in cases:
+    for dtype_name, attn, ckpt, compiled in cases:
         dtype = names[dtype_name]
-        label = f"paper step {dtype_name}, {attn}, ckpt {'on' if ckpt else 'off'}"
+        label = f"paper step {dtype_name}, {attn}, ckpt {'on' if ckpt else 'off'}, compile {'on' if compiled else 'off'}"
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = GTR(mcfg)
@@ -180,9 +197,13 @@ def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, rep
             for blk in model.blocks:
                 blk.forward = (lambda x, _f=blk.forward: checkpoint(_f, x, use_reentrant=False))
         try:
+            if compiled:
+                _compile(model)
             torch.cuda.reset_peak_memory_stats()
-            _step(model, b, patch, dtype)
+            t0 = time.perf_counter()
+            _step(model, b, patch, dtype)  # warm-up (and compilation)
             torch.cuda.synchronize()
+            first = time.perf_counter() - t0
             ts = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
@@ -196,15 +217,21 @@ def run_gpu(cfg: Config, out_dir: Path, batch: int = 1, rays_side: int = 32, rep
                                notes=f"B={batch}, {V}x{size}² in, {sup}x{patch}² rays x "
                                      f"{mcfg.samples_per_ray}; peak {peak:.0f} MiB; "
                                      f"{flops / 1e12:.2f} TFLOP/step; MFU {flops / sec / H100_BF16_PEAK:.3f} "
-                                     f"of H100 bf16 peak"))
+                                     f"of H100 bf16 peak; first step {first:.1f} s; torch {torch.__version__}"))
+            print(f"{label}: {sec:.4f} s/step, {flops / 1e12:.2f} TFLOP/step, MFU "
+                  f"{flops / sec / H100_BF16_PEAK:.3f}", flush=True)
         except torch.cuda.OutOfMemoryError:
             rows.append(result(label, float("nan"), None, "", "s/step", notes="out of memory"))
+        except Exception as e:  # noqa: BLE001 - e.g. a compile failure: record it, keep the other cases
+            rows.append(result(label, float("nan"), None, "", "s/step",
+                               notes=f"failed: {type(e).__name__}: {str(e)[:300]}; torch {torch.__version__}"))
         del model
         torch.cuda.empty_cache()
     rows.append(result("paper model FLOPs per sample (train)", f["train"] / 1e12, None, "", "TFLOP",
                        notes=f"forward {f['forward'] / 1e12:.2f} TFLOP: transformer "
                              f"{f['transformer'] / 1e12:.2f}, decoders {f['decoders'] / 1e12:.2f} "
-                             f"({rays} rays x {mcfg.samples_per_ray} samples)"))
+                             f"({rays} rays x {mcfg.samples_per_ray} samples); {FLOP_FORMULA}"))
+    print(f"FLOP formula: {FLOP_FORMULA}", flush=True)
     return rows
 
 

@@ -32,7 +32,8 @@ from bench.common import format_table, result
 from core.config import Config
 
 
-def _sphere_model(cfg: Config, device: str) -> torch.nn.Module:
+def sphere_model(cfg: Config, device: str) -> torch.nn.Module:
+    """A fresh GTR of cfg.model whose density is a sphere of radius 0.35 over its own f_d work (module text)."""
     from training.model import GTR
 
     class SphereGTR(GTR):
@@ -51,7 +52,8 @@ def _sphere_model(cfg: Config, device: str) -> torch.nn.Module:
     return model
 
 
-def _inputs(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sphere_inputs(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4 evaluation views of a two-coloured sphere: (RGB+mask [4,4,size,size], c2w [4,4,4], K [4,3,3])."""
     import trimesh
 
     from training.mesh import rasterize_mesh
@@ -74,8 +76,8 @@ def _measure(cfg: Config, device: str, out_dir: Path, label: str) -> list[dict]:
     from training.export import export_glb
     from training.inference import reconstruct
 
-    model = _sphere_model(cfg, device)
-    images, c2w, K = _inputs(cfg.loader.input_size, device)
+    model = sphere_model(cfg, device)
+    images, c2w, K = sphere_inputs(cfg.loader.input_size, device)
     reconstruct(model, images, c2w, K, dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, steps=1)))
     paper_cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, recipe="paper", steps=0, loss=""))
     paper = reconstruct(model, images, c2w, K, paper_cfg, refine=True)  # the paper's recipe

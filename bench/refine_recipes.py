@@ -67,7 +67,7 @@ def _model(cfg: Config) -> tuple[torch.nn.Module, str]:
 
 
 def run(cfg: Config, out_dir: Path) -> list[dict]:
-    from training.mesh import extract_mesh, rasterize_mesh, shade
+    from training.mesh import extract_mesh, extract_options, rasterize_mesh, shade
     from training.ops.raster import Rasterizer
     from training.recon_inputs import read_views
     from training.refine import color_model, psnr, refine_texture
@@ -88,7 +88,8 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
             planes = model.triplane(torch.cat([img, torch.tensor(inputs.mask)[:, None]], 1)[None], c2w[None],
                                     K[None]).float()
         if trained:
-            verts, faces = extract_mesh(model, planes, cfg.mesh.grid, cfg.mesh.sdf_level, cfg.mesh.mc_backend)
+            verts, faces = extract_mesh(model, planes, cfg.mesh.grid, cfg.mesh.sdf_level, cfg.mesh.mc_backend,
+                                        **extract_options(cfg.mesh))
         else:
             geo = np.load(folder / "inputs" / "geometry.npz")
             verts, faces = torch.tensor(geo["vertices"]), torch.tensor(geo["faces"]).long()

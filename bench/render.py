@@ -11,6 +11,8 @@ quality/speed study that picks the default Cycles settings.
    Our default must reach >= 45 dB and be >= 2x faster per view than that.
 
     python -m bench.render [--full]     (default: small sizes; --full: 32 views, 4 assets, 512² included)
+    python -m bench.render --paper-scale  (512² only, minutes on 2 cores: persistent vs fresh at 32 views for
+                                           2 assets; quality of a few settings on 2 views of 1 asset)
 """
 
 from __future__ import annotations
@@ -152,10 +154,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(image_psnr(torch.from_numpy(a)[None], torch.from_numpy(b)[None], max_db=None)[0])
 
 
-def quality_study(jobs: list[dict], resolution: int, views: int, tmp: Path) -> list[dict[str, Any]]:
+def quality_study(jobs: list[dict], resolution: int, views: int, tmp: Path,
+                  candidates: list | None = None) -> list[dict[str, Any]]:
+    """Per setting: seconds per view and PSNR against the 1024-spp reference; the first entry is the public
+    setting (`candidates`: a subset of CANDIDATES, default all)."""
     refs = [_render_set(j, REFERENCE, resolution, views, tmp)[1] for j in jobs]
     out = []
-    for name, settings in CANDIDATES + [("default (RenderConfig)", None)]:
+    for name, settings in (candidates or CANDIDATES) + [("default (RenderConfig)", None)]:
         if settings is None:
             d = RenderConfig()
             settings = {"samples": d.samples, "adaptive_threshold": d.adaptive_threshold, "denoise": d.denoise,
@@ -194,6 +199,37 @@ def memory_growth(jobs: list[dict[str, Any]], n: int, out: Path) -> dict[str, fl
     """RSS of one bpy process rendering n assets one after another (the actor's loop), in a fresh process."""
     rss = in_fresh_process(_growth_child, jobs, n, str(out), what="bpy memory-growth run")
     return {"after_10": rss[min(9, n - 1)], "after_n": rss[-1], "max": max(rss)}
+
+
+PAPER_SCALE_CANDIDATES = [CANDIDATES[0], CANDIDATES[5], CANDIDATES[6], CANDIDATES[7]]  # public, 32/16 adaptive, 16+dn
+
+
+def run_paper_scale(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
+    """The issue's 512² rows in one run: persistent vs fresh per asset (2 assets, 32 views, the config's
+    settings) and s/view + PSNR of a few settings against 1024 spp (1 asset, 2 views), ratios vs 128 spp + OIDN."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = cfg.render
+    ours = {"samples": d.samples, "adaptive_threshold": d.adaptive_threshold, "denoise": d.denoise,
+            "max_bounces": d.max_bounces, "threads": d.threads}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-render-512-") as t:
+        tmp = Path(t)
+        jobs = make_assets(tmp / "assets", 2)
+        study = quality_study(jobs[:1], 512, 2, tmp / "quality", PAPER_SCALE_CANDIDATES)
+        (out_dir / "quality_study_512.json").write_text(json.dumps(study, indent=1))
+        public = study[0]
+        for s in study[1:]:
+            rows.append(result(f"s/view @ 512²: {s['name']}", s["s_per_view"], public["s_per_view"], public["name"],
+                               "s", f"PSNR {s['psnr']:.1f} dB vs public {public['psnr']:.1f} dB against 1024 spp "
+                               f"(1 asset, 2 views); goal >= 3x at >= 45 dB; settings {s['settings']}"))
+        print(format_table(rows), flush=True)
+        m = persistent_vs_fresh(jobs, {**ours, "resolution": 512, "views": 32}, tmp / "pf512")
+        rows.append(result("seconds per asset, 32 views @ 512²", m["persistent_s"], m["fresh_s"],
+                           "fresh python+bpy process per asset", "s",
+                           f"goal >= 1.2x; {d.samples} spp, adaptive {d.adaptive_threshold}, denoise {d.denoise}; "
+                           f"2 procedural assets; startup {m['startup_s']:.1f} s paid once"))
+    return rows
 
 
 def run(cfg: Config, out_dir: Path, full: bool = False) -> list[dict[str, Any]]:
@@ -239,6 +275,7 @@ def run(cfg: Config, out_dir: Path, full: bool = False) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="32 views, 4 assets, 128² and 512², quality at 256²")
+    p.add_argument("--paper-scale", action="store_true", help="only the 512² rows (run_paper_scale)")
     p.add_argument("--out", default="work/bench/render")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -246,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(None, args.overrides)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print(format_table(run(cfg, Path(args.out), full=args.full)))
+    rows = run_paper_scale(cfg, Path(args.out)) if args.paper_scale else run(cfg, Path(args.out), full=args.full)
+    print(format_table(rows))
     return 0
 
 

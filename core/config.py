@@ -247,7 +247,15 @@ class MeshConfig(OptimConfig):
     lpips_size: int = 0  # LPIPS on both images bilinearly resized to this² (paper/official 256, as released); 0 = as rendered
     hard_color: bool = False  # colour under the hard mask, background elsewhere (paper/official, as released: the mask
     # alone carries silhouette gradients); demo false: the colour is antialiased with the mask
+    backend: str = ""  # "" (mc_backend / raster_backend below) | torch: the permissive path, our marching-cubes and
+    # rasterizer twins for stage 2, refinement, reconstruction and export (no non-commercial op; README
+    # "Licences") | cuda: diso + nvdiffrast
     mc_backend: str = "auto"  # auto | torch | diso
+    extract: str = "coarse_to_fine"  # dense (f_d at all grid³ samples) | coarse_to_fine (f_d only in coarse cells
+    # the surface passes through: the dense mesh for every component it finds; training.sdf_grid says what it can
+    # miss, blobs thinner than √3·coarse_stride cells away from other surfaces; docs/mesh.md)
+    coarse_stride: int = 4  # coarse_to_fine: coarse cell side in grid cells
+    coarse_dilate: int = 1  # coarse_to_fine: coarse cells evaluated around each coarse sign change
     raster_backend: str = "auto"  # auto | torch | nvdiffrast
     init: str = ""  # stage-1 checkpoint path ("" = newest under OUT/runs/nerf)
     shards: str = ""  # shard URL pattern ("" = OUT/shards/train-*.tar)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from core.config import Config, to_dict
 from training.export import export_glb, glb_bytes, query_colors
 from training.lpips_weights import load_lpips
-from training.mesh import extract_mesh, render_mesh
+from training.mesh import extract_mesh, extract_options, mesh_backends, render_mesh
 from training.mesh_level import mesh_level
 from training.metrics import psnr
 from training.ops.raster import Rasterizer
@@ -134,7 +134,7 @@ def reconstruct(model: nn.Module, images: Tensor, c2w: Tensor, K: Tensor, cfg: C
                                f"{tuple(K.shape)}")
     device = next(model.parameters()).device
     images, c2w, K = images.to(device).float(), c2w.to(device).float(), K.to(device).float()
-    rz = rasterizer or Rasterizer(cfg.mesh.raster_backend, device)
+    rz = rasterizer or Rasterizer(mesh_backends(cfg.mesh)[1], device)
     timings: dict[str, float] = {}
 
     _sync(device)
@@ -147,7 +147,8 @@ def reconstruct(model: nn.Module, images: Tensor, c2w: Tensor, K: Tensor, cfg: C
     t = time.perf_counter()
     with torch.no_grad():
         level = mesh_level(model, planes, c2w, K, W, cfg.mesh)  # the input views pick it (mesh.level_mode)
-        verts, faces = extract_mesh(model, planes, cfg.mesh.grid, level, backend=cfg.mesh.mc_backend)
+        verts, faces = extract_mesh(model, planes, cfg.mesh.grid, level, backend=mesh_backends(cfg.mesh)[0],
+                                    **extract_options(cfg.mesh))
     _sync(device)
     timings["mesh"] = time.perf_counter() - t
     if len(faces) == 0:

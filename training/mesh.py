@@ -28,6 +28,7 @@ from torch import Tensor
 from training.cameras import opencv_to_clip
 from training.ops.marching_cubes import marching_cubes
 from training.ops.raster import Rasterizer
+from training.sdf_grid import GridStats, coarse_to_fine_sdf, dense_sdf, lattice_points
 
 CLIP_NEAR, CLIP_FAR = 0.05, 100.0  # rasterizer depth range (world units); cameras sit ~2.6 from the origin
 
@@ -40,47 +41,90 @@ def _one_asset(planes: Tensor) -> Tensor:
     return planes
 
 
-def grid_points(grid: int, box: float, device: torch.device | str = "cpu") -> Tensor:
-    """The G³ sample positions over [-box, box]^3: [G, G, G, 3], index (i, j, k) ↔ (x, y, z)."""
-    x = torch.linspace(-box, box, grid, device=device)
-    return torch.stack(torch.meshgrid(x, x, x, indexing="ij"), dim=-1)
-
-
 def query_density(model: torch.nn.Module, planes: Tensor, points: Tensor, chunk: int = 1 << 18) -> Tensor:
     """f_d at points [N, 3] (our frame) for one asset, in chunks → [N] (f_c is not evaluated)."""
     out = [model.query_density(planes, p[None])[0, :, 0] for p in points.split(chunk)]
     return torch.cat(out) if out else points.new_zeros(0)
 
 
+EXTRACT_METHODS = ("dense", "coarse_to_fine")
+
+
+def sdf_grid(model: torch.nn.Module, planes: Tensor, grid: int, level: float, method: str = "coarse_to_fine",
+             chunk: int = 1 << 18, stride: int = 4, dilate: int = 1) -> tuple[Tensor, GridStats]:
+    """sdf = −(density − level) on the G³ grid over the model's box (our frame, corners included), without
+    autograd: every sample (`dense`) or coarse-to-fine (`training.sdf_grid`: the dense grid's mesh for every
+    surface component it finds). planes: one asset. Returns (sdf [G, G, G], what it cost)."""
+    if method not in EXTRACT_METHODS:
+        raise ValueError(f"unknown mesh extraction {method!r} ({' | '.join(EXTRACT_METHODS)})")
+    planes = _one_asset(planes)
+    box = float(model.box_half_size_ours())
+    axis = torch.linspace(-box, box, grid, device=planes.device)
+
+    def sdf_at(points: Tensor) -> Tensor:
+        return -(query_density(model, planes, points, chunk) - level)
+
+    with torch.no_grad():
+        if method == "dense":
+            return dense_sdf(sdf_at, axis)
+        return coarse_to_fine_sdf(sdf_at, axis, stride, dilate)
+
+
+MESH_BACKENDS = {"torch": ("torch", "torch"), "cuda": ("diso", "nvdiffrast")}  # mesh.backend → (mc, raster)
+
+
+def mesh_backends(mesh_cfg: object) -> tuple[str, str]:
+    """(marching-cubes, rasterizer) backends of a MeshConfig: mesh.backend when set (torch = the permissive
+    twins, cuda = diso + nvdiffrast), else mesh.mc_backend and mesh.raster_backend. ValueError if unknown."""
+    chosen = mesh_cfg.backend
+    if not chosen:
+        return mesh_cfg.mc_backend, mesh_cfg.raster_backend
+    if chosen not in MESH_BACKENDS:
+        raise ValueError(f"unknown mesh.backend {chosen!r} (torch | cuda, or empty for mc_backend/raster_backend)")
+    return MESH_BACKENDS[chosen]
+
+
+def extract_options(mesh_cfg: object) -> dict:
+    """extract_mesh's method / stride / dilate from a MeshConfig (mesh.extract, mesh.coarse_stride, mesh.coarse_dilate)."""
+    return {"method": mesh_cfg.extract, "stride": mesh_cfg.coarse_stride, "dilate": mesh_cfg.coarse_dilate}
+
+
 def extract_mesh(model: torch.nn.Module, planes: Tensor, grid: int, level: float, backend: str = "auto",
-                 chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+                 chunk: int = 1 << 18, method: str = "coarse_to_fine", stride: int = 4, dilate: int = 1,
+                 stats: dict | None = None) -> tuple[Tensor, Tensor]:
     """Mesh of the triplane's density level set `level`: sdf = −(density − level) on a G³ grid over the box.
 
     planes: one asset [3, C, R, R] or [1, 3, C, R, R]. The grid spans the model's scene box expressed in our
-    frame (`model.box_half_size_ours()`), corners included. Returns verts [N, 3] (our normalised world
-    frame, float32) and faces [F, 3] (long, counter-clockwise seen from outside). Gradients reach `planes`
-    and f_d.
+    frame (`model.box_half_size_ours()`), corners included. `method` (mesh.extract): `dense` evaluates f_d
+    at all G³ samples; `coarse_to_fine` (mesh.coarse_stride, mesh.coarse_dilate) only in coarse cells the
+    surface passes through, with the same mesh for every component it finds (`training.sdf_grid` says which
+    it can miss). Returns verts [N, 3] (our normalised world frame, float32) and faces [F, 3] (long,
+    counter-clockwise seen from outside). Gradients reach `planes` and f_d. `stats`, when given, receives
+    the grid's cost (`GridStats` fields).
 
-    Memory: the full grid is evaluated without autograd; only the grid values next to a sign change (the
-    only ones a vertex depends on) are evaluated again with autograd and written back, so the graph is
-    proportional to the surface, not to G³.
+    Memory: the grid is evaluated without autograd; only the grid values next to a sign change (the only
+    ones a vertex depends on) are evaluated again with autograd and written back, so the graph is
+    proportional to the surface, not to G³ (the same samples and gradients with either method).
     """
     planes = _one_asset(planes)
     box = float(model.box_half_size_ours())
-    pts = grid_points(grid, box, planes.device).reshape(-1, 3)
-    with torch.no_grad():
-        sdf = -(query_density(model, planes, pts, chunk) - level).reshape(grid, grid, grid)
+    sdf, cost = sdf_grid(model, planes, grid, level, method, chunk, stride, dilate)
+    if stats is not None:
+        stats.update(vars(cost))
     if torch.is_grad_enabled() and (planes.requires_grad or any(p.requires_grad for p in model.parameters())):
-        pos = sdf > 0
+        # A sample matters when a grid neighbour, or the marching cubes' positive padding, has the other sign.
+        pos = F.pad(sdf >= 0, (1, 1, 1, 1, 1, 1), value=True)
         near = torch.zeros_like(pos)
-        for axis in range(3):  # a corner matters when a grid neighbour has the other sign
-            n = grid - 1
+        for axis in range(3):
+            n = grid + 1
             flip = pos.narrow(axis, 0, n) ^ pos.narrow(axis, 1, n)
             near.narrow(axis, 0, n).logical_or_(flip)
             near.narrow(axis, 1, n).logical_or_(flip)
-        idx = torch.nonzero(near.reshape(-1))[:, 0]
-        live = -(query_density(model, planes, pts[idx], chunk) - level)
-        sdf = sdf.reshape(-1).index_put((idx,), live).reshape(grid, grid, grid)
+        near = near[1:-1, 1:-1, 1:-1]
+        ijk = torch.nonzero(near)
+        coords = torch.linspace(-box, box, grid, device=planes.device)
+        live = -(query_density(model, planes, lattice_points(coords, *ijk.unbind(1)), chunk) - level)
+        sdf = sdf.index_put((ijk[:, 0], ijk[:, 1], ijk[:, 2]), live)
     verts, faces = marching_cubes(sdf.float(), isovalue=0.0, backend=backend, normalize=True)
     return verts * (2.0 * box) - box, faces
 

@@ -22,7 +22,7 @@ from training.losses import (
     psnr,
     ray_opacity_regulariser,
 )
-from training.mesh import extract_mesh, render_mesh
+from training.mesh import extract_mesh, extract_options, mesh_backends, render_mesh
 from training.mesh_level import mesh_level
 from training.ops.raster import Rasterizer
 
@@ -60,8 +60,8 @@ class MeshObjective(nn.Module):
         self.levels: list[float] = []  # the mesh level of each asset of the last render
 
     def rasterizer(self, device: torch.device) -> Rasterizer:
-        if self._raster is None or (self._raster.backend == "nvdiffrast") != (device.type == "cuda"):
-            self._raster = Rasterizer(self.cfg.raster_backend, device)
+        if self._raster is None or self._raster.ctx_device.type != device.type:
+            self._raster = Rasterizer(mesh_backends(self.cfg)[1], device)
         return self._raster
 
     def render(self, batch: dict) -> tuple[list[dict[str, Tensor] | None], Tensor]:
@@ -75,8 +75,8 @@ class MeshObjective(nn.Module):
             pl = planes[b:b + 1].float()
             self.levels.append(mesh_level(self.model, pl, batch["input_c2w"][b], batch["input_K"][b],
                                           batch["input_rgb"].shape[-1], self.cfg))
-            verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.levels[-1], self.cfg.mc_backend,
-                                        self.cfg.query_chunk)
+            verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.levels[-1], mesh_backends(self.cfg)[0],
+                                        self.cfg.query_chunk, **extract_options(self.cfg))
             if len(faces) == 0:
                 outs.append(None)
                 continue

@@ -46,6 +46,7 @@ from training.inference import (
     read_views,
     reconstruct,
 )
+from training.mesh import mesh_backends
 from training.ops.raster import Rasterizer
 from training.recon_inputs import LAYOUTS
 
@@ -89,7 +90,7 @@ def write_outputs(result: Result, model: nn.Module, views: Views, out_dir: Path,
     export_s = time.perf_counter() - t
 
     device = result.planes.device
-    rz = Rasterizer(cfg.mesh.raster_backend, device)
+    rz = Rasterizer(mesh_backends(cfg.mesh)[1], device)
     size = min(picture_size, max(views.rgb.shape[1], 64))
 
     def render(c2w: Tensor, K: Tensor, feedforward: bool = False) -> Tensor:

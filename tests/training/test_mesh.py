@@ -160,7 +160,7 @@ def test_official_frame_extraction_is_in_our_frame_over_exactly_the_box():
     model.query_density = spy
     grid = 33
     with torch.no_grad():
-        verts, faces = extract_mesh(model, planes, grid=grid, level=10.0, backend="torch")
+        verts, faces = extract_mesh(model, planes, grid=grid, level=10.0, backend="torch", method="dense")
     pts = torch.cat(seen)
     assert len(pts) == grid ** 3  # the whole grid, evaluated once (no autograd pass)
     # Our frame: exactly [-0.5, 0.5]^3 (not ±scene_box = ±1, which would be 4x their box in their frame).
