@@ -9,6 +9,9 @@ learns", rung 0). The mesh level is either fixed or the one `training.mesh_level
 level whose mesh covers and sits where the volume render does; docs/training.md, "The learning ladder").
 
     python -m bench.learning [--out DIR] [key=value ...]      # renders the assets into DIR/bench/learning
+
+Then the learning curves of the demo recipe (`bench.learning_curves`: held-out assets against steps and
+against the number of training assets, written as DIR/bench/learning/curves/curves.png).
 """
 
 from __future__ import annotations
@@ -286,7 +289,9 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
                    "mesh at level 10", "", "floor 0.98", higher_is_better=True),
             result(f"rung 0 {uid} fit time", fit.seconds, 300.0, "5 CPU minutes", "s", note),
         ]
-    return rows
+    from bench.learning_curves import run as curves
+
+    return rows + curves(cfg, out_dir / "curves")
 
 
 def main(argv: list[str] | None = None) -> int:

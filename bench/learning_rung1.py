@@ -83,6 +83,21 @@ def held_out_scores(model: torch.nn.Module, data: list[tuple[Views, Views]], s: 
     return {"psnr": sum(psnrs) / len(psnrs), "iou": sum(ious) / len(ious)}
 
 
+@torch.no_grad()
+def triplane_spread(model: torch.nn.Module, data: list[tuple[Views, Views]], s: MemoriseSettings) -> float:
+    """How much the triplane depends on the input: std over assets / mean |plane| of `GTR.triplane` (inputs =
+    `eval_inputs`); ~0.2 at initialisation, near 0 when the generator collapses to one mean object."""
+    was = model.training
+    model.eval()
+    planes = []
+    for train, _ in data:
+        x, c, K = model_input(train, eval_inputs(len(train)), s.input_size)
+        planes.append(model.triplane(x[None], c[None], K[None]))
+    model.train(was)
+    P = torch.cat(planes)
+    return float((P - P.mean(0, keepdim=True)).pow(2).mean().sqrt() / P.abs().mean().clamp_min(1e-12))
+
+
 def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | None = None,
              held_assets: list[Path] | tuple[Path, ...] = ()) -> list[dict[str, float]]:
     """Train GTR on the training views of `folders`; return [{step, seconds, psnr, iou}] (their held-out
@@ -119,7 +134,8 @@ def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | 
         opt.step()
         sched.step()
         if step % s.eval_every == 0 or step == s.steps:
-            point = {"step": step, "seconds": time.perf_counter() - t0, **held_out_scores(model, data, s)}
+            point = {"step": step, "seconds": time.perf_counter() - t0, **held_out_scores(model, data, s),
+                     "spread": triplane_spread(model, data, s)}
             if unseen:
                 point.update({f"held_{k}": v for k, v in held_out_scores(model, unseen, s).items()})
             curve.append(point)
