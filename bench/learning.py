@@ -10,8 +10,8 @@ level whose mesh covers and sits where the volume render does; docs/training.md,
 
     python -m bench.learning [--out DIR] [key=value ...]      # renders the assets into DIR/bench/learning
 
-Then the learning curves of the demo recipe (`bench.learning_curves`: held-out assets against steps and
-against the number of training assets, written as DIR/bench/learning/curves/curves.png).
+`make bench ARGS="--only learning"` then runs the learning curves of the demo recipe (`bench.learning_curves`:
+held-out assets against steps and against the number of training assets, DIR/bench/learning/curves/curves.png).
 """
 
 from __future__ import annotations
@@ -289,9 +289,7 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
                    "mesh at level 10", "", "floor 0.98", higher_is_better=True),
             result(f"rung 0 {uid} fit time", fit.seconds, 300.0, "5 CPU minutes", "s", note),
         ]
-    from bench.learning_curves import run as curves
-
-    return rows + curves(cfg, out_dir / "curves")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
