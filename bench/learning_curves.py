@@ -4,7 +4,8 @@ Procedural-world assets (the demo's `data.procedural_*` settings) are rendered o
 settings into OUT/bench/learning/curves (reused on later runs); held-out assets are the same generator at
 indices after the training ones, as the demo's eval set. The stage-1 recipe is replayed through the model
 API (`bench.learning_rung1.memorise`: random supervision rays over the training views, MSE + mask, AdamW with
-the loop's warm-up + cosine, the demo's lr / batch / rays / model), not through the shard loader, so that one
+the loop's warm-up + cosine, the demo's lr / batch / model; as many rays per asset as the demo supervises pixels,
+1024 = one 32² view), not through the shard loader, so that one
 rendered set serves every asset count. Scores: held-out views of unseen assets, inputs 4 fixed views.
 Writes the two curves as `curves.png` next to the renders (docs/learning_curves.png is a copy of one).
 """
@@ -81,7 +82,7 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
     train = render_world(cfg, out_dir, range(max(ASSET_COUNTS)))
     held = render_world(cfg, out_dir, range(HELD_START, HELD_START + HELD_ASSETS))
     n = cfg.nerf
-    s = MemoriseSettings(steps=STEPS, eval_every=STEPS // 4, batch=n.batch_size, rays=max(256, n.rays),
+    s = MemoriseSettings(steps=STEPS, eval_every=STEPS // 4, batch=n.batch_size, rays=n.rays or n.sup_views * n.render_size**2,
                          lr=n.lr, warmup=n.warmup_steps, mask_weight=n.mask_weight,
                          input_size=cfg.loader.input_size)
     runs = {}

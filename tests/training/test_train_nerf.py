@@ -38,7 +38,6 @@ def build_shards(cfg: Config, assets: int) -> dict:
 # leaves room for seeds and thread timing; the untrained model stays below 13 dB.
 STEPS = 150
 TEST_ARGS = ["render.resolution=64", "render.views=12", "render.samples=4", "loader.input_size=64",
-             "nerf.render_size=64",
              f"nerf.steps={STEPS}", "nerf.log_every=10", f"nerf.image_every={STEPS // 2}",
              f"nerf.ckpt_every={STEPS // 2}", "shards.val_fraction=0.0"]
 
