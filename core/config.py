@@ -53,8 +53,8 @@ class DataConfig:
     procedural_preset: str = "world"  # world (Zeroverse-class generator) | basic (8 shapes x 4 textures, fast tests)
     procedural_seed: int = 0  # world: which world; asset i is a function of (seed, difficulty, i), all three in its uid
     procedural_difficulty: float = 0.2  # world: 0 = one primitive, easy textures .. 1 = up to 9 parts, every augmentation
-    # often (docs/data.md "Procedural world"); demo 0.2: mostly 1-2 parts and simpler textures, what a tiny model
-    # can generalise over in minutes (docs/training.md "Rung 2")
+    # often (docs/data.md "Procedural world"); demo 0.2: mostly 1-2 parts and simpler textures, an easier world for a
+    # tiny model (that it generalises in minutes is not yet shown: docs/training.md "Rung 2")
     procedural_sheet_assets: int = 16  # make data (procedural): random assets rendered onto OUT/procedural/sheet.png (0 = none)
     executor: str = "ray"  # ray (Ray tasks; local Ray, or RAY_ADDRESS) | process (worker processes) | local (this process, no timeout)
     workers: int = 2  # downloads in flight at once (Ray tasks / worker processes; local: 1)
