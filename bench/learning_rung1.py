@@ -3,8 +3,8 @@
 The model API only (no shard loader): each asset's render folder in memory, 4 random training views as the
 input (at `input_size`²), supervision by random rays over all its training views (the render resolution),
 MSE + mask MSE, AdamW with the loop's warm-up + cosine schedule, clipping. Scored on held-out views of the
-same assets with fixed inputs (views 0, 6, 12, 18). Not wired into `make bench` yet: on the shared 2-core
-machine a step took ~5 s and 400 steps reached 19.4 dB (docs/training.md, "The learning ladder").
+same assets with fixed inputs (4 evenly spaced training views: 0, 6, 12, 18 of 24), and optionally on
+held-out *assets* the same way (`bench.learning_curves`: the learning curves of `make bench --only learning`).
 
     python -m bench.learning_rung1 RENDERS_DIR [key=value ...]   # keys: fields of MemoriseSettings
 """
@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.learning import Views, load_views, pixel_rays, split
+from bench.learning import Views, load_views, mask_iou, pixel_rays, split
 from core.config import ModelConfig
 
-EVAL_INPUTS = [0, 6, 12, 18]
+
+def eval_inputs(n: int) -> list[int]:
+    """The fixed input views of scoring: 4 evenly spaced of an asset's n training views (0, 6, 12, 18 of 24)."""
+    return [i * n // 4 for i in range(4)]
 
 
 @dataclass
@@ -40,7 +43,7 @@ class MemoriseSettings:
     eval_every: int = 100
     eval_size: int = 64
     eval_views: int = 4  # held-out views scored per asset
-    fixed_inputs: bool = False  # always EVAL_INPUTS as input (pure memorisation of one triplane per asset)
+    fixed_inputs: bool = False  # always eval_inputs as input (pure memorisation of one triplane per asset)
     seed: int = 0
 
 
@@ -58,33 +61,54 @@ def model_input(views: Views, idx: list[int], size: int) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def held_out_psnr(model: torch.nn.Module, data: list[tuple[Views, Views]], s: MemoriseSettings) -> list[float]:
+def held_out_scores(model: torch.nn.Module, data: list[tuple[Views, Views]], s: MemoriseSettings
+                    ) -> dict[str, float]:
+    """Mean over assets of PSNR and mask IoU (volume opacity > 0.5 vs alpha > 0.5) of the held-out views
+    (`eval_size`², evaluation-mode sampling), inputs = `eval_inputs` of the training views."""
     from training.losses import psnr
 
     was = model.training
     model.eval()
-    out = []
+    psnrs, ious = [], []
     for train, held in data:
-        x, c, K = model_input(train, EVAL_INPUTS, s.input_size)
+        x, c, K = model_input(train, eval_inputs(len(train)), s.input_size)
         planes = model.triplane(x[None], c[None], K[None])
         h = held.take(list(range(min(s.eval_views, len(held)))))
         Kh = h.K.clone()
         Kh[:, :2] *= s.eval_size / h.rgb.shape[-1]
         r = model.render_views(planes, h.c2w[None], Kh[None], s.eval_size, s.eval_size, stratified=False)
-        out.append(float(psnr(r["rgb"][0].clamp(0, 1), _resize(h.rgb, s.eval_size)).mean()))
+        psnrs.append(float(psnr(r["rgb"][0].clamp(0, 1), _resize(h.rgb, s.eval_size)).mean()))
+        ious.append(mask_iou(r["opacity"][0], _resize(h.mask, s.eval_size)))
     model.train(was)
-    return out
+    return {"psnr": sum(psnrs) / len(psnrs), "iou": sum(ious) / len(ious)}
 
 
-def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | None = None
-             ) -> list[dict[str, float]]:
-    """Train GTR on the training views of `folders`; return [{step, seconds, psnr}] (held-out, mean of assets)."""
+@torch.no_grad()
+def triplane_spread(model: torch.nn.Module, data: list[tuple[Views, Views]], s: MemoriseSettings) -> float:
+    """How much the triplane depends on the input: std over assets / mean |plane| of `GTR.triplane` (inputs =
+    `eval_inputs`); ~0.2 at initialisation, near 0 when the generator collapses to one mean object."""
+    was = model.training
+    model.eval()
+    planes = []
+    for train, _ in data:
+        x, c, K = model_input(train, eval_inputs(len(train)), s.input_size)
+        planes.append(model.triplane(x[None], c[None], K[None]))
+    model.train(was)
+    P = torch.cat(planes)
+    return float((P - P.mean(0, keepdim=True)).pow(2).mean().sqrt() / P.abs().mean().clamp_min(1e-12))
+
+
+def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | None = None,
+             held_assets: list[Path] | tuple[Path, ...] = ()) -> list[dict[str, float]]:
+    """Train GTR on the training views of `folders`; return [{step, seconds, psnr, iou}] (their held-out
+    views, mean of assets) and, with `held_assets`, held_psnr / held_iou on those unseen assets."""
     from training.loop import lr_factor
     from training.model import GTR
 
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
     data = [split(load_views(f)) for f in folders]
+    unseen = [split(load_views(f)) for f in held_assets]
     rays = [pixel_rays(train) for train, _ in data]
     model = GTR(model_cfg or ModelConfig())
     params = list(model.parameters())
@@ -96,7 +120,7 @@ def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | 
     curve, t0 = [], time.perf_counter()
     for step in range(1, s.steps + 1):
         pick = torch.randperm(len(data), generator=g)[: s.batch].tolist()
-        inputs = [model_input(data[a][0], EVAL_INPUTS if s.fixed_inputs else
+        inputs = [model_input(data[a][0], eval_inputs(len(data[a][0])) if s.fixed_inputs else
                               torch.randperm(len(data[a][0]), generator=g)[:4].tolist(), s.input_size) for a in pick]
         planes = model.triplane(*(torch.stack(t) for t in zip(*inputs)))
         sel = [torch.randint(0, len(rays[a][0]), (s.rays,), generator=g) for a in pick]
@@ -110,10 +134,12 @@ def memorise(folders: list[Path], s: MemoriseSettings, model_cfg: ModelConfig | 
         opt.step()
         sched.step()
         if step % s.eval_every == 0 or step == s.steps:
-            per_asset = held_out_psnr(model, data, s)
-            curve.append({"step": step, "seconds": time.perf_counter() - t0,
-                          "psnr": sum(per_asset) / len(per_asset)})
-            print(f"step {step}: held-out {curve[-1]['psnr']:.2f} dB, {curve[-1]['seconds']:.0f} s", flush=True)
+            point = {"step": step, "seconds": time.perf_counter() - t0, **held_out_scores(model, data, s),
+                     "spread": triplane_spread(model, data, s)}
+            if unseen:
+                point.update({f"held_{k}": v for k, v in held_out_scores(model, unseen, s).items()})
+            curve.append(point)
+            print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in point.items() if k != "step"), flush=True)
     return curve
 
 

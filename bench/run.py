@@ -13,6 +13,8 @@ from core.cli import config_from_args, stage_parser
 from core.io import atomic_write_text
 
 STAGES = ["data", "procedural", "render", "shards", "model", "nerf", "mesh", "reconstruct", "eval", "learning"]
+# benchmarks that run after a stage's own module, under the same name (bench.learning imports nothing of them)
+FOLLOW_UPS = {"learning": [("learning_curves", "curves")]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"== bench {stage}", flush=True)
         try:
-            mod = importlib.import_module(f"bench.{stage}")
-            stage_rows = mod.run(cfg, out_dir / stage)
+            stage_rows = importlib.import_module(f"bench.{stage}").run(cfg, out_dir / stage)
+            for module, sub in FOLLOW_UPS.get(stage, []):
+                stage_rows += importlib.import_module(f"bench.{module}").run(cfg, out_dir / stage / sub)
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
             errors[stage] = f"{type(e).__name__}: {e}"

@@ -36,7 +36,7 @@ ORBIT = 6
 SIZE = 24
 SMALL = [f"render.resolution={SIZE}", "render.samples=4", f"render.eval_orbit_views={ORBIT}", "render.executor=local",
          "render.threads=2", "render.sheet_views=2", "data.executor=local", "data.procedural_texture_size=64",
-         "data.procedural_preset=basic",  # the uids below are the basic preset's
+         "data.procedural_preset=basic", "data.procedural_count=8",  # the uids below: the basic preset, 8 training
          "loader.input_size=32", "mesh.grid=24", "refine.steps=2", "refine.render_size=32", "eval.points=2000",
          "eval.iou_resolution=16", "eval.icp_iterations=5", "eval.sheet_views=3", "eval.methods=[feedforward,refined]",
          "mesh.level_mode=fixed"]  # SphereGTR below is the level-10 set

@@ -30,11 +30,11 @@ FLOORS = {
 @pytest.fixture(scope="module")
 def rung0_folders(tmp_path_factory) -> dict:
     pytest.importorskip("bpy")
-    from bench.learning import rung0_jobs
+    from bench.learning import rung0_config, rung0_jobs
     from core.config import load_config
 
     out = tmp_path_factory.mktemp("rung0")
-    cfg = load_config("configs/demo.yaml", [f"out={out}"])
+    cfg = rung0_config(load_config("configs/demo.yaml", [f"out={out}"]))
     return {uid: (job, cfg, out) for uid, job in rung0_jobs(out / "assets").items()}
 
 
