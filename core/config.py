@@ -46,15 +46,13 @@ class DataConfig:
     download_retries: int = 3  # attempts per file
     download_timeout_s: float = 120.0  # per-file timeout
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
-    procedural_count: int = 64  # number of procedural assets (SOURCE=procedural; data.max_assets does not sample them);
-    # demo 64: 8 assets were memorised, not generalised from (docs/training.md "Rung 2")
+    procedural_count: int = 8  # number of procedural assets (SOURCE=procedural; data.max_assets does not sample them)
     procedural_start: int = 0  # index of the first procedural asset (eval's held-out set starts after the training ones)
     procedural_texture_size: int = 512  # texture (atlas) side of procedural assets
     procedural_preset: str = "world"  # world (Zeroverse-class generator) | basic (8 shapes x 4 textures, fast tests)
     procedural_seed: int = 0  # world: which world; asset i is a function of (seed, difficulty, i), all three in its uid
-    procedural_difficulty: float = 0.2  # world: 0 = one primitive, easy textures .. 1 = up to 9 parts, every augmentation
-    # often (docs/data.md "Procedural world"); demo 0.2: mostly 1-2 parts and simpler textures, an easier world for a
-    # tiny model (that it generalises in minutes is not yet shown: docs/training.md "Rung 2")
+    procedural_difficulty: float = 0.5  # world: 0 = one primitive, easy textures .. 1 = up to 9 parts, every augmentation
+    # often (docs/data.md "Procedural world"); 0.5: every kind still appears (0.2 = 1-2 parts: docs/training.md "Rung 2")
     procedural_sheet_assets: int = 16  # make data (procedural): random assets rendered onto OUT/procedural/sheet.png (0 = none)
     executor: str = "ray"  # ray (Ray tasks; local Ray, or RAY_ADDRESS) | process (worker processes) | local (this process, no timeout)
     workers: int = 2  # downloads in flight at once (Ray tasks / worker processes; local: 1)
@@ -71,18 +69,16 @@ class DataConfig:
 @dataclass
 class RenderConfig:
     resolution: int = 128  # square image side in pixels (paper: 512)
-    views: int = 16  # random training views per asset (paper 32 at 512²); demo 16: half the Cycles time per asset,
-    # still 4 inputs + 12 others to supervise
+    views: int = 32  # random training views per asset (the paper's 32, at 512²)
     fov_deg: float = 40.0  # vertical = horizontal field of view
     distance_min: float = 2.4  # camera distance range (normalised units)
     distance_max: float = 2.8  # upper end of the camera distance range
     elevation_min_deg: float = -30.0  # elevation range, drawn area-uniformly
     elevation_max_deg: float = 70.0  # upper end of the elevation range
-    samples: int = 16  # Cycles samples per pixel (bench.render: 64 adaptive, no denoiser >= 45 dB, ~3x faster than 128+denoise);
-    # demo 16 with 2 bounces: the demo's model stays far below the noise floor that leaves (~20 dB held-out)
+    samples: int = 64  # Cycles samples per pixel (bench.render: 64 adaptive, no denoiser >= 45 dB, ~3x faster than 128+denoise)
     adaptive_threshold: float = 0.01  # Cycles adaptive sampling noise threshold (0 = off)
     denoise: bool = False  # OpenImageDenoise on the combined pass
-    max_bounces: int = 2  # Cycles total bounces (demo 2; 4 before)
+    max_bounces: int = 4  # Cycles total bounces
     device: str = "auto"  # auto | cpu | gpu (CUDA/OptiX when present)
     threads: int = 0  # Blender threads per renderer (0 = cores / renderers)
     workers: int = 2  # renderers at once (worker processes / Ray actors), each holding one bpy for many assets
@@ -213,13 +209,9 @@ class NerfConfig(OptimConfig):
     render_size: int = 32  # supervision image side (paper 512)
     patch_size: int = 0  # random patch side rendered per supervision view (paper 128; 0 = the whole view). Demo:
     # whole 32² views, so every step sees whole silhouettes (a 32² window of a 64² view is often background)
-    rays: int = 0  # random supervision rays per asset over its sup_views whole views, when patch_size is 0 (0 = render
-    # the views or windows, as the paper). Opt-in (e.g. rays=1024 sup_views=4 render_size=128: every part of the views
-    # at full resolution for the cost of one 32² view; LPIPS, which needs images, is then off); the demo keeps whole
-    # 32² views: in the slow 3-asset test the ray recipe gained +4.3 dB in 150 steps (64² views scored), whole 32²
-    # views +7.8 (32² scored), the test's floor being +5 (docs/training.md "Rung 2")
-    lpips_weight: float = 0.2  # λ_p (paper 0.5); demo 0.2 (not tuned further): on 32² views LPIPS is coarse (AlexNet's
-    # deepest maps are 1x1), so MSE and the mask carry most of the signal; LPIPS stays on, as in the paper
+    rays: int = 0  # random supervision rays per asset over its sup_views views when patch_size is 0 (0 = whole views or
+    # windows, as the paper); opt-in, LPIPS off then; the demo keeps whole 32² views (measured: docs/training.md "Rung 2")
+    lpips_weight: float = 0.2  # λ_p (paper 0.5); demo 0.2: on 32² views AlexNet's deepest maps are 1x1, MSE and mask lead
     lpips_net: str = "alex"  # vgg | alex (paper vgg); demo alex: the demo step with VGG takes 1.5x as long (bench.nerf)
     mask_weight: float = 1.0  # optional mask (opacity) MSE (paper 0); demo 1: silhouettes, and opacity -> 1 inside, drive
     # the density above the mesh level (10) that stage 2 needs

@@ -18,7 +18,7 @@ from core.cli import EXIT_PARTIAL, config_from_args, save_resolved, stage_parser
 # (title, module, extra arguments); exit code 3 means "finished, some items failed" and the chain goes on.
 STAGES: list[tuple[str, str, list[str]]] = [
     ("data: procedural assets -> manifest", "pipelines.data", []),
-    ("render: 16 views per asset (Blender, Cycles CPU)", "pipelines.render", []),
+    ("render: 32 views per asset (Blender, Cycles CPU)", "pipelines.render", []),
     ("shards: WebDataset tars + index", "pipelines.shards", []),
     ("train-nerf: stage 1", "training.train_nerf", []),
     ("train-mesh: stage 2", "training.train_mesh", []),
