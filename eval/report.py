@@ -97,7 +97,7 @@ def markdown(rows: list[dict], info: dict) -> str:
               "the [-1, 1]³ frame after ICP (the paper's magnitudes rule out unsquared distances); IoU (points) = "
               "IoU of the voxels the two surface samples occupy on a "
               f"{info.get('iou_points_resolution', '?')}³ grid (the paper's \"from 16000 surface points\"); "
-              "IoU (solids) by generalised winding numbers on a "
+              "IoU (solids) by winding numbers (exact by rays for closed meshes, approximate for open ones) on a "
               f"{info.get('iou_resolution', '?')}³ grid; {info.get('points', '?')} surface points per mesh."]
     failed = [r for r in rows if r["status"] != "ok" or r.get("notes")]
     if failed:
