@@ -244,6 +244,18 @@ def collect_assets(cfg: Config, packed: dict[str, dict[str, Any]] | None = None
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _members(plan: ShardPlan, mtime: float) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """The shard's members in order, with the one header convention both the writer and the adoption check
+    use: `<uid>.<field>`, samples contiguous and sorted, fixed owner/mode, integer mtime."""
+    for a in plan.assets:
+        for name in sorted(a.files):
+            data = a.files[name].read_bytes()
+            ti = tarfile.TarInfo(f"{a.uid}.{name}")
+            ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
+            ti.uname = ti.gname = "gtr"
+            yield ti, data
+
+
 def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[str, Any]:
     """Write `plan` to `shard_dir/plan.name` (temporary name, renamed when closed); return its index row."""
     path = Path(shard_dir) / plan.name
@@ -251,13 +263,8 @@ def write_shard(plan: ShardPlan, shard_dir: str | Path, mtime: float) -> dict[st
         # ustar (no pax headers) with fixed owner/group/mode/integer mtime: the archive depends on the bytes
         # only. Members of a sample are contiguous and sorted, as WebDataset's TarWriter writes them.
         with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as t:
-            for a in plan.assets:
-                for name in sorted(a.files):
-                    data = a.files[name].read_bytes()
-                    ti = tarfile.TarInfo(f"{a.uid}.{name}")
-                    ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
-                    ti.uname = ti.gname = "gtr"
-                    t.addfile(ti, io.BytesIO(data))
+            for ti, data in _members(plan, mtime):
+                t.addfile(ti, io.BytesIO(data))
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     return index_row(plan, size, digest)
@@ -267,18 +274,13 @@ def shard_chunks(plan: ShardPlan, mtime: float) -> Iterator[bytes]:
     """The exact bytes `write_shard` writes for `plan`, as pieces (ustar header, data, padding per member;
     two zero blocks and the padding to a whole record at the end): what a closed shard must be."""
     total = 0
-    for a in plan.assets:
-        for name in sorted(a.files):
-            data = a.files[name].read_bytes()
-            ti = tarfile.TarInfo(f"{a.uid}.{name}")
-            ti.size, ti.mtime, ti.mode = len(data), int(mtime), 0o444
-            ti.uname = ti.gname = "gtr"
-            header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-            pad = -len(data) % TAR_BLOCK
-            yield header
-            yield data
-            yield bytes(pad)
-            total += len(header) + len(data) + pad
+    for ti, data in _members(plan, mtime):
+        header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(data) % TAR_BLOCK
+        yield header
+        yield data
+        yield bytes(pad)
+        total += len(header) + len(data) + pad
     yield bytes(tar_bytes(total) - total)
 
 

@@ -309,18 +309,7 @@ def check_textures(max_pixels: int, folder: str | Path | None = None, max_total_
         else:
             real = None
             source = bytes(img.packed_file.data)
-        try:
-            head = header_size(source)
-        except ValueError as e:
-            raise RenderError(f"texture '{img.name}': {e}") from None
-        if head is None:
-            raise RenderError(f"texture '{img.name}': no size in its header (unknown format); refused, not decoded")
-        if head[0] * head[1] > max_pixels:
-            raise RenderError(f"texture '{img.name}' is {head[0]}x{head[1]}, above the {max_pixels}-pixel bound")
-        total += head[0] * head[1]
-        if max_total_pixels and total > max_total_pixels:
-            raise RenderError(f"textures of this asset hold more than {max_total_pixels} pixels "
-                              "(render.max_asset_texture_pixels)")
+        total = _count_texture(img.name, source, max_pixels, total, max_total_pixels)
         w, h = img.size  # decodes the image: only after the header said its size is within bounds
         if w * h == 0:
             missing.append(label_of(img, real))
@@ -329,26 +318,33 @@ def check_textures(max_pixels: int, folder: str | Path | None = None, max_total_
     return missing
 
 
+def _count_texture(label: str, source: str | bytes, max_pixels: int, total: int, max_total_pixels: int) -> int:
+    """`total` + the texture's pixels, read from its header (file path or bytes) before anything decodes it;
+    RenderError when the header gives no size, the texture is above `max_pixels` or the asset's textures
+    together above `max_total_pixels` (0 = no bound)."""
+    try:
+        head = header_size(source)
+    except ValueError as e:
+        raise RenderError(f"texture '{label}': {e}") from None
+    if head is None:
+        raise RenderError(f"texture '{label}': no size in its header (unknown format); refused, not decoded")
+    if head[0] * head[1] > max_pixels:
+        raise RenderError(f"texture '{label}' is {head[0]}x{head[1]}, above the {max_pixels}-pixel bound")
+    total += head[0] * head[1]
+    if max_total_pixels and total > max_total_pixels:
+        raise RenderError(f"textures of this asset hold more than {max_total_pixels} pixels "
+                          "(render.max_asset_texture_pixels)")
+    return total
+
+
 def check_before_import(files: AssetFiles, cfg: RenderConfig) -> None:
     """The bounds that need no Blender: every texture the asset may load sized from its header (unknown =
     refused) against render.max_texture_pixels and, summed, render.max_asset_texture_pixels; the glTF's
     triangles after instancing (and FBX's after subdivision) against 2 x render.max_faces."""
     total = 0
     for label, src in files.images:
-        data = src() if callable(src) else src
-        try:
-            head = header_size(data)
-        except ValueError as e:
-            raise RenderError(f"texture '{label}': {e}") from None
-        if head is None:
-            raise RenderError(f"texture '{label}': no size in its header (unknown format); refused, not decoded")
-        if head[0] * head[1] > cfg.max_texture_pixels:
-            raise RenderError(f"texture '{label}' is {head[0]}x{head[1]}, above the {cfg.max_texture_pixels}-pixel "
-                              "bound")
-        total += head[0] * head[1]
-        if cfg.max_asset_texture_pixels and total > cfg.max_asset_texture_pixels:
-            raise RenderError(f"textures of this asset hold more than {cfg.max_asset_texture_pixels} pixels "
-                              "(render.max_asset_texture_pixels)")
+        total = _count_texture(label, src() if callable(src) else src, cfg.max_texture_pixels, total,
+                               cfg.max_asset_texture_pixels)
     cap = 2 * cfg.max_faces
     if files.triangles is not None and files.triangles > cap:
         raise RenderError(f"too many faces: the file declares {files.triangles} triangles after instancing "

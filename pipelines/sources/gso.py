@@ -17,7 +17,16 @@ from typing import Any
 from urllib.parse import quote
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
-from pipelines.sources.local import MTL_MAP_KEYS, NOT_TEXT, dependencies, is_text, shown, uid_for
+from pipelines.sources.local import (
+    MTL_MAP_KEYS,
+    NOT_TEXT,
+    dependencies,
+    folder_failed,
+    is_text,
+    shown,
+    uid_for,
+    unreadable,
+)
 
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "Google Scanned Objects (Downs et al., 2022), Google LLC, CC BY 4.0"
@@ -34,12 +43,10 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     try:
         names = sorted(e.name for e in os.scandir(rootp) if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
-        return [], [{"uid": uid_for("./"), "status": "failed", "name": ".", "source": "gso",
-                     "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"}]
+        return [], [folder_failed("./", ".", "gso", unreadable(e))]
     for name in names:
         if not is_text(name):
-            failed.append({"uid": uid_for(shown(name) + "/"), "status": "failed", "name": shown(name),
-                           "source": "gso", "reason": NOT_TEXT})
+            failed.append(folder_failed(shown(name) + "/", shown(name), "gso", NOT_TEXT))
             continue
         rel = f"{name}/{MESH}"
         base = {"uid": uid_for(rel), "source": "gso", "name": name, "license": LICENSE,
@@ -50,7 +57,7 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             has_mesh = (rootp / rel).is_file()
         except OSError as e:
             failed.append({**base, "status": "failed",
-                           "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"})
+                           "reason": unreadable(e)})
             continue
         if not has_mesh:
             failed.append({**base, "status": "failed", "reason": f"not a GSO object folder: {MESH} missing"})

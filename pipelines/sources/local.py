@@ -52,6 +52,16 @@ def shown(name: str) -> str:
 NOT_TEXT = "file name is not UTF-8 text (rename it)"
 
 
+def unreadable(e: OSError) -> str:
+    """The reason of a folder that cannot be listed."""
+    return f"unreadable folder: {type(e).__name__}: {e.strerror or e}"
+
+
+def folder_failed(rel: str, name: str, source: str, reason: str) -> dict[str, Any]:
+    """The failed candidate row of a folder (or name) a source cannot take; uid from its relative path."""
+    return {"uid": uid_for(rel), "status": "failed", "name": name, "source": source, "reason": reason}
+
+
 def scan(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Mesh files under `root` (sorted relative paths) and unreadable folders as (relative path, reason)."""
     root = Path(root)
@@ -60,7 +70,7 @@ def scan(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
 
     def onerror(e: OSError) -> None:
         rel = os.path.relpath(e.filename, root) if e.filename else "."
-        errors.append((rel, f"unreadable folder: {type(e).__name__}: {e.strerror or e}"))
+        errors.append((rel, unreadable(e)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         def rel(name: str, folder: str = dirpath) -> str:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.assets import VerifyError, is_inside, ok_row, place_folder, verify_file
-from pipelines.sources.local import NOT_TEXT, dependencies, is_text, shown, uid_for
+from pipelines.sources.local import NOT_TEXT, dependencies, folder_failed, is_text, shown, uid_for, unreadable
 
+SOURCE = "omniobject3d"
 LICENSE = "by"  # CC BY 4.0, in objaverse's short names
 ATTRIBUTION = "OmniObject3D (Wu et al., CVPR 2023), CC BY 4.0"
 MESH = "Scan/Scan.obj"
@@ -44,26 +45,22 @@ def candidates(root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     try:
         categories = _dirs(scans)
     except OSError as e:
-        return [], [{"uid": uid_for("./"), "status": "failed", "name": ".", "source": "omniobject3d",
-                     "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"}]
+        return [], [folder_failed("./", ".", SOURCE, unreadable(e))]
     for cat in categories:
         if not is_text(cat):
-            failed.append({"uid": uid_for(shown(cat) + "/"), "status": "failed", "name": shown(cat),
-                           "source": "omniobject3d", "reason": NOT_TEXT})
+            failed.append(folder_failed(shown(cat) + "/", shown(cat), SOURCE, NOT_TEXT))
             continue
         try:
             objects = _dirs(scans / cat)
         except OSError as e:
-            failed.append({"uid": uid_for(f"{cat}/"), "status": "failed", "name": cat, "source": "omniobject3d",
-                           "reason": f"unreadable folder: {type(e).__name__}: {e.strerror or e}"})
+            failed.append(folder_failed(f"{cat}/", cat, SOURCE, unreadable(e)))
             continue
         for obj in objects:
             if not is_text(obj):
-                failed.append({"uid": uid_for(f"{cat}/{shown(obj)}/"), "status": "failed", "name": shown(obj),
-                               "source": "omniobject3d", "reason": NOT_TEXT})
+                failed.append(folder_failed(f"{cat}/{shown(obj)}/", shown(obj), SOURCE, NOT_TEXT))
                 continue
             rel = f"{cat}/{obj}/{MESH}"
-            base = {"uid": uid_for(rel), "source": "omniobject3d", "name": obj, "license": LICENSE,
+            base = {"uid": uid_for(rel), "source": SOURCE, "name": obj, "license": LICENSE,
                     "attribution": f"{ATTRIBUTION}: {cat}/{obj}", "format": "obj", "locator": rel}
             if not (scans / rel).is_file():
                 failed.append({**base, "status": "failed", "reason": f"not an OmniObject3D scan folder: {MESH} missing"})

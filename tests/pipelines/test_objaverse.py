@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,15 +92,18 @@ def world(tmp_path, monkeypatch):
     yield ver, mirror, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     socket.setdefaulttimeout(old_timeout)
-    import urllib.request
     urllib.request.install_opener(None)
 
 
 def run(out: Path, cache: Path, mirror_url: str, *extra: str) -> int:
-    return data_main(["--source", "objaverse", "--out", str(out), "data.executor=local", "data.max_assets=0",
-                      f"data.objaverse_cache={cache}", f"data.objaverse_mirror={mirror_url}",
-                      "data.download_timeout_s=1", "data.download_retries=2", "data.deny_tags=[]",
-                      "data.licenses=[by, cc0]", *extra])
+    """`make data` on objaverse, offline; the global urllib opener the source installs is removed after it."""
+    try:
+        return data_main(["--source", "objaverse", "--out", str(out), "data.executor=local", "data.max_assets=0",
+                          f"data.objaverse_cache={cache}", f"data.objaverse_mirror={mirror_url}",
+                          "data.download_timeout_s=1", "data.download_retries=2", "data.deny_tags=[]",
+                          "data.licenses=[by, cc0]", *extra])
+    finally:
+        urllib.request.install_opener(None)
 
 
 def table(out: Path, stage: str) -> dict[str, dict]:
@@ -158,11 +162,7 @@ def test_no_network_is_a_failed_row(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     out = tmp_path / "out"
-    try:
-        rc = run(out, tmp_path / "empty-cache", dead)
-    finally:
-        import urllib.request
-        urllib.request.install_opener(None)
+    rc = run(out, tmp_path / "empty-cache", dead)
     f = table(out, "filter")
     assert rc == 3 and list(f) == ["object-paths.json.gz"]
     assert f["object-paths.json.gz"]["status"] == "failed"
@@ -172,8 +172,6 @@ def test_no_network_is_a_failed_row(tmp_path, monkeypatch):
 
 def test_mirror_rewrites_only_dataset_urls():
     h = src._MirrorHandler("http://mirror.local/objaverse/")
-    import urllib.request
-
     r = h.https_request(urllib.request.Request(f"{src.HF_BASE}/glbs/000-001/x.glb"))
     assert r.full_url == "http://mirror.local/objaverse/glbs/000-001/x.glb" and r.type == "http"
     other = h.https_request(urllib.request.Request("https://example.org/a"))
@@ -215,8 +213,6 @@ def test_crafted_uids_and_object_paths_are_failed_rows(tmp_path):
         rc = run(out, tmp_path / "cache", f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
-        import urllib.request
-        urllib.request.install_opener(None)
     assert rc == 3
     f = table(out, "filter")
     assert f[good]["status"] == "ok" and table(out, "download")[good]["status"] == "ok"
@@ -250,11 +246,7 @@ def test_malformed_object_paths_file_is_a_failed_row(tmp_path, content):
     gz_json(cache / "object-paths.json.gz", content)
     gz_json(cache / "metadata" / "000-001.json.gz", ["not", "an", "object"])
     out = tmp_path / "out"
-    try:
-        rc = run(out, cache.parent, "http://127.0.0.1:9")
-    finally:
-        import urllib.request
-        urllib.request.install_opener(None)
+    rc = run(out, cache.parent, "http://127.0.0.1:9")
     assert rc == 3
     rows = list(table(out, "filter").values())
     assert rows and all(r["status"] == "failed" and r["reason"] for r in rows), rows
@@ -267,11 +259,7 @@ def test_metadata_that_is_not_objects_fails_its_uids(tmp_path):
     gz_json(cache / "metadata" / "000-001.json.gz", {a: "a string, not an annotation"})
     gz_json(cache / "metadata" / "000-002.json.gz", [b])
     out = tmp_path / "out"
-    try:
-        assert run(out, cache.parent, "http://127.0.0.1:9") == 3
-    finally:
-        import urllib.request
-        urllib.request.install_opener(None)
+    assert run(out, cache.parent, "http://127.0.0.1:9") == 3
     f = table(out, "filter")
     assert f[a]["status"] == "failed" and "annotation is a str" in f[a]["reason"]
     assert f[b]["status"] == "failed" and "not an object of uid -> annotation" in f[b]["reason"]
@@ -286,11 +274,7 @@ def test_annotation_bomb_is_refused_while_decompressing(tmp_path):
     with pytest.raises(src.AnnotationError, match="decompresses to more than 1048576 bytes"):
         src.read_json_gz(cache / "object-paths.json.gz", max_bytes=1 << 20)
     out = tmp_path / "out"
-    try:
-        assert run(out, cache.parent, "http://127.0.0.1:9", "data.max_annotation_bytes=1048576") == 3
-    finally:
-        import urllib.request
-        urllib.request.install_opener(None)
+    assert run(out, cache.parent, "http://127.0.0.1:9", "data.max_annotation_bytes=1048576") == 3
     (row,) = table(out, "filter").values()
     assert row["status"] == "failed" and "decompresses to more than" in row["reason"]
 
@@ -320,11 +304,7 @@ def test_annotations_of_the_wrong_types_are_failed_rows(tmp_path):
     gz_json(cache / "object-paths.json.gz", {u: f"glbs/000-001/{u}.glb" for u in uids})
     gz_json(cache / "metadata" / "000-001.json.gz", uids)
     out = tmp_path / "out"
-    try:
-        assert run(out, cache.parent, "http://127.0.0.1:9") == 3
-    finally:
-        import urllib.request
-        urllib.request.install_opener(None)
+    assert run(out, cache.parent, "http://127.0.0.1:9") == 3
     f = table(out, "filter")
     for u, a in uids.items():
         if u == f"{99:032x}":
