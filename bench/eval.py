@@ -3,6 +3,7 @@
 - SSIM of 20 orbit views: our batched torch SSIM vs a loop of `skimage.metrics.structural_similarity`, both
   with one thread (skimage is single-threaded), best of 3.
 - Chamfer of two 16k-point clouds: k-d tree (ours) vs a dense `torch.cdist` matrix.
+- Volume IoU occupancy of a closed mesh: rays (exact) vs the Barnes–Hut winding numbers used before;
 - Volume IoU occupancy: Barnes–Hut + coarse-to-fine winding numbers (ours) vs exact winding numbers at every
   voxel (the direct generalised-winding-number method), same grid, same mesh; the disagreement is reported.
 - The whole eval of `WHOLE_EVAL_ASSETS` held-out procedural assets at the config's size on this machine:
@@ -123,6 +124,14 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
     differ = int(np.logical_xor(occ[0].reshape(-1), exact[0].abs().numpy() > 0.5).sum())
     rows.append(result(f"IoU occupancy {res}³, {len(mesh.faces)} faces", ours, base, "exact winding numbers", "s",
                        f"{differ} of {res ** 3} voxels differ"))
+    torus = trimesh.creation.torus(0.5, 0.2, major_sections=128, minor_sections=64)  # 16 k faces, closed
+    closed = G.Mesh(np.asarray(torus.vertices, np.float64), np.asarray(torus.faces, np.int64))
+    ray, wind = [None], [None]
+    ours = _seconds(lambda: ray.__setitem__(0, G.ray_occupancy(closed, 64)))
+    base = _seconds(lambda: wind.__setitem__(0, G.occupancy(closed, 64)))
+    rows.append(result(f"IoU occupancy 64³, closed mesh of {len(closed.faces)} faces (rays, what eval uses)", ours,
+                       base, "Barnes–Hut winding numbers (eval before)", "s",
+                       f"{int((ray[0] != wind[0]).sum())} of {64 ** 3} voxels differ"))
 
     whole, done = whole_eval(cfg, out_dir)
     rows += whole
