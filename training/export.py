@@ -104,18 +104,23 @@ def decimate(verts: np.ndarray, faces: np.ndarray, max_faces: int) -> tuple[np.n
 
 FACES_PER_CHART = 100  # chart area cap, in faces' worth of the mesh's mean face area: xatlas's chart growing
 # is superlinear in chart size (20 k faces: 11 s uncapped, 1.0 s at ~100 faces per chart; same atlas use)
+MAX_CHART_COST = 4.0  # xatlas's chart-growing cost bound (its default 2): on the demo's fragmented meshes (300+
+# components, 20 k faces) the unwrap takes 1.17 s instead of 2.12 s, with the same texture error against the
+# colour function (docs/benchmarks.md, "Export"); fewer, slightly less planar charts
 
 
 def uv_unwrap(verts: np.ndarray, faces: np.ndarray, texture_size: int = 1024, padding: int = 2,
-              faces_per_chart: int = FACES_PER_CHART) -> UVMesh:
+              faces_per_chart: int = FACES_PER_CHART, chart_cost: float = MAX_CHART_COST) -> UVMesh:
     """xatlas charts packed into a `texture_size`² atlas with `padding` texels between charts; each chart
-    covers at most about `faces_per_chart` mean faces of area (0 = no cap, xatlas's default)."""
+    covers at most about `faces_per_chart` mean faces of area (0 = no cap, xatlas's default) and grows while
+    its distortion cost stays below `chart_cost` (xatlas's `max_cost`)."""
     import xatlas
 
     verts, faces = check_mesh(verts, faces)
     atlas = xatlas.Atlas()
     atlas.add_mesh(verts, faces)
     charts = xatlas.ChartOptions()
+    charts.max_cost = float(chart_cost)
     if faces_per_chart > 0:
         e1, e2 = verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]
         area = 0.5 * float(np.linalg.norm(np.cross(e1, e2), axis=1).sum())
@@ -286,9 +291,9 @@ class ExportInfo:
 
 def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn: ColorFn,
                texture_size: int = 1024, vertex_colors: bool = False, texture_png: bool = True,
-               max_faces: int = 20_000) -> ExportInfo:
-    """Decimate to `max_faces` (0 = keep all), unwrap, bake and write `path` (GLB with a UV texture)
-    atomically; optionally `<stem>_vc.glb` too (the full mesh, colours at its vertices).
+               max_faces: int = 20_000, chart_cost: float = MAX_CHART_COST) -> ExportInfo:
+    """Decimate to `max_faces` (0 = keep all), unwrap (`chart_cost`: `uv_unwrap`), bake and write `path`
+    (GLB with a UV texture) atomically; optionally `<stem>_vc.glb` too (the full mesh, colours at its vertices).
 
     The vertex-colour variant is a separate file because glTF multiplies COLOR_0 into the base colour, so
     one file with both would darken the texture. With `texture_png` the texture is also written beside the
@@ -304,7 +309,7 @@ def export_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, color_fn:
 
     low_v, low_f = decimate(verts, faces, max_faces)
     seconds = {"decimate": lap()}
-    uvmesh = uv_unwrap(low_v, low_f, texture_size)
+    uvmesh = uv_unwrap(low_v, low_f, texture_size, chart_cost=chart_cost)
     seconds["unwrap"] = lap()
     texture, filled = bake_texture(uvmesh, color_fn, texture_size)
     seconds["bake"] = lap()
