@@ -46,7 +46,7 @@ class DataConfig:
     download_retries: int = 3  # attempts per file
     download_timeout_s: float = 120.0  # per-file timeout
     download_processes: int = 1  # processes objaverse.load_objects may use inside one task
-    procedural_count: int = 8  # number of procedural assets (SOURCE=procedural; data.max_assets does not sample them)
+    procedural_count: int = 24  # number of procedural assets (SOURCE=procedural; data.max_assets does not sample them)
     procedural_start: int = 0  # index of the first procedural asset (eval's held-out set starts after the training ones)
     procedural_texture_size: int = 512  # texture (atlas) side of procedural assets
     procedural_preset: str = "world"  # world (Zeroverse-class generator) | basic (8 shapes x 4 textures, fast tests)
@@ -142,8 +142,9 @@ class ModelConfig:
     input_order: str = "rgb_mask_plucker"  # rgb_mask_plucker | rgb_dir_moment_mask (official; moment = d x o)
     patch_size: int = 16  # encoder stride: image side / patch_size = image tokens per side
     encoder_bias: bool = True  # bias on the stride-16 convolution (official: False)
-    img_token_norm: bool = True  # LayerNorm on image tokens (official: True; paper.yaml: False). Demo: on — without it
-    # the encoder's tokens grew ~70x (std 0.4 -> 28) in 600 demo steps while the triplane stayed one mean blob
+    img_token_norm: bool = True  # LayerNorm on image tokens (official: on; paper.yaml: off); demo on: tokens grew ~70x without
+    lift: bool = True  # input views lifted onto the planes (training.model.lift); paper/official: off (not in them)
+    lift_depth: int = 16  # lift: points per plane texel along its normal axis
     width: int = 128  # transformer width (paper 1024)
     depth: int = 2  # transformer blocks (paper 24)
     heads: int = 4  # attention heads (paper 16)
@@ -281,8 +282,7 @@ class RefineConfig:
     render_size: int = 128  # the loss resolution (paper/official 512, the inputs'); released renders at twice it
     texture_size: int = 512  # baked UV texture side (e.g. 1024)
     vertex_colors: bool = False  # also/instead export vertex colours
-    export_faces: int = 20_000  # exported GLBs: the marching-cubes mesh is decimated (quadric) to at most this many
-    # faces before UV unwrapping (0 = keep all: a 256³ mesh then takes minutes in xatlas); docs/benchmarks.md
+    export_faces: int = 20_000  # GLBs: faces after quadric decimation, before UV unwrapping (0 = all: minutes in xatlas)
 
 
 @dataclass

@@ -70,7 +70,8 @@ def model_config_from_official(sizes: dict[str, Any]) -> ModelConfig:
         attn_bias=False, plane_res=g["plane_resolution"], plane_channels=g["out_channels"],
         upsample=g["upsample_factor"], mlp_hidden=f["layer_width"], density_layers=f["num_layers_sigma"],
         color_layers=f["num_layers_color"], scene_box=float(hi), official_frame=False,
-        density_bias=0.0)  # the released f_d is softplus(x): no extra bias, whatever the demo default
+        density_bias=0.0,  # the released f_d is softplus(x): no extra bias, whatever the demo default
+        lift=False)  # the demo's lifted input views are not part of the released model
 
 
 def _ours(key: str) -> str | None:

@@ -52,11 +52,13 @@ def test_resume_after_simulated_crash_redoes_only_what_is_not_ok(tmp_path):
 
 
 def test_sigkill_halfway_leaves_nothing_taken_as_done(tmp_path):
+    N = 200
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipelines.data", "--source", "procedural", "--out", str(out),
-           # 60 assets with 1024² textures (~0.1-0.3 s each): the job is still running after the manifest's
-           # first flush (every 2 s) on a quiet machine too (with 40 at 512² it had finished, seen in CI).
-           "data.procedural_count=60", "data.procedural_texture_size=1024", "data.executor=local",
+           # N assets with 1024² textures (0.03-0.3 s each): the job is still running after the manifest's
+           # first flush (every 2 s) on a quiet machine too (with 40 at 512² it had finished, seen in CI; with 60
+           # at 1024² too, on a quiet machine of 2026-12-02).
+           f"data.procedural_count={N}", "data.procedural_texture_size=1024", "data.executor=local",
            "data.max_assets=0", "data.procedural_sheet_assets=0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assets = out / "assets"
@@ -70,7 +72,7 @@ def test_sigkill_halfway_leaves_nothing_taken_as_done(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = sorted(assets.glob("procedural-*.glb"))
-    assert 3 <= len(done) < 60
+    assert 3 <= len(done) < N
     for p in done:  # every file under its final name is complete
         verify_file(p, "glb")
     manifest = out / "manifest" / "download.parquet"
@@ -82,7 +84,7 @@ def test_sigkill_halfway_leaves_nothing_taken_as_done(tmp_path):
     rc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
     assert rc == 0
     final = rows(out)
-    assert len(final) == 60 and all(r["status"] == "ok" for r in final.values())
+    assert len(final) == N and all(r["status"] == "ok" for r in final.values())
     for r in final.values():
         verify_file(r["path"], "glb")
     assert not list(assets.glob(".tmp-*"))

@@ -17,6 +17,7 @@ from training import cameras
 from training.model import GTR, flops_per_sample, parameter_count
 from training.model.decoders import ColorMLP, DensityMLP
 from training.model.encoder import ImageEncoder
+from training.model.lift import FEATURES
 from training.model.renderer import ray_box, render_rays
 from training.model.transformer import FeedForward, TriplaneTransformer
 from training.model.triplane import sample_triplane
@@ -336,8 +337,9 @@ def architecture_parameters(cfg: ModelConfig) -> int:
         dims = [feat] + [h] * (layers - 1) + [out]
         return sum(a * b + b for a, b in zip(dims, dims[1:]))
 
+    lift = (FEATURES + cfg.lift_depth + 1) * cfg.plane_channels if cfg.lift else 0  # 1×1 conv with bias
     return (encoder + tokens + cfg.depth * block + norm + (W * up + up)
-            + mlp(1, cfg.density_layers) + mlp(3, cfg.color_layers))
+            + mlp(1, cfg.density_layers) + mlp(3, cfg.color_layers) + lift)
 
 
 @pytest.mark.parametrize("preset", ["configs/paper.yaml", "configs/official.yaml", None])

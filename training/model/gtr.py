@@ -27,6 +27,7 @@ from core.config import ModelConfig
 from training import cameras
 from training.model.decoders import ColorMLP, DensityMLP
 from training.model.encoder import ImageEncoder, image_tokens
+from training.model.lift import ViewLift
 from training.model.renderer import ray_box as _ray_box
 from training.model.renderer import render_rays as _render_rays
 from training.model.transformer import TriplaneTransformer
@@ -56,6 +57,9 @@ class GTR(nn.Module):
         feat = 3 * cfg.plane_channels
         self.density_mlp = DensityMLP(feat, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias, cfg.mlp_init)
         self.color_mlp = ColorMLP(feat, cfg.mlp_hidden, cfg.color_layers, cfg.color_stretch, cfg.mlp_init)
+        # Demo option (not in the paper or the released model): no parameters, no state-dict keys, when off.
+        self.lift = (ViewLift(cfg.plane_channels, cfg.plane_res * cfg.upsample, cfg.scene_box, cfg.lift_depth)
+                     if cfg.lift else None)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -112,7 +116,10 @@ class GTR(nn.Module):
             raise ValueError(f"images must be [B,V,4,H,W] (RGB + mask), got {tuple(images.shape)}")
         c2w_m, _, _ = self._to_model_frame(c2w=c2w)
         x = cameras.build_input(images[:, :, :3], images[:, :, 3:], c2w_m, K, self.cfg.input_order)
-        return self.generate(x)
+        planes = self.generate(x)
+        if self.lift is not None:
+            planes = planes + self.lift(images[:, :, :3], images[:, :, 3:], c2w_m, K, self.cfg.background)
+        return planes
 
     # -- field ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""The input views lifted onto the planes (`model.lift`): against a numpy pinhole projection and the closed-form
+silhouette of a sphere's visual hull, texel for texel in the layout `sample_triplane` reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.cameras import intrinsics, look_at, project
+from core.config import ModelConfig
+from training.model import GTR
+from training.model.lift import FEATURES, lift_views, plane_points
+from training.model.triplane import sample_triplane
+
+BOX, RES, SIZE = 0.55, 16, 64
+
+
+def sphere_views(centre: np.ndarray, radius: float, colour: tuple[float, float, float]):
+    """Six cameras at distance 2 along ±x, ±y, ±z (with a tilt so no view looks straight along +Z), the
+    sphere's analytic mask and its flat colour on white: rgb [1,6,3,S,S], mask [1,6,1,S,S], c2w, K."""
+    eyes = [(2, 0, 0.1), (-2, 0, 0.1), (0, 2, 0.1), (0, -2, 0.1), (0.1, 0, 2), (0.1, 0, -2)]
+    K = intrinsics(40.0, SIZE)
+    c2ws, masks = [], []
+    v, u = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    for eye in eyes:
+        c2w = look_at(np.array(eye, dtype=np.float64))
+        d = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1) @ c2w[:3, :3].T
+        d /= np.linalg.norm(d, axis=-1, keepdims=True)
+        oc = c2w[:3, 3] - centre
+        b = (d * oc).sum(-1)
+        masks.append(((b * b - (oc @ oc - radius**2)) > 0).astype(np.float32))
+        c2ws.append(c2w)
+    mask = torch.tensor(np.stack(masks))[None, :, None]
+    rgb = torch.tensor(colour, dtype=torch.float32).view(1, 1, 3, 1, 1) * mask + (1 - mask)
+    return rgb, mask, torch.tensor(np.stack(c2ws))[None], torch.tensor(K).expand(1, 6, 3, 3)
+
+
+def texel_centres() -> np.ndarray:
+    return ((np.arange(RES) + 0.5) / RES * 2 - 1) * BOX
+
+
+def test_plane_points_sit_where_sample_triplane_reads_each_texel():
+    pts = plane_points(RES, 3, BOX)  # [3, R, R, D, 3]
+    planes = torch.zeros(1, 3, 1, RES, RES)
+    planes[0, 1, 0, 5, 11] = 1.0  # plane xz, row 5, column 11
+    got = sample_triplane(planes, pts.reshape(1, -1, 3), BOX).reshape(3, RES, RES, 3, 3)[..., 1]  # the xz part
+    hits = (got > 0.999).nonzero().tolist()
+    assert hits and all((r, c) == (5, 11) for _, r, c, _ in hits), hits  # every plane's line through that texel
+
+
+def test_colour_is_the_view_pixel_under_the_projection():
+    # One camera, an image whose R/G channels are the pixel coordinates (u/W, v/H): bilinear lookup of a
+    # linear ramp is exact, so each texel's line colour (depth 1: the mid point) must be the numpy projection.
+    c2w = look_at(np.array([1.6, -1.1, 0.9]))
+    K = intrinsics(70.0, SIZE)
+    v, u = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    rgb = torch.tensor(np.stack([u / SIZE, v / SIZE, np.zeros_like(u)]), dtype=torch.float32)[None, None]
+    mask = torch.ones(1, 1, 1, SIZE, SIZE)
+    f = lift_views(rgb, mask, torch.tensor(c2w)[None, None], torch.tensor(K)[None, None], RES, BOX, 1)
+    pts = plane_points(RES, 1, BOX).reshape(-1, 3).numpy()
+    uv, z = project(pts, c2w, K)
+    inside = ((uv > 1) & (uv < SIZE - 1)).all(1) & (z > 0)
+    assert inside.mean() > 0.9
+    got = f[0, :, 2:4].permute(0, 2, 3, 1).reshape(-1, 2).numpy()  # RGB's R, G at each texel
+    np.testing.assert_allclose(got[inside], uv[inside] / SIZE, atol=1e-4)
+    assert f.shape == (1, 3, FEATURES + 1, RES, RES)
+
+
+def test_silhouette_is_the_visual_hulls_shadow_on_each_plane():
+    centre, radius, colour = np.array([0.12, -0.07, 0.05]), 0.25, (0.2, 0.4, 0.7)
+    f = lift_views(*sphere_views(centre, radius, colour), RES, BOX, 32)[0]  # [3, F, R, R]
+    c = texel_centres()
+    for p, (col_axis, row_axis) in enumerate(((0, 1), (0, 2), (1, 2))):
+        rho = np.hypot(c[None, :] - centre[col_axis], c[:, None] - centre[row_axis])  # [row, col]
+        sil, thick, rgb = f[p, 0].numpy(), f[p, 1].numpy(), f[p, 2:5].numpy()
+        inner, outer = rho < 0.8 * radius, rho > 1.25 * radius
+        assert sil[inner].min() > 0.95 and sil[outer].max() < 0.05, (p, sil[inner].min(), sil[outer].max())
+        # Thickness: the chord 2·sqrt(r² − ρ²) over the box side, to a few depth bins (the hull is a bit fatter).
+        chord = 2 * np.sqrt(np.clip(radius**2 - rho**2, 0, None)) / (2 * BOX)
+        assert np.abs(thick[inner] - chord[inner]).max() < 0.12, (p, np.abs(thick[inner] - chord[inner]).max())
+        np.testing.assert_allclose(rgb[:, inner].T, np.broadcast_to(colour, (inner.sum(), 3)), atol=0.05)
+        np.testing.assert_allclose(rgb[:, outer], 1.0, atol=1e-6)  # background where nothing is seen
+
+
+def test_lift_is_a_model_option_with_gradients_and_no_keys_when_off():
+    cfg = ModelConfig(width=32, depth=1, heads=2, head_dim=16, plane_res=4, upsample=4, plane_channels=8, lift=False)
+    assert not any(k.startswith("lift.") for k in GTR(cfg).state_dict())  # released checkpoints load as before
+    model = GTR(ModelConfig(**{**cfg.__dict__, "lift": True, "lift_depth": 8}))
+    rgb, mask, c2w, K = sphere_views(np.zeros(3), 0.3, (0.5, 0.5, 0.5))
+    K = K.clone()
+    K[..., :2, :] *= 32 / SIZE  # inputs at 32², a multiple of the encoder patch
+    img = torch.cat([rgb, mask], 2)[:, :4]
+    img = torch.nn.functional.interpolate(img.flatten(0, 1), size=(32, 32), mode="area").unflatten(0, (1, 4))
+    planes = model.triplane(img, c2w[:, :4], K[:, :4])
+    assert planes.shape == (1, 3, 8, 16, 16)
+    planes.square().mean().backward()
+    assert model.lift.proj.weight.grad.abs().sum() > 0
