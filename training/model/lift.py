@@ -4,7 +4,7 @@ Not in the paper or the released model: an option of the small CPU demo (`model.
 official.yaml). A from-scratch transformer has to learn which image patches see which plane texel from the
 Plücker rays alone; in the demo's few thousand samples on 2 cores it does not, and renders one mean object for
 every input (docs/training.md, "Rung 2"). This gives the planes that correspondence by projection instead
-(pixel-aligned features, as PixelNeRF does per point), with no parameters of its own:
+(pixel-aligned features, as PixelNeRF does per point); the features themselves have no parameters:
 
 For plane texel (a, b) of plane p (PLANE_AXES: xy, xz, yz; texel centres as `sample_triplane` reads them) the
 line along the plane's normal axis is sampled at `depth` points across the box. Each point is projected into
