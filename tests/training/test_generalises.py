@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from core.cameras import intrinsics, look_at, spherical_position
 from core.config import ModelConfig
+from tests.analytic_views import sphere_mask
 from training.model import GTR
 
 SIZE, VIEWS = 32, 8  # 4 input views + 4 supervision views per sphere, 32²
@@ -21,16 +22,8 @@ def sphere(rng: np.random.Generator) -> dict[str, torch.Tensor]:
     centre = rng.uniform(-0.15, 0.15, 3)
     radius, colour = rng.uniform(0.12, 0.3), rng.uniform(0.0, 0.8, 3)
     K = intrinsics(40.0, SIZE)
-    v, u = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    c2ws, masks = [], []
-    for _ in range(VIEWS):
-        c2w = look_at(spherical_position(rng.uniform(0, 360), rng.uniform(-20, 60), 2.6))
-        d = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1) @ c2w[:3, :3].T
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        oc = c2w[:3, 3] - centre
-        b = (d * oc).sum(-1)
-        masks.append((b * b - (oc @ oc - radius**2) > 0).astype(np.float32))
-        c2ws.append(c2w)
+    c2ws = [look_at(spherical_position(rng.uniform(0, 360), rng.uniform(-20, 60), 2.6)) for _ in range(VIEWS)]
+    masks = [sphere_mask(c2w, K, SIZE, centre, radius) for c2w in c2ws]
     mask = torch.tensor(np.stack(masks))[:, None]
     rgb = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1) * mask + (1 - mask)
     return {"images": torch.cat([rgb, mask], 1), "c2w": torch.tensor(np.stack(c2ws)),

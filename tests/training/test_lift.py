@@ -8,6 +8,7 @@ import torch
 
 from core.cameras import intrinsics, look_at, project
 from core.config import ModelConfig
+from tests.analytic_views import sphere_mask
 from training.model import GTR
 from training.model.lift import FEATURES, lift_views, plane_points
 from training.model.triplane import sample_triplane
@@ -20,16 +21,8 @@ def sphere_views(centre: np.ndarray, radius: float, colour: tuple[float, float, 
     sphere's analytic mask and its flat colour on white: rgb [1,6,3,S,S], mask [1,6,1,S,S], c2w, K."""
     eyes = [(2, 0, 0.1), (-2, 0, 0.1), (0, 2, 0.1), (0, -2, 0.1), (0.1, 0, 2), (0.1, 0, -2)]
     K = intrinsics(40.0, SIZE)
-    c2ws, masks = [], []
-    v, u = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    for eye in eyes:
-        c2w = look_at(np.array(eye, dtype=np.float64))
-        d = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1) @ c2w[:3, :3].T
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        oc = c2w[:3, 3] - centre
-        b = (d * oc).sum(-1)
-        masks.append(((b * b - (oc @ oc - radius**2)) > 0).astype(np.float32))
-        c2ws.append(c2w)
+    c2ws = [look_at(np.array(eye, dtype=np.float64)) for eye in eyes]
+    masks = [sphere_mask(c2w, K, SIZE, centre, radius) for c2w in c2ws]
     mask = torch.tensor(np.stack(masks))[None, :, None]
     rgb = torch.tensor(colour, dtype=torch.float32).view(1, 1, 3, 1, 1) * mask + (1 - mask)
     return rgb, mask, torch.tensor(np.stack(c2ws))[None], torch.tensor(K).expand(1, 6, 3, 3)
@@ -56,7 +49,7 @@ def test_colour_is_the_view_pixel_under_the_projection():
     v, u = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     rgb = torch.tensor(np.stack([u / SIZE, v / SIZE, np.zeros_like(u)]), dtype=torch.float32)[None, None]
     mask = torch.ones(1, 1, 1, SIZE, SIZE)
-    f = lift_views(rgb, mask, torch.tensor(c2w)[None, None], torch.tensor(K)[None, None], RES, BOX, 1)
+    f = lift_views(rgb, mask, torch.tensor(c2w)[None, None], torch.tensor(K)[None, None], plane_points(RES, 1, BOX))
     pts = plane_points(RES, 1, BOX).reshape(-1, 3).numpy()
     uv, z = project(pts, c2w, K)
     inside = ((uv > 1) & (uv < SIZE - 1)).all(1) & (z > 0)
@@ -68,7 +61,7 @@ def test_colour_is_the_view_pixel_under_the_projection():
 
 def test_silhouette_is_the_visual_hulls_shadow_on_each_plane():
     centre, radius, colour = np.array([0.12, -0.07, 0.05]), 0.25, (0.2, 0.4, 0.7)
-    f = lift_views(*sphere_views(centre, radius, colour), RES, BOX, 32)[0]  # [3, F, R, R]
+    f = lift_views(*sphere_views(centre, radius, colour), plane_points(RES, 32, BOX))[0]  # [3, F, R, R]
     c = texel_centres()
     for p, (col_axis, row_axis) in enumerate(((0, 1), (0, 2), (1, 2))):
         rho = np.hypot(c[None, :] - centre[col_axis], c[:, None] - centre[row_axis])  # [row, col]

@@ -60,12 +60,14 @@ def plane_points(res: int, depth: int, box: float, device=None, dtype=torch.floa
 
 
 @torch.no_grad()
-def lift_views(rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, res: int, box: float, depth: int,
-               background: float = 1.0) -> Tensor:
+def lift_views(rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, points: Tensor, background: float = 1.0
+               ) -> Tensor:
     """rgb [B,V,3,H,W] (on the background), mask [B,V,1,H,W], c2w/K [B,V,4,4]/[B,V,3,3] (model frame, pixels of
-    H×W) → features [B, 3, FEATURES + depth, res, res] (module docstring)."""
+    H×W), `points` = plane_points(res, depth, box) → features [B, 3, FEATURES + depth, res, res] (module
+    docstring)."""
     B, V, _, H, W = rgb.shape
-    pts = plane_points(res, depth, box, rgb.device, rgb.dtype).reshape(1, -1, 3).expand(B, -1, -1)
+    _, res, _, depth, _ = points.shape
+    pts = points.to(rgb).reshape(1, -1, 3).expand(B, -1, -1)
     grid, front = _project(pts, c2w.to(rgb.dtype), K.to(rgb.dtype), H, W)  # [B,V,N,2], [B,V,N]
     img = torch.cat([rgb - background, mask], dim=2).reshape(B * V, 4, H, W)  # zeros pad = background, mask 0
     s = F.grid_sample(img, grid.reshape(B * V, 1, -1, 2), mode="bilinear", padding_mode="zeros",
@@ -89,11 +91,12 @@ class ViewLift(nn.Module):
 
     def __init__(self, channels: int, res: int, box: float, depth: int) -> None:
         super().__init__()
-        self.res, self.box, self.depth = res, box, depth
+        # Fixed per model: computed once, moved with the module, not saved (no state-dict key).
+        self.register_buffer("points", plane_points(res, depth, box), persistent=False)
         self.proj = nn.Conv2d(FEATURES + depth, channels, kernel_size=1)
 
     def forward(self, rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, background: float = 1.0) -> Tensor:
-        f = lift_views(rgb, mask, c2w, K, self.res, self.box, self.depth, background)  # [B, 3, F, R, R]
+        f = lift_views(rgb, mask, c2w, K, self.points, background)  # [B, 3, F, R, R]
         B = f.shape[0]
         y = self.proj(f.reshape(B * 3, *f.shape[2:]).to(self.proj.weight.dtype))
         return y.reshape(B, 3, *y.shape[1:])
