@@ -5,8 +5,9 @@ The reference is Blender's pixels of views the fit never saw. Floors are what wa
 2-core machine with a margin (docs/training.md, "The learning ladder"), not today's output: the procedural
 text box after 300 steps scored volume 29.27 dB / IoU 0.988, mesh at the agreeing level (19.95) 30.08 dB /
 IoU 0.987, mesh at the fixed level 10 29.29 dB (1500 steps: volume 30.66 dB, mesh at level 20 31.47 dB,
-40 31.84 dB). The issue's volume floor of 32 dB needs 128² planes and 48 samples (35.0 dB in the issue's
-measurement), out of this test's CPU budget; the mesh floor (28 dB) and IoU (0.98) are the issue's. Wall
+40 31.84 dB). The issue's volume floor of 32 dB needs 128² planes and 48 samples (`bench.learning.FLOOR_FIT`,
+32.55 dB in 273 s: the benchmark's rows), four times this test's cost; the mesh floor (28 dB) and IoU (0.98)
+are the issue's. Wall
 time on the loaded shared machine: box 559 s, duck 651 s (load 3–10), 1540 s (load ~13), renders aside.
 """
 
