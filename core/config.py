@@ -145,6 +145,7 @@ class ModelConfig:
     img_token_norm: bool = True  # LayerNorm on image tokens (official: on; paper.yaml: off); demo on: tokens grew ~70x without
     lift: bool = True  # input views lifted onto the planes (training.model.lift); paper/official: off (not in them)
     lift_depth: int = 16  # lift: points per plane texel along its normal axis
+    lift_hull: bool = False  # lift: planes carry the hull profile too, f_d reads the hull at the point (demo: on)
     width: int = 128  # transformer width (paper 1024)
     depth: int = 2  # transformer blocks (paper 24)
     heads: int = 4  # attention heads (paper 16)
@@ -160,8 +161,7 @@ class ModelConfig:
     # default output layer) | xavier (paper/official: xavier-uniform on every layer, zero biases, as released)
     density_layers: int = 3  # f_d linear layers
     color_layers: int = 4  # f_c linear layers
-    density_bias: float = -2.0  # added to the density pre-activation (softplus); paper/released 0. Demo -2: the field
-    # starts nearly empty (σ≈0.13, renders ≈ the white background) instead of a grey fog over the whole box
+    density_bias: float = -2.0  # before softplus (paper/released 0); -2: the field starts nearly empty (σ≈0.13), not fog
     scene_box: float = 0.55  # half side of the cube the triplane covers (normalised frame)
     samples_per_ray: int = 24  # uniform samples per ray (paper 256); demo: ~0.05 apart, jittered in training
     near_min: float = 0.2  # lowest near distance along a ray
@@ -232,9 +232,8 @@ class MeshConfig(OptimConfig):
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
     sdf_level: float = 10.0  # sdf = -(density - sdf_level); the level when level_mode = fixed (paper: 10)
-    level_mode: str = "agree"  # fixed (sdf_level) | agree: per asset, the level whose mesh covers and sits where
-    # the field's own volume render does on the input views (training.mesh_level). Demo: agree — a fixed 10 was
-    # empty after the demo's stage 1 and in front of the surface for converged fields (docs/training.md)
+    level_mode: str = "agree"  # fixed (sdf_level) | agree: per asset, the level whose mesh covers and sits where the
+    # field's volume render does on the input views | inputs: ... covers the input views' masks (training.mesh_level)
     rgb_weight: float = 1.0  # weight of the rendered-colour MSE
     lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
     depth_weight: float = 0.5  # weight of the squared depth error on ground-truth foreground pixels

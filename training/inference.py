@@ -146,7 +146,7 @@ def reconstruct(model: nn.Module, images: Tensor, c2w: Tensor, K: Tensor, cfg: C
 
     t = time.perf_counter()
     with torch.no_grad():
-        level = mesh_level(model, planes, c2w, K, W, cfg.mesh)  # the input views pick it (mesh.level_mode)
+        level = mesh_level(model, planes, c2w, K, W, cfg.mesh, images[:, 3:])  # the input views pick it (level_mode)
         verts, faces = extract_mesh(model, planes, cfg.mesh.grid, level, backend=mesh_backends(cfg.mesh)[0],
                                     **extract_options(cfg.mesh))
     _sync(device)

@@ -13,6 +13,11 @@ ladder"). Here the level is read off the field instead, along rays (no mesh is b
 `agreeing_level` picks, among candidate levels, the one whose coverage best matches the volume render's
 (IoU); among the levels within `iou_tol` of the best it takes the one whose first-crossing depth is closest
 to the rendered depth. Any rays do (the input views at inference: no ground truth is needed).
+
+`level_mode: inputs` (the demo's) matches the coverage to the input views' own masks instead of the volume
+render's: a feed-forward field is soft (its volume render under-covers the object: docs/training.md, "The
+hull at the point"), so agreeing with it erodes the mesh, while the input masks say what the mesh must cover
+in those views; the depth tie-break is the same.
 """
 
 from __future__ import annotations
@@ -65,10 +70,11 @@ def first_crossing(sigma: Tensor, t: Tensor, level: float) -> tuple[Tensor, Tens
     return depth, crossed
 
 
-def level_agreement(profile: dict[str, Tensor], level: float) -> dict[str, float]:
+def level_agreement(profile: dict[str, Tensor], level: float, target: Tensor | None = None) -> dict[str, float]:
     """How a level-`level` mesh would agree with the volume render on these rays: coverage IoU and the mean
-    |first-crossing depth − rendered depth| over rays both cover (our units)."""
-    vol = (profile["opacity"] > 0.5) & profile["hit"]
+    |first-crossing depth − rendered depth| over rays both cover (our units). `target` [N] (bool): the coverage
+    to match instead of the volume render's (e.g. the input masks)."""
+    vol = ((profile["opacity"] > 0.5) if target is None else target) & profile["hit"]
     depth, crossed = first_crossing(profile["sigma"], profile["t"], level)
     mesh = crossed & profile["hit"]
     both = vol & mesh
@@ -79,15 +85,17 @@ def level_agreement(profile: dict[str, Tensor], level: float) -> dict[str, float
 
 @torch.no_grad()
 def agreeing_level(model: Any, planes: Tensor, rays_o: Tensor, rays_d: Tensor, *, samples: int = 64,
-                   candidates: list[float] | None = None, iou_tol: float = 0.002) -> dict[str, Any]:
-    """The density level whose mesh agrees best with the volume render of `planes` on rays [N, 3].
+                   candidates: list[float] | None = None, iou_tol: float = 0.002, target: Tensor | None = None
+                   ) -> dict[str, Any]:
+    """The density level whose mesh agrees best with the volume render of `planes` on rays [N, 3] (or, given
+    `target` [N] bool, with that coverage).
 
     planes: one asset [1, 3, C, R, R]. Returns {level, iou, depth_error, curve: [per-candidate agreement]};
-    level is nan when the volume render covers no ray (an empty field: no level helps).
+    level is nan when the volume render (the target) covers no ray (an empty field: no level helps).
     """
     prof = ray_profile(model, planes, rays_o, rays_d, samples)
-    curve = [level_agreement(prof, s) for s in (candidates or DEFAULT_CANDIDATES)]
-    if not ((prof["opacity"] > 0.5) & prof["hit"]).any():
+    curve = [level_agreement(prof, s, target) for s in (candidates or DEFAULT_CANDIDATES)]
+    if not (((prof["opacity"] > 0.5) if target is None else target) & prof["hit"]).any():
         return {"level": float("nan"), "iou": 0.0, "depth_error": float("inf"), "curve": curve}
     best = max(c["iou"] for c in curve)
     pick = min((c for c in curve if c["iou"] >= best - iou_tol), key=lambda c: c["depth_error"])
@@ -103,19 +111,29 @@ def camera_agreeing_level(model: Any, planes: Tensor, c2w: Tensor, K: Tensor, he
     return agreeing_level(model, planes, o.reshape(-1, 3), d.reshape(-1, 3), **kw)
 
 
-LEVEL_MODES = ("fixed", "agree")
+LEVEL_MODES = ("fixed", "agree", "inputs")
 CALIBRATION_SIZE = 32  # views are scored at 32² for the level: 4 input views = 4096 rays, ~0.1 s on a CPU
 
 
-def mesh_level(model: Any, planes: Tensor, c2w: Tensor, K: Tensor, size: int, cfg: Any) -> float:
+def mesh_level(model: Any, planes: Tensor, c2w: Tensor, K: Tensor, size: int, cfg: Any,
+               masks: Tensor | None = None) -> float:
     """The level to mesh one asset at, per `cfg.level_mode` (a MeshConfig): `cfg.sdf_level`, or the agreeing
-    level on the views c2w [V, 4, 4], K [V, 3, 3] (of size² images, e.g. the input views), falling back to
-    `cfg.sdf_level` for a field the volume render shows nothing of."""
+    level on the views c2w [V, 4, 4], K [V, 3, 3] (of size² images, e.g. the input views; `inputs` needs their
+    masks [V, 1, size, size]), falling back to `cfg.sdf_level` for a field the volume render (or the masks)
+    shows nothing of."""
     if cfg.level_mode not in LEVEL_MODES:
         raise ValueError(f"mesh.level_mode must be one of {LEVEL_MODES}, got {cfg.level_mode!r}")
     if cfg.level_mode == "fixed":
         return float(cfg.sdf_level)
+    target = None
+    if cfg.level_mode == "inputs":
+        if masks is None:
+            raise ValueError("mesh.level_mode=inputs needs the input views' masks")
+        small = torch.nn.functional.interpolate(masks.float().reshape(-1, 1, *masks.shape[-2:]),
+                                                size=(CALIBRATION_SIZE, CALIBRATION_SIZE), mode="area")
+        target = (small > 0.5).reshape(-1).to(planes.device)  # camera_rays' order: view, row, column
     Ks = K.float().clone()
     Ks[:, :2] *= CALIBRATION_SIZE / size
-    level = camera_agreeing_level(model, planes.detach(), c2w, Ks, CALIBRATION_SIZE, CALIBRATION_SIZE)["level"]
+    level = camera_agreeing_level(model, planes.detach(), c2w, Ks, CALIBRATION_SIZE, CALIBRATION_SIZE,
+                                  target=target)["level"]
     return float(cfg.sdf_level) if math.isnan(level) else level

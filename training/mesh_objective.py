@@ -74,7 +74,7 @@ class MeshObjective(nn.Module):
         for b in range(planes.shape[0]):
             pl = planes[b:b + 1].float()
             self.levels.append(mesh_level(self.model, pl, batch["input_c2w"][b], batch["input_K"][b],
-                                          batch["input_rgb"].shape[-1], self.cfg))
+                                          batch["input_rgb"].shape[-1], self.cfg, batch["input_mask"][b]))
             verts, faces = extract_mesh(self.model, pl, self.cfg.grid, self.levels[-1], mesh_backends(self.cfg)[0],
                                         self.cfg.query_chunk, **extract_options(self.cfg))
             if len(faces) == 0:

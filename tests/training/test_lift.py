@@ -10,7 +10,7 @@ from core.cameras import intrinsics, look_at, project
 from core.config import ModelConfig
 from tests.analytic_views import sphere_mask
 from training.model import GTR
-from training.model.lift import FEATURES, lift_views, plane_points
+from training.model.lift import FEATURES, lift_views, plane_points, sample_hull
 from training.model.triplane import sample_triplane
 
 BOX, RES, SIZE = 0.55, 16, 64
@@ -75,6 +75,24 @@ def test_silhouette_is_the_visual_hulls_shadow_on_each_plane():
         np.testing.assert_allclose(rgb[:, outer], 1.0, atol=1e-6)  # background where nothing is seen
 
 
+def test_sampled_hull_is_the_visual_hull_at_any_point():
+    # Six views along ±x, ±y, ±z: the sphere's visual hull is where every axis sees the disc (the Steinmetz
+    # solid of three cylinders, up to the views' perspective and tilt, which the margins cover).
+    centre, radius = np.array([0.12, -0.07, 0.05]), 0.25
+    res = 32
+    f = lift_views(*sphere_views(centre, radius, (0.5, 0.5, 0.5)), plane_points(res, 32, BOX))
+    profile = f[:, :, FEATURES:]
+    pts = np.random.default_rng(0).uniform(-BOX, BOX, (4000, 3))
+    rel = pts - centre
+    axis_distance = np.stack([np.hypot(rel[:, 1], rel[:, 2]), np.hypot(rel[:, 0], rel[:, 2]),
+                              np.hypot(rel[:, 0], rel[:, 1])], 1).max(1) / radius
+    h = sample_hull(profile, torch.tensor(pts, dtype=torch.float32)[None], BOX)[0].numpy()  # [N, 3 planes]
+    inside, outside = axis_distance < 0.8, axis_distance > 1.25
+    assert inside.sum() > 100 and outside.sum() > 1000
+    assert h[inside].min() > 0.95, h[inside].min()
+    assert h[outside].max() < 0.05, h[outside].max()
+
+
 def test_lift_is_a_model_option_with_gradients_and_no_keys_when_off():
     cfg = ModelConfig(width=32, depth=1, heads=2, head_dim=16, plane_res=4, upsample=4, plane_channels=8, lift=False)
     assert not any(k.startswith("lift.") for k in GTR(cfg).state_dict())  # released checkpoints load as before
@@ -88,3 +106,18 @@ def test_lift_is_a_model_option_with_gradients_and_no_keys_when_off():
     assert planes.shape == (1, 3, 8, 16, 16)
     planes.square().mean().backward()
     assert model.lift.proj.weight.grad.abs().sum() > 0
+    # lift_hull: the hull profile rides along as plane channels and f_d reads it (3 more inputs)
+    hull = GTR(ModelConfig(**{**cfg.__dict__, "lift": True, "lift_depth": 8, "lift_hull": True}))
+    planes = hull.triplane(img, c2w[:, :4], K[:, :4])
+    assert planes.shape == (1, 3, 8 + 8, 16, 16)
+    hull.query_density(planes, torch.zeros(1, 5, 3)).sum().backward()
+    assert hull.density_mlp.layers[0].weight.grad[:, -3:].abs().sum() > 0
+    pts = torch.rand(1, 50, 3) - 0.5
+    f_d, hull.density_mlp = hull.density_mlp, torch.nn.Identity()  # query_density now returns f_d's inputs
+    with torch.no_grad():
+        x = hull.query_density(planes, pts)
+        torch.testing.assert_close(x[..., -3:], sample_hull(planes[:, :, 8:], pts, hull.cfg.scene_box))
+        torch.testing.assert_close(x[..., :-3], sample_triplane(planes[:, :, :8], pts, hull.cfg.scene_box))
+    hull.density_mlp = f_d
+    assert hull.query_density(planes, torch.zeros(1, 0, 3)).shape == (1, 0, 1)  # an empty query (a mesh chunk)
+    assert GTR(cfg).density_mlp.layers[0].weight.shape[1] + 3 == hull.density_mlp.layers[0].weight.shape[1]

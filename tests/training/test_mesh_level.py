@@ -121,3 +121,26 @@ def test_mesh_at_the_agreeing_level_has_the_volume_silhouette(k: float) -> None:
     vol_mask = b < coverage_radius(k)
     iou = float((mesh_mask & vol_mask).sum()) / float((mesh_mask | vol_mask).sum())
     assert iou > 0.97, (k, got["level"], iou)
+
+
+@pytest.mark.parametrize("k", [30.0, 300.0])
+def test_inputs_mode_meshes_at_the_level_that_covers_the_input_masks(k: float) -> None:
+    """`level_mode: inputs`: the level whose coverage matches the input views' masks. Masks of a sphere of
+    radius r < R (perspective views, closed form: rays passing closer than r to the centre) are covered by
+    the level-s sphere R − s/k = r, i.e. s = k·(R − r), whatever the volume render shows."""
+    from types import SimpleNamespace
+
+    from training.cameras import camera_rays
+    from training.mesh_level import mesh_level
+
+    field, size, r = RampSphere(k), 64, 0.25
+    c2w = torch.from_numpy(np.stack([look_at(spherical_position(a, 20.0, 2.6)) for a in (0.0, 120.0, 240.0)])).float()
+    # a narrow field of view: the disk spans ~12 pixels of radius at the 32² the level is scored at
+    K = torch.from_numpy(intrinsics(15.0, size)).float().expand(3, 3, 3).contiguous()
+    ro, rd = camera_rays(c2w[None], K[None], size, size)
+    masks = (torch.cross(ro[0], rd[0], dim=-1).norm(dim=-1) < r).float()[:, None]  # [V, 1, H, W]
+    cfg = SimpleNamespace(level_mode="inputs", sdf_level=10.0)
+    level = mesh_level(field, PLANES, c2w, K, size, cfg, masks)
+    assert level == pytest.approx(k * (R - r), rel=0.13), (k, level)  # a neighbouring candidate (12 % apart)
+    with pytest.raises(ValueError, match="masks"):
+        mesh_level(field, PLANES, c2w, K, size, cfg)

@@ -294,8 +294,9 @@ def test_query_halves_equal_query_and_skip_the_other_decoder():
     torch.testing.assert_close(rgb_only, rgb, rtol=0, atol=0)
     torch.testing.assert_close(density_only, density, rtol=0, atol=0)
 
-def test_flops_match_torch_flop_counter():
-    cfg = _tiny_cfg(ffn="geglu")
+@pytest.mark.parametrize("hull", [False, True])
+def test_flops_match_torch_flop_counter(hull: bool):
+    cfg = _tiny_cfg(ffn="geglu", lift_hull=hull, lift_depth=4)
     model = GTR(cfg).eval()
     V, S, rays = 2, 16, 7
     est = flops_per_sample(cfg, V, rays, image_size=S)
@@ -305,6 +306,8 @@ def test_flops_match_torch_flop_counter():
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         planes = model.generate(x)
     assert fc.get_total_flops() == est["encoder"] + est["transformer"] + est["upsampler"]
+    if hull:  # the lifted hull profile's channels (their values do not change the count)
+        planes = torch.cat([planes, torch.rand(1, 3, cfg.lift_depth, *planes.shape[-2:])], dim=2)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.query(planes, torch.rand(1, rays * cfg.samples_per_ray, 3))
     assert fc.get_total_flops() == est["decoders"]
@@ -333,13 +336,13 @@ def architecture_parameters(cfg: ModelConfig) -> int:
     up = cfg.plane_channels * cfg.upsample ** 2
     feat, h = 3 * cfg.plane_channels, cfg.mlp_hidden
 
-    def mlp(out: int, layers: int) -> int:
-        dims = [feat] + [h] * (layers - 1) + [out]
+    def mlp(out: int, layers: int, extra: int = 0) -> int:
+        dims = [feat + extra] + [h] * (layers - 1) + [out]
         return sum(a * b + b for a, b in zip(dims, dims[1:]))
 
     lift = (FEATURES + cfg.lift_depth + 1) * cfg.plane_channels if cfg.lift else 0  # 1×1 conv with bias
     return (encoder + tokens + cfg.depth * block + norm + (W * up + up)
-            + mlp(1, cfg.density_layers) + mlp(3, cfg.color_layers) + lift)
+            + mlp(1, cfg.density_layers, 3 if cfg.lift and cfg.lift_hull else 0) + mlp(3, cfg.color_layers) + lift)
 
 
 @pytest.mark.parametrize("preset", ["configs/paper.yaml", "configs/official.yaml", None])

@@ -27,7 +27,7 @@ from core.config import ModelConfig
 from training import cameras
 from training.model.decoders import ColorMLP, DensityMLP
 from training.model.encoder import ImageEncoder, image_tokens
-from training.model.lift import ViewLift
+from training.model.lift import ViewLift, hull_at
 from training.model.renderer import ray_box as _ray_box
 from training.model.renderer import render_rays as _render_rays
 from training.model.transformer import TriplaneTransformer
@@ -54,8 +54,13 @@ class GTR(nn.Module):
         self.transformer = TriplaneTransformer(cfg.width, cfg.depth, cfg.heads, cfg.head_dim, cfg.plane_res,
                                                cfg.ffn, cfg.ffn_mult, cfg.attn_bias)
         self.upsampler = TriplaneUpsampler(cfg.width, cfg.plane_channels, cfg.upsample)
+        if cfg.lift_hull and not cfg.lift:
+            raise ValueError("model.lift_hull needs model.lift (the hull comes from the lifted input views)")
         feat = 3 * cfg.plane_channels
-        self.density_mlp = DensityMLP(feat, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias, cfg.mlp_init)
+        # lift_hull: f_d also reads the 3 planes' estimates of the input views' visual hull at the point
+        self.hull = bool(cfg.lift and cfg.lift_hull)
+        self.density_mlp = DensityMLP(feat + 3 * self.hull, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias,
+                                      cfg.mlp_init)
         self.color_mlp = ColorMLP(feat, cfg.mlp_hidden, cfg.color_layers, cfg.color_stretch, cfg.mlp_init)
         # Demo option (not in the paper or the released model): no parameters, no state-dict keys, when off.
         self.lift = (ViewLift(cfg.plane_channels, cfg.plane_res * cfg.upsample, cfg.scene_box, cfg.lift_depth)
@@ -118,32 +123,50 @@ class GTR(nn.Module):
         x = cameras.build_input(images[:, :, :3], images[:, :, 3:], c2w_m, K, self.cfg.input_order)
         planes = self.generate(x)
         if self.lift is not None:
-            planes = planes + self.lift(images[:, :, :3], images[:, :, 3:], c2w_m, K, self.cfg.background)
+            lifted, profile = self.lift(images[:, :, :3], images[:, :, 3:], c2w_m, K, self.cfg.background)
+            planes = planes + lifted
+            if self.hull:  # the profile rides along as extra channels: every consumer still passes planes only
+                planes = torch.cat([planes, profile.to(planes.dtype)], dim=2)
         return planes
 
     # -- field ----------------------------------------------------------------------------------------------
 
-    def _query_model_frame(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        feats = sample_triplane(planes, points, self.cfg.scene_box)  # [B, N, 3C]
-        return self.density_mlp(feats), self.color_mlp(feats)
+    def _decode(self, planes: Tensor, points: Tensor, density: bool = True, color: bool = True
+                ) -> tuple[Tensor | None, Tensor | None]:
+        """Points [B,N,3] in the model's frame → (density, rgb), each None when not asked for."""
+        feats = sample_triplane(planes, points, self.cfg.scene_box)  # [B, N, 3·channels]
+        hull = None
+        if self.hull:  # one grid_sample for both: per plane, C generated channels then the hull profile
+            B, N, C = feats.shape[0], feats.shape[1], self.cfg.plane_channels
+            per_plane = feats.reshape(B, N, 3, planes.shape[2])  # explicit: N may be 0
+            feats, hull = per_plane[..., :C].reshape(B, N, 3 * C), per_plane[..., C:]
+        sigma = rgb = None
+        if density:
+            x = feats if hull is None else torch.cat([feats, hull_at(hull, points, self.cfg.scene_box)], -1)
+            sigma = self.density_mlp(x)
+        if color:
+            rgb = self.color_mlp(feats)
+        return sigma, rgb
 
-    def _features(self, planes: Tensor, points: Tensor) -> Tensor:
+    def _query_model_frame(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        return self._decode(planes, points)  # type: ignore[return-value]
+
+    def _model_points(self, points: Tensor) -> Tensor:
         _, p, _ = self._to_model_frame(points=points)
-        return sample_triplane(planes, p, self.cfg.scene_box)  # [B, N, 3C]
+        return p
 
     def query(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """planes [B,3,C,R,R], points [B,N,3] in our frame → density [B,N,1] (after softplus, per model unit
         of length, see `units_per_ours`), rgb [B,N,3]. The definition of the field; the two below are its halves."""
-        feats = self._features(planes, points)
-        return self.density_mlp(feats), self.color_mlp(feats)
+        return self._decode(planes, self._model_points(points))  # type: ignore[return-value]
 
     def query_density(self, planes: Tensor, points: Tensor) -> Tensor:
         """density [B,N,1] at points [B,N,3] (our frame), = query(...)[0] without evaluating f_c."""
-        return self.density_mlp(self._features(planes, points))
+        return self._decode(planes, self._model_points(points), color=False)[0]  # type: ignore[return-value]
 
     def query_color(self, planes: Tensor, points: Tensor) -> Tensor:
         """rgb [B,N,3] at points [B,N,3] (our frame), = query(...)[1] without evaluating f_d."""
-        return self.color_mlp(self._features(planes, points))
+        return self._decode(planes, self._model_points(points), density=False)[1]  # type: ignore[return-value]
 
     # -- rendering ------------------------------------------------------------------------------------------
 
@@ -211,12 +234,13 @@ def flops_per_sample(cfg: ModelConfig, input_views: int, rays: int, image_size: 
     up = n_tri * W * cfg.plane_channels * cfg.upsample ** 2
     feat, hid = 3 * cfg.plane_channels, cfg.mlp_hidden
 
-    def mlp(layers: int, out: int) -> int:
-        dims = [feat] + [hid] * (layers - 1) + [out]
+    def mlp(layers: int, out: int, extra: int = 0) -> int:
+        dims = [feat + extra] + [hid] * (layers - 1) + [out]
         return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
     points = rays * (samples or cfg.samples_per_ray)
-    dec = points * (mlp(cfg.density_layers, 1) + mlp(cfg.color_layers, 3))
+    hull = 3 if cfg.lift and cfg.lift_hull else 0  # f_d's hull inputs
+    dec = points * (mlp(cfg.density_layers, 1, hull) + mlp(cfg.color_layers, 3))
     fwd = 2.0 * (enc + tfm + up + dec)
     return {"encoder": 2.0 * enc, "transformer": 2.0 * tfm, "upsampler": 2.0 * up, "decoders": 2.0 * dec,
             "forward": fwd, "train": 3.0 * fwd, "train_checkpointed": 3.0 * fwd + 2.0 * tfm}

@@ -20,6 +20,13 @@ of the mask, the mask mean, and the mask-weighted mean RGB. Per texel (the featu
 
 A 1×1 convolution (`ViewLift`) maps them to the plane channels and is added to the generated planes, so every
 stage downstream (f_d / f_c, meshing, refinement, export) still reads planes only.
+
+`model.lift_hull` (the demo's default) also hands f_d the hull itself: the `depth` profile values ride along as
+extra plane channels (planes [B, 3, C + depth, R, R]; f_c and the generated part read the first C), and
+`sample_hull` reads each plane's profile at a point (bilinear over its texels, linear along its normal), so f_d
+sees three estimates of "inside every input view's silhouette" at that point. Through the 1×1 convolution
+alone the triplane offers f_d only per-plane projections of the hull: the intersection of the three
+orthographic shadows of the hull is a far looser shape (docs/training.md, "Lifting").
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.model.triplane import PLANE_AXES
+from training.model.triplane import PLANE_AXES, sample_triplane
 
 FEATURES = 6  # per texel before the depth profile: silhouette, thickness, RGB (3), view coverage
 
@@ -86,8 +93,31 @@ def lift_views(rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, points: Tensor
     return torch.cat(feats, dim=2)  # [B, 3, FEATURES + depth, res, res]
 
 
+def hull_at(lines: Tensor, points: Tensor, box: float) -> Tensor:
+    """The lifted visual hull at points (`model.lift_hull`): lines [B, N, 3, D] (each plane's hull profile at
+    the points' texels, the last `depth` channels of the planes sampled by `sample_triplane`), points
+    [B, N, 3] (model frame) → [B, N, 3], one estimate per plane, linear along its normal axis between the bin
+    centres (clamped beyond the first and last)."""
+    D = lines.shape[-1]
+    normal = [3 - a - b for a, b in PLANE_AXES]
+    pos = ((points[..., normal] / box).to(lines.dtype) + 1) * 0.5 * D - 0.5  # bin coordinate [B, N, 3]
+    pos = pos.clamp(0, D - 1)
+    k0 = pos.floor().long().clamp(max=max(D - 2, 0))
+    w = (pos - k0)[..., None]
+    h0, h1 = lines.gather(-1, k0[..., None]), lines.gather(-1, (k0 + 1).clamp(max=D - 1)[..., None])
+    return (h0 * (1 - w) + h1 * w)[..., 0]
+
+
+def sample_hull(profile: Tensor, points: Tensor, box: float) -> Tensor:
+    """`hull_at` from the profile planes [B, 3, D, R, R] (the last `depth` features of `lift_views`), read
+    bilinearly over each plane's texels as `sample_triplane` reads planes."""
+    B, _, D = profile.shape[:3]
+    return hull_at(sample_triplane(profile, points, box).reshape(B, -1, 3, D), points, box)
+
+
 class ViewLift(nn.Module):
-    """`lift_views` features → plane channels by a shared 1×1 convolution, added to the generated planes."""
+    """`lift_views` features → plane channels by a shared 1×1 convolution (added to the generated planes), and
+    the hull profile (the last `depth` features, for `sample_hull`)."""
 
     def __init__(self, channels: int, res: int, box: float, depth: int) -> None:
         super().__init__()
@@ -95,8 +125,9 @@ class ViewLift(nn.Module):
         self.register_buffer("points", plane_points(res, depth, box), persistent=False)
         self.proj = nn.Conv2d(FEATURES + depth, channels, kernel_size=1)
 
-    def forward(self, rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, background: float = 1.0) -> Tensor:
+    def forward(self, rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, background: float = 1.0
+                ) -> tuple[Tensor, Tensor]:
         f = lift_views(rgb, mask, c2w, K, self.points, background)  # [B, 3, F, R, R]
         B = f.shape[0]
         y = self.proj(f.reshape(B * 3, *f.shape[2:]).to(self.proj.weight.dtype))
-        return y.reshape(B, 3, *y.shape[1:])
+        return y.reshape(B, 3, *y.shape[1:]), f[:, :, FEATURES:]
