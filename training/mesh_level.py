@@ -94,8 +94,9 @@ def agreeing_level(model: Any, planes: Tensor, rays_o: Tensor, rays_d: Tensor, *
     level is nan when the volume render (the target) covers no ray (an empty field: no level helps).
     """
     prof = ray_profile(model, planes, rays_o, rays_d, samples)
+    target = (prof["opacity"] > 0.5) if target is None else target  # once, not per candidate
     curve = [level_agreement(prof, s, target) for s in (candidates or DEFAULT_CANDIDATES)]
-    if not (((prof["opacity"] > 0.5) if target is None else target) & prof["hit"]).any():
+    if not (target & prof["hit"]).any():
         return {"level": float("nan"), "iou": 0.0, "depth_error": float("inf"), "curve": curve}
     best = max(c["iou"] for c in curve)
     pick = min((c for c in curve if c["iou"] >= best - iou_tol), key=lambda c: c["depth_error"])

@@ -23,7 +23,7 @@ stage downstream (f_d / f_c, meshing, refinement, export) still reads planes onl
 
 `model.lift_hull` (the demo's default) also hands f_d the hull itself: the `depth` profile values ride along as
 extra plane channels (planes [B, 3, C + depth, R, R]; f_c and the generated part read the first C), and
-`sample_hull` reads each plane's profile at a point (bilinear over its texels, linear along its normal), so f_d
+`hull_at` reads each plane's sampled profile at a point (bilinear over its texels, linear along its normal), so f_d
 sees three estimates of "inside every input view's silhouette" at that point. Through the 1×1 convolution
 alone the triplane offers f_d only per-plane projections of the hull: the intersection of the three
 orthographic shadows of the hull is a far looser shape (docs/training.md, "Lifting").
