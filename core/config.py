@@ -145,7 +145,7 @@ class ModelConfig:
     img_token_norm: bool = True  # LayerNorm on image tokens (official: on; paper.yaml: off); demo on: tokens grew ~70x without
     lift: bool = True  # input views lifted onto the planes (training.model.lift); paper/official: off (not in them)
     lift_depth: int = 16  # lift: points per plane texel along its normal axis
-    lift_hull: bool = False  # lift: planes carry the hull profile too, f_d reads the hull at the point (demo: on)
+    lift_hull: bool = True  # lift: planes carry the hull profile too, f_d reads the hull at the point; paper: off
     width: int = 128  # transformer width (paper 1024)
     depth: int = 2  # transformer blocks (paper 24)
     heads: int = 4  # attention heads (paper 16)
@@ -232,7 +232,7 @@ class MeshConfig(OptimConfig):
     render_size: int = 64  # rasterization / supervision side (paper 512)
     grid: int = 64  # marching-cubes grid G (paper 256)
     sdf_level: float = 10.0  # sdf = -(density - sdf_level); the level when level_mode = fixed (paper: 10)
-    level_mode: str = "agree"  # fixed (sdf_level) | agree: per asset, the level whose mesh covers and sits where the
+    level_mode: str = "inputs"  # fixed (sdf_level) | agree: per asset, the level whose mesh covers and sits where the
     # field's volume render does on the input views | inputs: ... covers the input views' masks (training.mesh_level)
     rgb_weight: float = 1.0  # weight of the rendered-colour MSE
     lpips_weight: float = 0.5  # λ_p, weight of LPIPS on the rendered colour
