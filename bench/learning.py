@@ -102,7 +102,7 @@ class Fit:
 
 
 def model_config(s: FitSettings) -> ModelConfig:
-    return ModelConfig(plane_channels=s.plane_channels, samples_per_ray=s.samples)
+    return ModelConfig(plane_channels=s.plane_channels, samples_per_ray=s.samples, lift=False)  # planes fitted directly
 
 
 def pixel_rays(views: Views) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -85,9 +85,9 @@ def run(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
         train_step(alt, alt_opt, batch, s, cpu, None)
 
     t_alt = timeit(alt_step, repeat=3, warmup=1)
-    # What `model.lift` (with its `lift_hull`, which needs it) costs per step: the same step without them.
+    # What `model.lift` (and with it `lift_hull`) costs per step: the same step without them.
     lifted = cfg.model.lift
-    bare = NerfObjective(GTR(dataclasses.replace(cfg.model, lift=not lifted, lift_hull=False)), cfg.nerf)
+    bare = NerfObjective(GTR(dataclasses.replace(cfg.model, lift=not lifted)), cfg.nerf)
     bare_opt = make_optimizer(bare, s)
     t_bare = timeit(lambda: train_step(bare, bare_opt, batch, s, cpu, None), repeat=3, warmup=1)
     B = cfg.nerf.batch_size

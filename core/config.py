@@ -145,7 +145,7 @@ class ModelConfig:
     img_token_norm: bool = True  # LayerNorm on image tokens (official: on; paper.yaml: off); demo on: tokens grew ~70x without
     lift: bool = True  # input views lifted onto the planes (training.model.lift); paper/official: off (not in them)
     lift_depth: int = 16  # lift: points per plane texel along its normal axis
-    lift_hull: bool = True  # lift: planes carry the hull profile too, f_d reads the hull at the point; paper: off
+    lift_hull: bool = True  # with lift: planes carry the hull profile too, f_d reads the hull at the point
     width: int = 128  # transformer width (paper 1024)
     depth: int = 2  # transformer blocks (paper 24)
     heads: int = 4  # attention heads (paper 16)

@@ -94,7 +94,8 @@ def test_sampled_hull_is_the_visual_hull_at_any_point():
 
 
 def test_lift_is_a_model_option_with_gradients_and_no_keys_when_off():
-    cfg = ModelConfig(width=32, depth=1, heads=2, head_dim=16, plane_res=4, upsample=4, plane_channels=8, lift=False)
+    cfg = ModelConfig(width=32, depth=1, heads=2, head_dim=16, plane_res=4, upsample=4, plane_channels=8, lift=False,
+                      lift_hull=False)  # the hull's own test below
     assert not any(k.startswith("lift.") for k in GTR(cfg).state_dict())  # released checkpoints load as before
     model = GTR(ModelConfig(**{**cfg.__dict__, "lift": True, "lift_depth": 8}))
     rgb, mask, c2w, K = sphere_views(np.zeros(3), 0.3, (0.5, 0.5, 0.5))

@@ -127,7 +127,7 @@ def _official_sphere_model(radius_ours: float, res: int = 64) -> tuple[GTR, torc
     """
     cfg = ModelConfig(width=16, depth=0, heads=2, head_dim=8, plane_res=4, plane_channels=2, upsample=res // 4,
                       mlp_hidden=4, official_frame=True, official_frame_scale=2.0, scene_box=1.0,
-                      density_bias=0.0)  # pinned: f_d below is built for softplus(x), whatever the demo default
+                      density_bias=0.0, lift_hull=False)  # pinned: f_d below is built for softplus(x) of the planes alone
     model = GTR(cfg).eval()
     u = (torch.arange(res, dtype=torch.float64) + 0.5) * 2 / res - 1  # pixel centres, align_corners=False
     planes = torch.zeros(1, 3, 2, res, res, dtype=torch.float64)

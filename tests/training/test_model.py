@@ -158,7 +158,7 @@ def test_ray_box_slab():
 def _tiny_cfg(**kw) -> ModelConfig:
     base = dict(width=32, depth=2, heads=2, head_dim=16, plane_res=4, plane_channels=6, upsample=2,
                 mlp_hidden=16, samples_per_ray=16, patch_size=8,
-                density_bias=0.0, img_token_norm=False)  # pinned: the demo defaults of these two changed
+                density_bias=0.0, img_token_norm=False, lift_hull=False)  # pinned: the demo defaults of these changed
     base.update(kw)
     return ModelConfig(**base)
 

@@ -126,7 +126,7 @@ def _trained_like(cells: int, inside: float) -> tuple[GTR, torch.Tensor, float]:
     """A GTR with its real f_d and random smooth planes (noise on a cells² lattice, upsampled), at the level
     that puts `inside` of the box inside: blobby components of many sizes, some at the box faces."""
     torch.manual_seed(0)
-    model = GTR(ModelConfig()).eval()
+    model = GTR(ModelConfig(lift_hull=False)).eval()  # planes are made here: no lifted hull in them
     C, R = model.cfg.plane_channels, model.cfg.plane_res * model.cfg.upsample
     torch.manual_seed(1)
     planes = F.interpolate(torch.randn(3, C, cells, cells), size=(R, R), mode="bicubic", align_corners=False)[None]

@@ -162,7 +162,7 @@ TINY = ["model.width=32", "model.heads=2", "model.head_dim=16", "model.depth=1",
         "mesh.reg_rays=64", "mesh.lr=0.001", "mesh.steps=7", "mesh.ckpt_every=100", "mesh.log_every=100",
         "mesh.image_every=100", "mesh.val_assets=1",
         # the fresh model's density lies in ~[0.02, 0.16]: a level inside it gives every asset a surface
-        "mesh.sdf_level=0.09"]
+        "mesh.level_mode=fixed", "mesh.sdf_level=0.09"]
 
 
 def test_resume_of_a_2_worker_run_matches_the_uninterrupted_run(tmp_path: Path) -> None:

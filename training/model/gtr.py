@@ -54,10 +54,10 @@ class GTR(nn.Module):
         self.transformer = TriplaneTransformer(cfg.width, cfg.depth, cfg.heads, cfg.head_dim, cfg.plane_res,
                                                cfg.ffn, cfg.ffn_mult, cfg.attn_bias)
         self.upsampler = TriplaneUpsampler(cfg.width, cfg.plane_channels, cfg.upsample)
-        if cfg.lift_hull and not cfg.lift:
-            raise ValueError("model.lift_hull needs model.lift (the hull comes from the lifted input views)")
         feat = 3 * cfg.plane_channels
-        # lift_hull: f_d also reads the 3 planes' estimates of the input views' visual hull at the point
+        # lift_hull: f_d also reads the 3 planes' estimates of the input views' visual hull at the point; like
+        # lift_depth it only means something with lift on (the hull comes from the lifted views), so
+        # `model.lift=false` alone turns both off
         self.hull = bool(cfg.lift and cfg.lift_hull)
         self.density_mlp = DensityMLP(feat + 3 * self.hull, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias,
                                       cfg.mlp_init)
@@ -134,6 +134,10 @@ class GTR(nn.Module):
     def _decode(self, planes: Tensor, points: Tensor, density: bool = True, color: bool = True
                 ) -> tuple[Tensor | None, Tensor | None]:
         """Points [B,N,3] in the model's frame → (density, rgb), each None when not asked for."""
+        channels = self.cfg.plane_channels + self.cfg.lift_depth * self.hull
+        if planes.shape[2] != channels:  # planes made elsewhere (tests, tools) must carry what f_d reads
+            raise ValueError(f"planes have {planes.shape[2]} channels per plane, this model reads {channels}"
+                             + (" (plane_channels + the lift_depth hull profile)" if self.hull else ""))
         feats = sample_triplane(planes, points, self.cfg.scene_box)  # [B, N, 3·channels]
         hull = None
         if self.hull:  # one grid_sample for both: per plane, C generated channels then the hull profile
