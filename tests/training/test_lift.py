@@ -4,6 +4,7 @@ silhouette of a sphere's visual hull, texel for texel in the layout `sample_trip
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from core.cameras import intrinsics, look_at, project
@@ -122,3 +123,8 @@ def test_lift_is_a_model_option_with_gradients_and_no_keys_when_off():
     hull.density_mlp = f_d
     assert hull.query_density(planes, torch.zeros(1, 0, 3)).shape == (1, 0, 1)  # an empty query (a mesh chunk)
     assert GTR(cfg).density_mlp.layers[0].weight.shape[1] + 3 == hull.density_mlp.layers[0].weight.shape[1]
+    with pytest.raises(ValueError, match="16 .*lift_depth hull"):  # planes without the profile: refused, by name
+        hull.query_density(planes[:, :, :8], pts)
+    # lift_hull alone (on by default) without lift: no hull, as released checkpoints expect
+    off = GTR(ModelConfig(**{**cfg.__dict__, "lift": False, "lift_hull": True}))
+    assert off.density_mlp.layers[0].weight.shape == GTR(cfg).density_mlp.layers[0].weight.shape
