@@ -39,9 +39,11 @@ def test_no_package_file_is_over_the_line_limit():
 
 
 def test_nothing_outside_the_repository_is_read_or_cited():
-    """A user's clone has no ../shared and no /work: fixtures live in tests/fixtures, contracts in docs/."""
-    outside = re.compile(r"\.\./shared|/work/shared|/work/main|\bshared/(fixtures|evidence|paper)|DESIGN\.md|"
-                         r"\bDESIGN\b")
+    """A user's clone has none of this workplace's folders: fixtures live in tests/fixtures, contracts in docs/."""
+    # the pattern is assembled from parts so that this file, which names what is forbidden, does not match it
+    shared, work = "sha" + "red", "/wo" + "rk"
+    outside = re.compile(rf"\.\./{shared}|{work}/{shared}|{work}/main|\b{shared}/(fixtures|evidence|paper)|"
+                         r"DESIGN\.md|\bDESIGN\b")
     files = package_files() + sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "docs").glob("*.md"))
     files += [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"] + sorted((ROOT / "configs").glob("*"))
     hits = []

@@ -37,6 +37,13 @@ from training.model.upsampler import TriplaneUpsampler
 ARCHS = ("gtr", "official")
 
 
+def reads_hull(cfg: ModelConfig) -> bool:
+    """Whether f_d also reads the 3 planes' estimates of the input views' visual hull at the point. Like
+    lift_depth, lift_hull only means something with lift on (the hull comes from the lifted views), so
+    `model.lift=false` alone turns both off."""
+    return bool(cfg.lift and cfg.lift_hull)
+
+
 class GTR(nn.Module):
     """The large reconstruction model of the paper (or, with configs/official.yaml, of the released code)."""
 
@@ -55,10 +62,7 @@ class GTR(nn.Module):
                                                cfg.ffn, cfg.ffn_mult, cfg.attn_bias)
         self.upsampler = TriplaneUpsampler(cfg.width, cfg.plane_channels, cfg.upsample)
         feat = 3 * cfg.plane_channels
-        # lift_hull: f_d also reads the 3 planes' estimates of the input views' visual hull at the point; like
-        # lift_depth it only means something with lift on (the hull comes from the lifted views), so
-        # `model.lift=false` alone turns both off
-        self.hull = bool(cfg.lift and cfg.lift_hull)
+        self.hull = reads_hull(cfg)
         self.density_mlp = DensityMLP(feat + 3 * self.hull, cfg.mlp_hidden, cfg.density_layers, cfg.density_bias,
                                       cfg.mlp_init)
         self.color_mlp = ColorMLP(feat, cfg.mlp_hidden, cfg.color_layers, cfg.color_stretch, cfg.mlp_init)
@@ -243,7 +247,7 @@ def flops_per_sample(cfg: ModelConfig, input_views: int, rays: int, image_size: 
         return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
     points = rays * (samples or cfg.samples_per_ray)
-    hull = 3 if cfg.lift and cfg.lift_hull else 0  # f_d's hull inputs
+    hull = 3 * reads_hull(cfg)  # f_d's hull inputs
     dec = points * (mlp(cfg.density_layers, 1, hull) + mlp(cfg.color_layers, 3))
     fwd = 2.0 * (enc + tfm + up + dec)
     return {"encoder": 2.0 * enc, "transformer": 2.0 * tfm, "upsampler": 2.0 * up, "decoders": 2.0 * dec,
