@@ -17,8 +17,8 @@ The twin has nvdiffrast's interface and output conventions:
   found from screen-space barycentrics: the segment is walked from T across shared edges (`face_neighbours`)
   while the next face faces the same way, and α is where it leaves the last face (nvdiffrast's silhouette
   edges: one face, or faces facing opposite ways). Stopping at T's own exit edge instead under-covers
-  meshes of sub-pixel triangles — marching cubes' — by the part of the pixel pair beyond T: 3.4 % of a
-  sphere's area at 128² (`tests/training/ops/test_raster.py`). If the mesh reaches past the midpoint
+  meshes of sub-pixel triangles — marching cubes' — by the part of the pixel pair beyond T: 3.3 % of a
+  sphere's area at 96² (`tests/training/ops/test_raster.py`). If the mesh reaches past the midpoint
   (α > ½) the empty pixel takes (α − ½) of T's colour, otherwise the covered pixel takes (½ − α) of the
   background. α depends on
   the vertex positions, so the mask gets gradients to positions as in nvdiffrast's analytic antialiasing,
@@ -291,7 +291,8 @@ def face_neighbours(tri: Tensor) -> Tensor:
     tri = tri.long()
     F_ = len(tri)
     a, b = tri[:, [1, 2, 0]].reshape(-1), tri[:, [2, 0, 1]].reshape(-1)
-    key = torch.minimum(a, b) * (int(tri.max()) + 1 if F_ else 1) + torch.maximum(a, b)  # [3F], edge k of face f at 3f+k
+    n = int(tri.max()) + 1 if F_ else 1
+    key = torch.minimum(a, b) * n + torch.maximum(a, b)  # [3F]: edge k of face f at 3f + k
     order = torch.argsort(key, stable=True)
     sk = key[order]
     nb = torch.full((3 * F_,), -1, dtype=torch.long, device=tri.device)
@@ -310,8 +311,8 @@ def face_neighbours(tri: Tensor) -> Tensor:
 SILHOUETTE_HOPS = 16  # faces a pixel-to-pixel segment may cross before its silhouette edge (MC meshes: 1-3 a pixel)
 
 
-def _silhouette_faces(scr_of: Callable[[Tensor, Tensor], Tensor], area_of: Callable[[Tensor, Tensor], Tensor], f: Tensor, c_in: Tensor, c_out: Tensor,
-                      nbrs: Tensor) -> Tensor:
+def _silhouette_faces(scr_of: Callable[[Tensor, Tensor], Tensor], area_of: Callable[[Tensor, Tensor], Tensor],
+                      f: Tensor, c_in: Tensor, c_out: Tensor, nbrs: Tensor) -> Tensor:
     """Walk each segment c_in → c_out [P, 2] from its covering face f [P] across shared edges to the face whose
     exit edge is a silhouette (no neighbour, or one facing the other way), up to SILHOUETTE_HOPS; no grad."""
     active = torch.ones_like(f, dtype=torch.bool)
