@@ -42,7 +42,6 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -308,29 +307,32 @@ def face_neighbours(tri: Tensor) -> Tensor:
     return nb.reshape(F_, 3)
 
 
-SILHOUETTE_HOPS = 16  # faces a pixel-to-pixel segment may cross before its silhouette edge (MC meshes: 1-3 a pixel)
+SILHOUETTE_HOPS = 64  # faces a segment may cross to its silhouette: near it MC triangles are foreshortened slivers (up to ~40)
 
 
-def _silhouette_faces(scr_of: Callable[[Tensor, Tensor], Tensor], area_of: Callable[[Tensor, Tensor], Tensor],
-                      f: Tensor, c_in: Tensor, c_out: Tensor, nbrs: Tensor) -> Tensor:
+def _silhouette_faces(scr: Tensor, front: Tensor, tri: Tensor, bi: Tensor | None, f: Tensor, c_in: Tensor,
+                      c_out: Tensor, nbrs: Tensor) -> Tensor:
     """Walk each segment c_in → c_out [P, 2] from its covering face f [P] across shared edges to the face whose
-    exit edge is a silhouette (no neighbour, or one facing the other way), up to SILHOUETTE_HOPS; no grad."""
+    exit edge is a silhouette (no neighbour, or one facing the other way), up to SILHOUETTE_HOPS. scr: screen
+    positions of the vertices [B, V, 2] (bi [P]: each segment's view) or [V, 2] (bi None); front: faces'
+    screen-space orientation [B, F] or [F]. No gradients."""
     active = torch.ones_like(f, dtype=torch.bool)
     for _ in range(SILHOUETTE_HOPS):
         idx = torch.nonzero(active, as_tuple=True)[0]
         if len(idx) == 0:
             break
         fa = f[idx]
-        scr = scr_of(idx, fa)
-        b_in = _screen_bary(scr, c_in[idx, 0], c_in[idx, 1])
-        b_out = _screen_bary(scr, c_out[idx, 0], c_out[idx, 1])
+        b = None if bi is None else bi[idx]
+        q = scr[tri[fa]] if b is None else scr[b[:, None], tri[fa]]  # [P, 3, 2]
+        b_in = _screen_bary(q, c_in[idx, 0], c_in[idx, 1])
+        b_out = _screen_bary(q, c_out[idx, 0], c_out[idx, 1])
         denom = b_in - b_out
         t = torch.where(denom > 1e-12, b_in / denom.clamp(min=1e-12), torch.full_like(b_in, 2.0))
         t_exit, k = t.min(1)
         nb = nbrs[fa, k]
         ok = nb >= 0
-        same_facing = torch.zeros_like(ok)
-        same_facing[ok] = (area_of(idx[ok], fa[ok]) > 0) == (area_of(idx[ok], nb[ok]) > 0)
+        nbc = nb.clamp(min=0)
+        same_facing = (front[fa] == front[nbc]) if b is None else (front[b, fa] == front[b, nbc])
         step = ok & same_facing & (t_exit < 1.0)  # an inner edge before the empty pixel's centre: keep walking
         f = f.index_put((idx[step],), nb[step])
         active = active.index_put((idx[~step],), torch.zeros_like(idx[~step], dtype=torch.bool))
@@ -342,7 +344,12 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology_ha
     """Approximate nvdiffrast.torch.antialias (silhouettes against empty pixels only; module docstring)."""
     B, H, W, C = color.shape
     tri = tri.long()
-    nbrs = face_neighbours(tri)
+    with torch.no_grad():  # what the silhouette walk reads: topology, vertex screen positions, face orientation
+        nbrs = face_neighbours(tri)
+        scr_v = _to_screen(pos.detach(), H, W)[0]  # [B, V, 2] or [V, 2]
+        q = scr_v[..., tri, :]  # [B, F, 3, 2] or [F, 3, 2]
+        front = _cross2(q[..., 1, 0] - q[..., 0, 0], q[..., 1, 1] - q[..., 0, 1], q[..., 2, 0] - q[..., 0, 0],
+                        q[..., 2, 1] - q[..., 0, 1]) > 0
     out = color
     for dy, dx in ((0, 1), (1, 0)):  # right and down neighbours; both directions of each pair below
         fa = rast[:, : H - dy, : W - dx, 3].long() - 1
@@ -364,13 +371,8 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology_ha
             def scr_of(rows: Tensor, faces: Tensor) -> Tensor:
                 return _to_screen(clip_of(rows, faces), H, W)[0]
 
-            def area_of(rows: Tensor, faces: Tensor) -> Tensor:
-                q = scr_of(rows, faces)
-                return _cross2(q[:, 1, 0] - q[:, 0, 0], q[:, 1, 1] - q[:, 0, 1], q[:, 2, 0] - q[:, 0, 0],
-                               q[:, 2, 1] - q[:, 0, 1])
-
-            with torch.no_grad():  # which face's edge is the silhouette the segment leaves through
-                f = _silhouette_faces(scr_of, area_of, covered[bi, yi, xi], c_in, c_out, nbrs)
+            f = _silhouette_faces(scr_v, front, tri, bi if pos.ndim == 3 else None, covered[bi, yi, xi], c_in,
+                                  c_out, nbrs)  # the face whose edge is the silhouette the segment leaves through
             scr = scr_of(torch.arange(len(bi), device=bi.device), f)
             b_in = _screen_bary(scr, c_in[:, 0], c_in[:, 1])  # may be < 0: f need not cover c_in
             b_out = _screen_bary(scr, c_out[:, 0], c_out[:, 1])
