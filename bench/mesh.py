@@ -1,6 +1,6 @@
 """Benchmarks of the mesh stage's ops: marching cubes (our PyTorch twin vs skimage on CPU; vs diso on GPU),
 rasterization of 8 views at 512² (the twin vs its first, per-view float64 version on CPU; vs nvdiffrast on
-GPU), and on GPU: the feed-forward mesh at 256³ (dense vs coarse-to-fine extraction) and one mesh-stage step
+GPU), antialiasing of those views (CPU: the silhouette walk vs the twin before it), and on GPU: the feed-forward mesh at 256³ (dense vs coarse-to-fine extraction) and one mesh-stage step
 of the paper config with diso + nvdiffrast vs the fully permissive twins (mesh.backend=torch), time and
 peak memory.
 
@@ -75,8 +75,34 @@ def run(cfg: Config, out_dir: Path) -> list[dict]:
                        "the first twin (per view, float64 coverage)", "s",
                        "same triangle ids at every pixel (tests/training/ops/test_raster.py); nvdiffrast needs "
                        "CUDA: see run_gpu"))
+    rows.append(_antialias_row(pos, f))
     rows += _feedforward_mesh(cfg, "cpu", grid=128)[:2]  # the demo model; the 256³ paper rows: run_gpu
     return rows
+
+
+def _antialias_row(pos: torch.Tensor, faces: torch.Tensor) -> dict:
+    """Antialiasing forward + backward (to the clip positions, as stage 2's mask loss) on the rasterized views:
+    the silhouette walk against the twin before it (`silhouette_hops=0`), and how much coverage each keeps of
+    the mesh's area (its pixel-centre coverage at 4 × 4 samples per pixel)."""
+    from training.ops.raster import antialias, rasterize
+
+    side = 512
+    rast, _ = rasterize(None, pos, faces, side)
+    hit = (rast[..., 3:] > 0).to(pos.dtype)
+
+    def fwd_bwd(hops: int) -> float:
+        p = pos.detach().clone().requires_grad_(True)
+        out = antialias(hit, rast, p, faces, silhouette_hops=hops)
+        out.sum().backward()
+        return float(out.detach().sum())
+
+    kept = {hops: fwd_bwd(hops) for hops in (0, 64)}
+    fine, _ = rasterize(None, pos, faces, 4 * side)
+    area = float((fine[..., 3] > 0).sum()) / 16
+    ours, base = timeit(lambda: fwd_bwd(64), repeat=3), timeit(lambda: fwd_bwd(0), repeat=3)
+    return result(f"antialias 8 views {side}^2 forward+backward ({len(faces)} faces), CPU twin", ours, base,
+                  "the twin before the silhouette walk (silhouette_hops=0)", "s",
+                  f"coverage kept of the mesh's area: {kept[64] / area:.4f} (before {kept[0] / area:.4f})")
 
 
 def run_gpu(cfg: Config, out_dir: Path) -> list[dict]:

@@ -20,9 +20,9 @@ The twin has nvdiffrast's interface and output conventions:
   meshes of sub-pixel triangles — marching cubes' — by the part of the pixel pair beyond T: 3.3 % of a
   sphere's area at 96² (`tests/training/ops/test_raster.py`). If the mesh reaches past the midpoint
   (α > ½) the empty pixel takes (α − ½) of T's colour, otherwise the covered pixel takes (½ − α) of the
-  background. α depends on
-  the vertex positions, so the mask gets gradients to positions as in nvdiffrast's analytic antialiasing,
-  but occlusion edges inside the object are left as they are (nvdiffrast smooths those too).
+  background. α depends on the vertex positions, so the mask gets gradients to positions as in nvdiffrast's
+  analytic antialiasing, but occlusion edges inside the object are left as they are (nvdiffrast smooths
+  those too).
 
 Gradients reach vertex positions through the barycentrics (and z/w): which triangle covers a pixel is
 found without gradients, then (u, v, z/w) are recomputed differentiably for the winners. Work is tiled:
@@ -307,49 +307,59 @@ def face_neighbours(tri: Tensor) -> Tensor:
     return nb.reshape(F_, 3)
 
 
-SILHOUETTE_HOPS = 64  # faces a segment may cross to its silhouette: near it MC triangles are foreshortened slivers (up to ~40)
+SILHOUETTE_HOPS = 64  # faces a segment may cross to its silhouette: near it MC faces are slivers (up to ~40)
 
 
-def _silhouette_faces(scr: Tensor, front: Tensor, tri: Tensor, bi: Tensor | None, f: Tensor, c_in: Tensor,
-                      c_out: Tensor, nbrs: Tensor) -> Tensor:
+def _segment_exits(q: Tensor, c_in: Tensor, c_out: Tensor) -> Tensor:
+    """For segments c_in → c_out [P, 2] and screen triangles q [P, 3, 2]: where along the segment (0 at c_in, 1 at
+    c_out) each barycentric falls to zero, [P, 3]; 2 for one that does not fall (an edge the segment enters by,
+    or runs parallel to)."""
+    b_in = _screen_bary(q, c_in[:, 0], c_in[:, 1])
+    b_out = _screen_bary(q, c_out[:, 0], c_out[:, 1])
+    denom = b_in - b_out
+    return torch.where(denom > 1e-12, b_in / denom.clamp(min=1e-12), torch.full_like(b_in, 2.0))
+
+
+def _silhouette_faces(scr: Tensor, facing: Tensor, tri: Tensor, bi: Tensor | None, f: Tensor, c_in: Tensor,
+                      c_out: Tensor, nbrs: Tensor, hops: int) -> Tensor:
     """Walk each segment c_in → c_out [P, 2] from its covering face f [P] across shared edges to the face whose
-    exit edge is a silhouette (no neighbour, or one facing the other way), up to SILHOUETTE_HOPS. scr: screen
-    positions of the vertices [B, V, 2] (bi [P]: each segment's view) or [V, 2] (bi None); front: faces'
-    screen-space orientation [B, F] or [F]. No gradients."""
+    exit edge is a silhouette (no neighbour, or one facing the other way), crossing at most `hops` edges.
+    scr: vertex screen positions [B, V, 2] (bi [P]: each segment's view) or [V, 2] (bi None); facing: +1 / −1
+    per face by screen orientation, 0 for a face the walk must not enter (a vertex at w ≤ 0, or no area),
+    [B, F] or [F]. No gradients."""
     active = torch.ones_like(f, dtype=torch.bool)
-    for _ in range(SILHOUETTE_HOPS):
+    for _ in range(hops):
         idx = torch.nonzero(active, as_tuple=True)[0]
         if len(idx) == 0:
             break
         fa = f[idx]
         b = None if bi is None else bi[idx]
         q = scr[tri[fa]] if b is None else scr[b[:, None], tri[fa]]  # [P, 3, 2]
-        b_in = _screen_bary(q, c_in[idx, 0], c_in[idx, 1])
-        b_out = _screen_bary(q, c_out[idx, 0], c_out[idx, 1])
-        denom = b_in - b_out
-        t = torch.where(denom > 1e-12, b_in / denom.clamp(min=1e-12), torch.full_like(b_in, 2.0))
-        t_exit, k = t.min(1)
+        t_exit, k = _segment_exits(q, c_in[idx], c_out[idx]).min(1)
         nb = nbrs[fa, k]
-        ok = nb >= 0
         nbc = nb.clamp(min=0)
-        same_facing = (front[fa] == front[nbc]) if b is None else (front[b, fa] == front[b, nbc])
-        step = ok & same_facing & (t_exit < 1.0)  # an inner edge before the empty pixel's centre: keep walking
+        here, there = (facing[fa], facing[nbc]) if b is None else (facing[b, fa], facing[b, nbc])
+        step = (nb >= 0) & (there != 0) & (there == here) & (t_exit < 1.0)  # an inner edge before c_out
         f = f.index_put((idx[step],), nb[step])
         active = active.index_put((idx[~step],), torch.zeros_like(idx[~step], dtype=torch.bool))
     return f
 
 
 def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology_hash: object = None,
-              pos_gradient_boost: float = 1.0) -> Tensor:
-    """Approximate nvdiffrast.torch.antialias (silhouettes against empty pixels only; module docstring)."""
+              pos_gradient_boost: float = 1.0, silhouette_hops: int = SILHOUETTE_HOPS) -> Tensor:
+    """Approximate nvdiffrast.torch.antialias (silhouettes against empty pixels only; module docstring).
+    `silhouette_hops=0` is the twin before 2026-12-02 (the covering triangle's own exit edge; the benchmark's
+    baseline)."""
     B, H, W, C = color.shape
     tri = tri.long()
     with torch.no_grad():  # what the silhouette walk reads: topology, vertex screen positions, face orientation
         nbrs = face_neighbours(tri)
         scr_v = _to_screen(pos.detach(), H, W)[0]  # [B, V, 2] or [V, 2]
         q = scr_v[..., tri, :]  # [B, F, 3, 2] or [F, 3, 2]
-        front = _cross2(q[..., 1, 0] - q[..., 0, 0], q[..., 1, 1] - q[..., 0, 1], q[..., 2, 0] - q[..., 0, 0],
-                        q[..., 2, 1] - q[..., 0, 1]) > 0
+        area = _cross2(q[..., 1, 0] - q[..., 0, 0], q[..., 1, 1] - q[..., 0, 1], q[..., 2, 0] - q[..., 0, 0],
+                       q[..., 2, 1] - q[..., 0, 1])
+        in_front = (pos[..., 3] > 0)[..., tri].all(-1)  # as `rasterize`, a face with a vertex at w <= 0 is dropped
+        facing = torch.sign(area).where(in_front & torch.isfinite(area), torch.zeros_like(area))
     out = color
     for dy, dx in ((0, 1), (1, 0)):  # right and down neighbours; both directions of each pair below
         fa = rast[:, : H - dy, : W - dx, 3].long() - 1
@@ -364,22 +374,12 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology_ha
             ey, ex = (yi + dy, xi + dx) if sign == 1 else (yi, xi)
             c_in = torch.stack([cx, cy], -1).to(pos.dtype) + 0.5
             c_out = torch.stack([ex, ey], -1).to(pos.dtype) + 0.5
-
-            def clip_of(rows: Tensor, faces: Tensor, bi: Tensor = bi) -> Tensor:  # [P, 3, 4]
-                return pos[bi[rows][:, None], tri[faces]] if pos.ndim == 3 else pos[tri[faces]]
-
-            def scr_of(rows: Tensor, faces: Tensor) -> Tensor:
-                return _to_screen(clip_of(rows, faces), H, W)[0]
-
-            f = _silhouette_faces(scr_v, front, tri, bi if pos.ndim == 3 else None, covered[bi, yi, xi], c_in,
-                                  c_out, nbrs)  # the face whose edge is the silhouette the segment leaves through
-            scr = scr_of(torch.arange(len(bi), device=bi.device), f)
-            b_in = _screen_bary(scr, c_in[:, 0], c_in[:, 1])  # may be < 0: f need not cover c_in
-            b_out = _screen_bary(scr, c_out[:, 0], c_out[:, 1])
-            # Where along centre→centre each barycentric reaches zero; the smallest crossing leaves f.
-            denom = b_in - b_out
-            frac = torch.where(denom > 1e-12, b_in / denom.clamp(min=1e-12), torch.full_like(b_in, 2.0))
-            alpha = frac.amin(1).clamp(0.0, 1.0)[:, None]  # [P, 1]
+            # The face whose edge is the silhouette the segment leaves through (no gradients), then where it
+            # leaves, differentiably in that face's vertices.
+            f = _silhouette_faces(scr_v, facing, tri, bi if pos.ndim == 3 else None, covered[bi, yi, xi], c_in,
+                                  c_out, nbrs, silhouette_hops)
+            p = pos[bi[:, None], tri[f]] if pos.ndim == 3 else pos[tri[f]]  # [P, 3, 4]
+            alpha = _segment_exits(_to_screen(p, H, W)[0], c_in, c_out).amin(1).clamp(0.0, 1.0)[:, None]  # [P, 1]
             c_in_col, c_out_col = color[bi, cy, cx], color[bi, ey, ex]
             new_out = c_out_col + (alpha - 0.5).clamp(min=0) * (c_in_col - c_out_col)
             new_in = c_in_col + (0.5 - alpha).clamp(min=0) * (c_out_col - c_in_col)
